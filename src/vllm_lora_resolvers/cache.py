@@ -1,0 +1,420 @@
+"""The node-local adapter cache, shared by every process and pod on a node.
+
+Layout under the cache root (``VLLM_LORA_RESOLVER_CACHE_DIR``)::
+
+    NAME -> .vllm-lora/snapshots/KEY/adapter   symlink to the current snapshot of NAME
+    .vllm-lora/snapshots/KEY/adapter/          immutable adapter files: the path vLLM is handed
+    .vllm-lora/snapshots/KEY/manifest.json     what the snapshot is: source, name, version, files
+    .vllm-lora/snapshots/KEY/lease             every process serving KEY holds a shared flock on it
+    .vllm-lora/staging/KEY.PID.RANDOM/         a fetch in progress (renamed into snapshots/ whole)
+    .vllm-lora/trash/                          snapshots being deleted
+    .vllm-lora/locks/KEY.lock                  one fetcher per KEY across processes
+
+A snapshot appears only by one ``rename`` of a complete, checked staging directory, so a crash
+leaves the old state or the new one. Eviction takes the lease file's exclusive lock without
+waiting; it fails while any live process holds its shared lease, and a dead process's lease is
+released by the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, ConfigDict
+
+from vllm_lora_resolvers.errors import CacheError
+
+logger = logging.getLogger("vllm.lora_resolvers.cache")
+
+STATE_DIR = ".vllm-lora"
+MANIFEST = "manifest.json"
+LEASE = "lease"
+ADAPTER_DIR = "adapter"
+_READ_ONLY_FILE = 0o444
+_READ_ONLY_DIR = 0o555
+
+
+class SnapshotFile(BaseModel):
+    """One file of a snapshot, as checked when it was fetched."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int
+    sha256: str
+
+
+class SnapshotManifest(BaseModel):
+    """What a snapshot holds and where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    name: str
+    version: str
+    files: tuple[SnapshotFile, ...]
+    created_at: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of adapter files in the snapshot."""
+        return sum(file.size for file in self.files)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete, immutable snapshot in the cache."""
+
+    key: str
+    path: Path
+    manifest: SnapshotManifest
+
+    @property
+    def adapter_dir(self) -> Path:
+        """The folder handed to vLLM as ``lora_path``."""
+        return self.path / ADAPTER_DIR
+
+
+def snapshot_key(source: str, name: str, version: str) -> str:
+    """A stable key for one version of one adapter of one store."""
+    digest = hashlib.sha256(f"{source}\0{name}\0{version}".encode()).hexdigest()
+    return digest[:40]
+
+
+class NodeCache:
+    """Immutable adapter snapshots under one cache root, safe across processes.
+
+    >>> cache = NodeCache(Path("/var/cache/vllm-lora"))  # doctest: +SKIP
+    >>> with cache.fetch_lock(key):  # doctest: +SKIP
+    ...     staging = cache.new_staging(key)
+    ...     ...  # write files into staging / "adapter"
+    ...     snapshot = cache.publish(staging, key, manifest)
+    """
+
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        self.root = root.absolute()
+        self.max_bytes = max_bytes
+        self.state = self.root / STATE_DIR
+        self.snapshots = self.state / "snapshots"
+        self.staging = self.state / "staging"
+        self.trash = self.state / "trash"
+        self.locks = self.state / "locks"
+        self._leases: dict[str, tuple[int, Snapshot]] = {}
+        self._leases_guard = threading.Lock()
+        self._key_guards: dict[str, threading.Lock] = {}
+        try:
+            for directory in (self.snapshots, self.staging, self.trash, self.locks):
+                directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheError(
+                f"cache directory {self.root} is not usable ({error.strerror}); "
+                "set VLLM_LORA_RESOLVER_CACHE_DIR to a writable node-local directory"
+            ) from None
+        self.remove_debris()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def find(self, key: str) -> Snapshot | None:
+        """The complete snapshot ``key``, or ``None``."""
+        path = self.snapshots / key
+        try:
+            raw = (path / MANIFEST).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return Snapshot(key, path, SnapshotManifest.model_validate_json(raw))
+
+    def all_snapshots(self) -> list[Snapshot]:
+        """Every complete snapshot, in no particular order."""
+        found = []
+        for entry in os.scandir(self.snapshots):
+            snapshot = self.find(entry.name)
+            if snapshot is not None:
+                found.append(snapshot)
+        return found
+
+    def latest_for(self, source: str, name: str) -> Snapshot | None:
+        """The newest snapshot of ``name`` from ``source`` (used when the store is unreachable)."""
+        candidates = [
+            snapshot
+            for snapshot in self.all_snapshots()
+            if snapshot.manifest.source == source and snapshot.manifest.name == name
+        ]
+        return max(candidates, key=lambda s: s.manifest.created_at, default=None)
+
+    def snapshot_containing(self, path: Path) -> str | None:
+        """The key of the snapshot whose adapter folder ``path`` resolves to, if any."""
+        resolved = path.resolve()
+        if resolved.parent.parent != self.snapshots.resolve() or resolved.name != ADAPTER_DIR:
+            return None
+        return resolved.parent.name
+
+    # -- leases --------------------------------------------------------------------------
+
+    def lease(self, key: str) -> Snapshot | None:
+        """Hold ``key`` for the life of this process; ``None`` if it is not (or no longer) cached.
+
+        The lease is a shared ``flock`` on the snapshot's lease file, kept open until the process
+        exits. It also marks the snapshot as recently used for LRU eviction.
+        """
+        with self._leases_guard:
+            held = self._leases.get(key)
+            if held is not None:
+                return held[1]
+            lease_path = self.snapshots / key / LEASE
+            try:
+                descriptor = os.open(lease_path, os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
+            # An evictor may have moved the snapshot away between our open and our flock.
+            snapshot = self.find(key) if _same_file(descriptor, lease_path) else None
+            if snapshot is None:
+                os.close(descriptor)
+                return None
+            self._leases[key] = (descriptor, snapshot)
+        with contextlib.suppress(OSError):
+            os.utime(lease_path)
+        return snapshot
+
+    def leased_keys(self) -> frozenset[str]:
+        """Keys this process holds a lease on."""
+        with self._leases_guard:
+            return frozenset(self._leases)
+
+    def is_leased_by_anyone(self, key: str) -> bool:
+        """Whether any live process (this one included) leases ``key``."""
+        try:
+            descriptor = os.open(self.snapshots / key / LEASE, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)
+        return False
+
+    # -- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def fetch_lock(self, key: str) -> Iterator[None]:
+        """Exclusive right to fetch ``key``: one thread in this process, one process on the node.
+
+        Holding it, leftovers of an earlier fetch of ``key`` that crashed are removed.
+        """
+        with self._leases_guard:
+            guard = self._key_guards.setdefault(key, threading.Lock())
+        with guard, FileLock(self.locks / f"{key}.lock"):
+            for leftover in self.staging.glob(f"{key}.*"):
+                _remove_tree(leftover)
+            yield
+
+    def new_staging(self, key: str) -> Path:
+        """An empty staging directory for ``key``, with its ``adapter/`` folder created.
+
+        Call it while holding `fetch_lock` for ``key``.
+        """
+        staging = self.staging / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        (staging / ADAPTER_DIR).mkdir(parents=True)
+        return staging
+
+    def discard_staging(self, staging: Path) -> None:
+        """Delete a staging directory whose fetch failed."""
+        _remove_tree(staging)
+
+    def publish(self, staging: Path, key: str, manifest: SnapshotManifest) -> Snapshot:
+        """Seal ``staging`` (manifest, lease file, read-only) and rename it into place at once."""
+        try:
+            (staging / MANIFEST).write_text(manifest.model_dump_json())
+            (staging / LEASE).touch()
+            adapter_dir = staging / ADAPTER_DIR
+            for file in adapter_dir.iterdir():
+                file.chmod(_READ_ONLY_FILE)
+            _fsync_tree(staging)
+            adapter_dir.chmod(_READ_ONLY_DIR)
+            staging.rename(self.snapshots / key)
+        except OSError as error:
+            _remove_tree(staging)
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                existing = self.find(key)
+                if existing is not None:
+                    return existing
+            raise cache_write_error(self.root, error) from None
+        _fsync_directory(self.snapshots)
+        snapshot = self.find(key)
+        assert snapshot is not None
+        return snapshot
+
+    def point_name(self, name: str, snapshot: Snapshot) -> None:
+        """Make ``ROOT/NAME`` a symlink to ``snapshot``, atomically, so vLLM's built-in
+        filesystem resolver and people can find adapters by name.
+
+        A real file or folder already at that path belongs to someone else and is left alone.
+        """
+        link = self.root / name
+        for parent in reversed(link.relative_to(self.root).parents):
+            if (self.root / parent).is_symlink():
+                logger.debug("not naming %r: %s is an adapter link", name, parent)
+                return
+        if os.path.lexists(link) and not link.is_symlink():
+            logger.debug("not naming %r: a real folder of that name is in the cache root", name)
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(snapshot.adapter_dir, link.parent)
+        temporary = self.staging / f"link.{secrets.token_hex(8)}"
+        temporary.symlink_to(target)
+        temporary.replace(link)
+
+    def unpoint_name(self, name: str, only_if_key: str | None = None) -> None:
+        """Remove the ``ROOT/NAME`` symlink (only if it points at ``only_if_key``, when given)."""
+        link = self.root / name
+        if not link.is_symlink():
+            return
+        if only_if_key is not None and link.readlink().parent.name != only_if_key:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+
+    # -- eviction and cleaning --------------------------------------------------------------
+
+    def evict(self) -> list[Snapshot]:
+        """Delete least-recently-used snapshots until the cache fits ``max_bytes``.
+
+        A snapshot leased by any live process is never deleted, so the cache can stay above
+        the cap while everything in it is in use. Returns what was evicted.
+        """
+        if self.max_bytes is None:
+            return []
+        try:
+            with FileLock(self.locks / "evict.lock", timeout=0):
+                return self._evict_locked(self.max_bytes)
+        except Timeout:
+            return []  # another process is evicting right now
+
+    def _evict_locked(self, max_bytes: int) -> list[Snapshot]:
+        snapshots = self.all_snapshots()
+        total = sum(s.manifest.total_bytes for s in snapshots)
+        evicted = []
+        for snapshot in sorted(snapshots, key=self._last_used):
+            if total <= max_bytes:
+                break
+            if self._delete_unless_leased(snapshot):
+                total -= snapshot.manifest.total_bytes
+                evicted.append(snapshot)
+        return evicted
+
+    def _last_used(self, snapshot: Snapshot) -> float:
+        try:
+            return (snapshot.path / LEASE).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _delete_unless_leased(self, snapshot: Snapshot) -> bool:
+        try:
+            descriptor = os.open(snapshot.path / LEASE, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return False
+        try:
+            doomed = self.trash / f"{snapshot.key}.{secrets.token_hex(4)}"
+            snapshot.path.rename(doomed)
+        finally:
+            os.close(descriptor)
+        self.unpoint_name(snapshot.manifest.name, only_if_key=snapshot.key)
+        _remove_tree(doomed)
+        logger.info(
+            "evicted snapshot %s of %r (%d bytes)",
+            snapshot.key,
+            snapshot.manifest.name,
+            snapshot.manifest.total_bytes,
+        )
+        return True
+
+    def total_bytes(self) -> int:
+        """Bytes of adapter files in all complete snapshots."""
+        return sum(s.manifest.total_bytes for s in self.all_snapshots())
+
+    def remove_debris(self) -> None:
+        """Remove what crashed processes left: staging folders nobody is writing, and trash."""
+        for entry in self.staging.iterdir():
+            key = entry.name.split(".")[0]
+            if entry.name.startswith("link."):
+                if time.time() - entry.lstat().st_mtime > 60:
+                    entry.unlink(missing_ok=True)
+                continue
+            try:
+                with FileLock(self.locks / f"{key}.lock", timeout=0):
+                    _remove_tree(entry)
+            except Timeout:
+                continue  # a live process is fetching this key
+        for entry in self.trash.iterdir():
+            _remove_tree(entry)
+
+
+def cache_write_error(root: Path, error: OSError) -> CacheError:
+    """A `CacheError` for a failed write under ``root``, saying what to do about it."""
+    if error.errno == errno.ENOSPC:
+        advice = "the disk is full; free space or lower VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "it is not writable by this process; fix its permissions or mount"
+    else:
+        advice = error.strerror or type(error).__name__
+    return CacheError(f"cannot write to the adapter cache {root}: {advice}")
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            descriptor = os.open(Path(directory) / name, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        _fsync_directory(Path(directory))
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete ``path`` and everything below it, read-only folders included."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    for directory, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            Path(directory).chmod(stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)

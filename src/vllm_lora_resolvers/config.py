@@ -1,0 +1,216 @@
+"""Every environment variable the resolvers read, in one place.
+
+Store endpoints and credentials are deliberately absent: each client library reads its own
+ecosystem's variables (``AWS_ENDPOINT_URL_S3``, ``STORAGE_EMULATOR_HOST``, ``HF_ENDPOINT``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigurationError(ValueError):
+    """A variable is set but cannot be used; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, default (as documented) and meaning."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+CACHE_DIR = Variable(
+    "VLLM_LORA_RESOLVER_CACHE_DIR",
+    "unset (required by every resolver of this package)",
+    "Node-local cache root, shared with vLLM's built-in filesystem resolver.",
+)
+S3_URI = Variable(
+    "VLLM_LORA_RESOLVER_S3_URI",
+    "unset: S3 resolver off",
+    "`s3://bucket[/prefix]`; adapter NAME lives under `prefix/NAME/`.",
+)
+GCS_URI = Variable(
+    "VLLM_LORA_RESOLVER_GCS_URI",
+    "unset: GCS resolver off",
+    "`gs://bucket[/prefix]`; adapter NAME lives under `prefix/NAME/`.",
+)
+HF_REPO_LIST = Variable(
+    "VLLM_LORA_RESOLVER_HF_REPO_LIST",
+    "unset: Hub resolver off",
+    "Comma list of Hub repos; NAME is `org/repo` or `org/repo/subdir`.",
+)
+FS_DIR = Variable(
+    "VLLM_LORA_RESOLVER_FS_DIR",
+    "falls back to VLLM_LORA_RESOLVER_CACHE_DIR",
+    "Directory of adapter folders (for example a shared mount).",
+)
+MAX_RANK = Variable(
+    "VLLM_LORA_RESOLVER_MAX_RANK",
+    "`--max-lora-rank` from the server command line, else 16",
+    "Largest LoRA rank accepted.",
+)
+BASE_MODEL_ALIASES = Variable(
+    "VLLM_LORA_RESOLVER_BASE_MODEL_ALIASES",
+    "none",
+    "Comma list of names also accepted as the adapter's base model.",
+)
+CACHE_MAX_BYTES = Variable(
+    "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES",
+    "unlimited",
+    "LRU cap of the cache: `20GiB`, `500MB` or a number of bytes.",
+)
+NEGATIVE_TTL = Variable(
+    "VLLM_LORA_RESOLVER_NEGATIVE_TTL",
+    "30",
+    "Seconds a missing adapter name is remembered as missing.",
+)
+VLLM_PLUGINS = Variable(
+    "VLLM_PLUGINS",
+    "unset: every plugin, in the fixed order of `plugin.DEFAULT_ORDER`",
+    "vLLM's own list of plugins to load; its order is the order resolvers are tried in.",
+)
+
+ALL_VARIABLES: tuple[Variable, ...] = (
+    CACHE_DIR,
+    S3_URI,
+    GCS_URI,
+    HF_REPO_LIST,
+    FS_DIR,
+    MAX_RANK,
+    BASE_MODEL_ALIASES,
+    CACHE_MAX_BYTES,
+    NEGATIVE_TTL,
+    VLLM_PLUGINS,
+)
+
+DEFAULT_MAX_RANK = 16
+DEFAULT_NEGATIVE_TTL_SECONDS = 30.0
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_byte_size(text: str, variable: str = CACHE_MAX_BYTES.name) -> int:
+    """Parse ``20GiB``, ``500MB``, ``1.5GB`` or a plain byte count.
+
+    >>> parse_byte_size("2KiB")
+    2048
+    """
+    match = _SIZE_PATTERN.match(text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ConfigurationError(
+            f"{variable}={text!r} is not a size; use a byte count or a unit such as 500MB or 20GiB"
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def max_rank_from_argv(argv: Sequence[str]) -> int | None:
+    """The value of ``--max-lora-rank`` on a vLLM server command line, if given."""
+    for index, argument in enumerate(argv):
+        if argument.startswith("--max-lora-rank="):
+            value = argument.split("=", 1)[1]
+        elif argument in ("--max-lora-rank", "--max_lora_rank") and index + 1 < len(argv):
+            value = argv[index + 1]
+        else:
+            continue
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _comma_list(text: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (text or "").split(",") if item.strip())
+
+
+def _positive_int(environ: Mapping[str, str], variable: Variable) -> int | None:
+    text = environ.get(variable.name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigurationError(f"{variable.name}={text!r} must be a positive whole number")
+    return int(text)
+
+
+def _seconds(environ: Mapping[str, str], variable: Variable, default: float) -> float:
+    text = environ.get(variable.name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ConfigurationError(f"{variable.name}={text!r} must be a number of seconds >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolvers' configuration, read once from the environment."""
+
+    cache_dir: Path | None
+    s3_uri: str | None
+    gcs_uri: str | None
+    hf_repos: tuple[str, ...]
+    fs_dir: Path | None
+    max_rank: int
+    base_model_aliases: tuple[str, ...]
+    cache_max_bytes: int | None
+    negative_ttl_seconds: float
+    plugin_order: tuple[str, ...] | None
+
+    @classmethod
+    def from_environ(
+        cls, environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None
+    ) -> Settings:
+        """Read every variable; raise `ConfigurationError` for a value that is set but unusable."""
+        env = os.environ if environ is None else environ
+        cache_dir = env.get(CACHE_DIR.name, "").strip()
+        fs_dir = env.get(FS_DIR.name, "").strip()
+        max_bytes = env.get(CACHE_MAX_BYTES.name, "").strip()
+        plugins = env.get(VLLM_PLUGINS.name)
+        max_rank = _positive_int(env, MAX_RANK) or max_rank_from_argv(
+            sys.argv if argv is None else argv
+        )
+        return cls(
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            s3_uri=env.get(S3_URI.name, "").strip() or None,
+            gcs_uri=env.get(GCS_URI.name, "").strip() or None,
+            hf_repos=_comma_list(env.get(HF_REPO_LIST.name)),
+            fs_dir=Path(fs_dir) if fs_dir else (Path(cache_dir) if cache_dir else None),
+            max_rank=max_rank or DEFAULT_MAX_RANK,
+            base_model_aliases=_comma_list(env.get(BASE_MODEL_ALIASES.name)),
+            cache_max_bytes=parse_byte_size(max_bytes) if max_bytes else None,
+            negative_ttl_seconds=_seconds(env, NEGATIVE_TTL, DEFAULT_NEGATIVE_TTL_SECONDS),
+            # vLLM splits VLLM_PLUGINS on "," without stripping; so do we.
+            plugin_order=tuple(plugins.split(",")) if plugins is not None else None,
+        )
+
+    def require_cache_dir(self, for_what: str) -> Path:
+        """The cache root, or a `ConfigurationError` saying it must be set for ``for_what``."""
+        if self.cache_dir is None:
+            raise ConfigurationError(
+                f"{CACHE_DIR.name} must be set to a writable node-local directory "
+                f"for {for_what} to cache adapters"
+            )
+        return self.cache_dir

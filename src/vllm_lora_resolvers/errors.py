@@ -1,0 +1,32 @@
+"""Error types, so a caller can tell "not there" (``None``) from "there but broken" from
+"store unreachable" without parsing messages.
+
+vLLM answers HTTP 400 with the message of a `ValueError` and 500 with any other exception's, so
+every message here is written for the client: what is wrong and what to do, and never a secret.
+"""
+
+from __future__ import annotations
+
+
+class ResolverError(Exception):
+    """Base of every error raised by this package."""
+
+
+class InvalidAdapterError(ResolverError, ValueError):
+    """The adapter exists but cannot be served as it is (HTTP 400 in vLLM)."""
+
+
+class StoreUnavailableError(ResolverError, RuntimeError):
+    """The store could not be asked or read, and nothing usable is cached."""
+
+
+class TransientStoreError(StoreUnavailableError):
+    """A failure worth retrying: throttling, 5xx, a broken connection, a bad transfer."""
+
+
+class IntegrityError(TransientStoreError):
+    """Downloaded bytes do not match the size or checksum the store declared."""
+
+
+class CacheError(ResolverError, OSError):
+    """The node-local cache cannot be used (not writable, disk full, ...)."""

@@ -1,0 +1,40 @@
+"""What a client-supplied adapter name may be.
+
+A name is what a client writes in ``"model"``: untrusted. It is checked before any store or
+filesystem call, so a hostile name can never reach a path or key outside a store's root.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_NAME_LENGTH = 256
+MAX_SEGMENTS = 8
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def adapter_name_segments(name: str) -> tuple[str, ...] | None:
+    """The ``/``-separated segments of a safe adapter name, or ``None`` if it is unsafe.
+
+    Safe: 1 to 8 segments of ``[A-Za-z0-9][A-Za-z0-9._-]*`` joined by ``/``, at most 256
+    characters in all, no ``..`` anywhere. Everything else (absolute paths, backslashes, NUL,
+    control or non-ASCII characters, percent-encoding, empty segments) is refused.
+
+    >>> adapter_name_segments("team/sql-adapter")
+    ('team', 'sql-adapter')
+    >>> adapter_name_segments("../etc/passwd") is None
+    True
+    """
+    if not name or len(name) > MAX_NAME_LENGTH or ".." in name:
+        return None
+    segments = tuple(name.split("/"))
+    if len(segments) > MAX_SEGMENTS:
+        return None
+    if not all(_SEGMENT.fullmatch(segment) for segment in segments):
+        return None
+    return segments
+
+
+def is_safe_adapter_name(name: str) -> bool:
+    """Whether ``name`` passes `adapter_name_segments`."""
+    return adapter_name_segments(name) is not None

@@ -1,0 +1,110 @@
+"""The functions vLLM's ``vllm.general_plugins`` entry points call, and resolver ordering.
+
+vLLM loads plugins in entry-point discovery order (effectively arbitrary) and tries resolvers in
+registry order. The first of our register functions to run replaces the registry's dict with
+`PluginOrderedResolvers`, which keeps every resolver — vLLM's built-in ones included — in the
+order ``VLLM_PLUGINS`` lists its plugin, or in `DEFAULT_ORDER` when ``VLLM_PLUGINS`` is unset.
+
+Each register function is cheap (no network) and idempotent, as vLLM loads plugins in several
+processes. A source that is not configured registers nothing and logs one line; one that is set
+but unusable raises `ConfigurationError`, which stops the server with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, cast
+
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import FS_DIR, Settings
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+
+logger = logging.getLogger("vllm.lora_resolvers.plugin")
+
+FS_PLUGIN = "lora_fs_resolver"
+S3_PLUGIN = "lora_s3_resolver"
+GCS_PLUGIN = "lora_gcs_resolver"
+HF_PLUGIN = "lora_hf_resolver"
+VLLM_FS_PLUGIN = "lora_filesystem_resolver"
+VLLM_HF_PLUGIN = "lora_hf_hub_resolver"
+
+#: The order resolvers are tried in when ``VLLM_PLUGINS`` is unset: remote stores first, then the
+#: local ones, vLLM's built-in resolvers last.
+DEFAULT_ORDER = (S3_PLUGIN, GCS_PLUGIN, HF_PLUGIN, FS_PLUGIN, VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
+
+#: Registry names of vLLM's built-in resolvers, by the plugin that registers them.
+_VLLM_REGISTRY_NAMES = {"Filesystem Resolver": VLLM_FS_PLUGIN, "Hf Hub Resolver": VLLM_HF_PLUGIN}
+
+_caches: dict[Path, NodeCache] = {}
+_caches_guard = threading.Lock()
+
+
+def plugin_of(registry_name: str) -> str:
+    """The plugin (entry-point name) that registers a resolver under ``registry_name``."""
+    return _VLLM_REGISTRY_NAMES.get(registry_name, registry_name)
+
+
+def resolver_rank(registry_name: str, plugin_order: tuple[str, ...] | None) -> int:
+    """Position of a resolver in the try order; unknown plugins go last, in discovery order."""
+    order = DEFAULT_ORDER if plugin_order is None else plugin_order
+    plugin = plugin_of(registry_name)
+    return order.index(plugin) if plugin in order else len(order)
+
+
+class PluginOrderedResolvers(dict[str, Any]):
+    """The registry's ``name -> resolver`` dict, kept sorted by plugin order on every insert."""
+
+    def __init__(self, plugin_order: tuple[str, ...] | None, items: Iterable[tuple[str, Any]]):
+        super().__init__()
+        self.plugin_order = plugin_order
+        for key, value in items:
+            self[key] = value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        ordered = sorted(self.items(), key=lambda item: resolver_rank(item[0], self.plugin_order))
+        super().clear()
+        super().update(ordered)
+
+
+def node_cache(settings: Settings, for_what: str) -> NodeCache:
+    """The process's one `NodeCache` for the configured cache root (shared by all resolvers)."""
+    root = settings.require_cache_dir(for_what).absolute()
+    with _caches_guard:
+        if root not in _caches:
+            _caches[root] = NodeCache(root, settings.cache_max_bytes)
+        return _caches[root]
+
+
+def _register(plugin: str, build: Callable[[Settings], BaseStorageResolver | None]) -> None:
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    settings = Settings.from_environ()
+    LoRAResolver.register(BaseStorageResolver)  # type: ignore[type-abstract]
+    if not isinstance(LoRAResolverRegistry.resolvers, PluginOrderedResolvers):
+        LoRAResolverRegistry.resolvers = PluginOrderedResolvers(
+            settings.plugin_order, LoRAResolverRegistry.resolvers.items()
+        )
+    if plugin in LoRAResolverRegistry.resolvers:
+        return
+    resolver = build(settings)
+    if resolver is not None:
+        LoRAResolverRegistry.register_resolver(plugin, cast("LoRAResolver", resolver))
+        logger.info("%s registered for %s", plugin, resolver.source)
+
+
+def _build_fs_resolver(settings: Settings) -> BaseStorageResolver | None:
+    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+
+    if settings.fs_dir is None:
+        logger.info("%s not registered: %s is not set", FS_PLUGIN, FS_DIR.name)
+        return None
+    return FilesystemResolver(settings.fs_dir, settings, node_cache(settings, FS_PLUGIN))
+
+
+def register_fs_resolver() -> None:
+    """Entry point ``lora_fs_resolver``: adapters from a directory, snapshotted into the cache."""
+    _register(FS_PLUGIN, _build_fs_resolver)

@@ -1,0 +1,381 @@
+"""`BaseStorageResolver`: the one resolution pipeline every backend runs through.
+
+A backend answers two store-specific questions — `locate` (does NAME exist, at what version, made
+of which files; one cheap call, no download) and `download` (copy one file to a local path) — and
+inherits the rest: name safety, the miss cache, single-flight fetching into the node cache,
+adapter checks, atomic publishing, leases, eviction, retries, metrics and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from vllm_lora_resolvers import metrics
+from vllm_lora_resolvers.adapter import (
+    CONFIG_FILE,
+    WEIGHTS_FILES,
+    AdapterPolicy,
+    check_adapter_config,
+    check_adapter_folder,
+    parse_adapter_config,
+)
+from vllm_lora_resolvers.cache import (
+    NodeCache,
+    Snapshot,
+    SnapshotFile,
+    SnapshotManifest,
+    cache_write_error,
+    snapshot_key,
+)
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import (
+    CacheError,
+    InvalidAdapterError,
+    StoreUnavailableError,
+    TransientStoreError,
+)
+from vllm_lora_resolvers.names import is_safe_adapter_name
+from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, fetch_files
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+logger = logging.getLogger("vllm.lora_resolvers")
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A checked, leased snapshot ready to hand to vLLM."""
+
+    name: str
+    lora_int_id: int
+    snapshot: Snapshot
+
+    @property
+    def path(self) -> Path:
+        """The absolute, immutable folder vLLM loads the adapter from."""
+        return self.snapshot.adapter_dir
+
+    def to_lora_request(self) -> LoRARequest:
+        """The vLLM request for this adapter (imports vLLM, which only the server needs)."""
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(
+            lora_name=self.name, lora_int_id=self.lora_int_id, lora_path=str(self.path)
+        )
+
+
+class MissCache:
+    """Names recently found missing, remembered for ``ttl`` seconds (bounded in size)."""
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._expiry: dict[str, float] = {}
+        self._guard = threading.Lock()
+
+    def is_missing(self, name: str) -> bool:
+        """Whether ``name`` was found missing less than ``ttl`` seconds ago."""
+        with self._guard:
+            expiry = self._expiry.get(name)
+            if expiry is None:
+                return False
+            if expiry > time.monotonic():
+                return True
+            del self._expiry[name]
+            return False
+
+    def add(self, name: str) -> None:
+        """Remember ``name`` as missing."""
+        if self.ttl <= 0:
+            return
+        with self._guard:
+            if len(self._expiry) >= self.max_entries:
+                self._expiry.pop(next(iter(self._expiry)))
+            self._expiry[name] = time.monotonic() + self.ttl
+
+
+class KeyedLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """Hold the lock of ``key``."""
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+class BaseStorageResolver(ABC):
+    """A vLLM ``LoRAResolver`` for adapters kept in a store, cached on the node.
+
+    Subclasses set `backend` and implement `locate` and `download`. ``source`` identifies the
+    store (``s3://bucket/prefix``); it keys the cache, so two stores never share a snapshot.
+    vLLM's ``LoRAResolver`` ABC is registered as a virtual base by `plugin`, so this package
+    imports without vLLM (for the command line and tests).
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self,
+        source: str,
+        settings: Settings,
+        cache: NodeCache,
+        retry_policy: RetryPolicy | None = None,
+        max_workers: int = 8,
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.cache = cache
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.max_workers = max_workers
+        self._misses = MissCache(settings.negative_ttl_seconds)
+        self._names = KeyedLocks()
+        self._checked: set[tuple[str, str]] = set()
+        self._executor = ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix=f"lora-{self.backend}"
+        )
+
+    # -- what a backend provides ----------------------------------------------------------
+
+    @abstractmethod
+    def locate(self, name: str) -> RemoteAdapter | None:
+        """Find adapter ``name``: its version and files, or ``None`` if it is not in the store.
+
+        One cheap call, no download. Raise `TransientStoreError` for failures worth retrying and
+        `StoreUnavailableError` for the rest; `InvalidAdapterError` for a found-but-unsafe one.
+        """
+
+    @abstractmethod
+    def download(self, adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> None:
+        """Copy ``file`` of ``adapter`` to ``destination`` (its parent exists)."""
+
+    def accepts_name(self, name: str) -> bool:
+        """Whether ``name`` is a name this backend could hold (checked before any store call)."""
+        return is_safe_adapter_name(name)
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """vLLM's entry point: resolve off the event loop, answer a ``LoRARequest`` or ``None``."""
+        loop = asyncio.get_running_loop()
+        resolved = await loop.run_in_executor(
+            self._executor, self.resolve, base_model_name, lora_name
+        )
+        return None if resolved is None else resolved.to_lora_request()
+
+    def resolve(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
+        """Resolve ``lora_name`` for a server of ``base_model_name`` (blocking).
+
+        Returns ``None`` when the adapter is not in this store; raises `InvalidAdapterError`
+        when it is but cannot be served, `StoreUnavailableError` when the store cannot be read
+        and nothing is cached, `CacheError` when the node cache cannot be written.
+        """
+        started = time.perf_counter()
+        outcome, version, fetched_bytes = "error", "-", 0
+        try:
+            if not self.accepts_name(lora_name):
+                outcome = "rejected"
+                return None
+            policy = AdapterPolicy(
+                base_model=base_model_name,
+                max_rank=self.settings.max_rank,
+                base_model_aliases=self.settings.base_model_aliases,
+            )
+            with self._names.hold(lora_name):
+                if self._misses.is_missing(lora_name):
+                    outcome = "missing"
+                    return None
+                try:
+                    remote = call_with_retries(
+                        lambda: self.locate(lora_name),
+                        self.retry_policy,
+                        f"{self.backend} lookup of {lora_name!r}",
+                        self._count_retry,
+                    )
+                except StoreUnavailableError as error:
+                    resolved = self._serve_stale(lora_name, policy, error)
+                    outcome, version = "stale", resolved.snapshot.manifest.version
+                    return resolved
+                if remote is None:
+                    self._misses.add(lora_name)
+                    self._unpoint_if_ours(lora_name)
+                    outcome = "missing"
+                    return None
+                version = remote.version
+                key = remote.cached_snapshot or snapshot_key(self.source, lora_name, version)
+                snapshot = self.cache.lease(key)
+                if snapshot is None:
+                    snapshot, fetched_bytes = self._fetch(remote, key, policy)
+                    outcome = "fetched"
+                else:
+                    outcome = "hit"
+                self._check_once(snapshot, policy)
+                return ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
+        except InvalidAdapterError:
+            outcome = "invalid"
+            raise
+        finally:
+            self._record(lora_name, outcome, version, fetched_bytes, started)
+
+    def _fetch(
+        self, remote: RemoteAdapter, key: str, policy: AdapterPolicy
+    ) -> tuple[Snapshot, int]:
+        """Fetch, check and publish ``remote`` unless another thread or process just did."""
+        with self.cache.fetch_lock(key):
+            snapshot = self.cache.lease(key)
+            if snapshot is not None:
+                return snapshot, 0
+            config_file, weights = self._adapter_files(remote)
+            staging = self.cache.new_staging(key)
+            try:
+                files = self._download(remote, (config_file,), staging)
+                config = parse_adapter_config(
+                    remote.name, (staging / "adapter" / CONFIG_FILE).read_bytes()
+                )
+                # Refuse a wrong base model or rank before fetching the (large) weights.
+                check_adapter_config(remote.name, config, policy)
+                files += self._download(remote, (weights,), staging)
+                check_adapter_folder(remote.name, staging / "adapter", policy)
+                manifest = SnapshotManifest(
+                    source=self.source,
+                    name=remote.name,
+                    version=remote.version,
+                    files=tuple(files),
+                    created_at=time.time(),
+                )
+                published = self.cache.publish(staging, key, manifest)
+            finally:
+                if staging.exists():
+                    self.cache.discard_staging(staging)
+        self.cache.point_name(remote.name, published)
+        leased = self.cache.lease(key)
+        if leased is None:
+            raise CacheError(f"snapshot {key} of {remote.name!r} vanished right after publishing")
+        self._after_fetch(manifest.total_bytes)
+        return leased, manifest.total_bytes
+
+    def _download(
+        self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], staging: Path
+    ) -> list[SnapshotFile]:
+        try:
+            return fetch_files(
+                files,
+                staging / "adapter",
+                lambda file, target: self.download(remote, file, target),
+                policy=self.retry_policy,
+                on_retry=self._count_retry,
+                max_workers=self.max_workers,
+            )
+        except OSError as error:
+            if isinstance(error, CacheError):
+                raise
+            raise cache_write_error(self.cache.root, error) from None
+
+    def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
+        """The config and the one weights file vLLM would load, in vLLM's order of preference."""
+        config = remote.file(CONFIG_FILE)
+        if config is None:
+            raise InvalidAdapterError(f"adapter {remote.name!r} has no {CONFIG_FILE}")
+        for name in WEIGHTS_FILES:
+            weights = remote.file(name)
+            if weights is not None:
+                return config, weights
+        raise InvalidAdapterError(
+            f"adapter {remote.name!r} has no weights file; expected one of "
+            f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
+        )
+
+    def _check_once(self, snapshot: Snapshot, policy: AdapterPolicy) -> None:
+        """Check a snapshot against this server's policy, once per process (it is immutable)."""
+        marker = (snapshot.key, policy.base_model)
+        if marker in self._checked:
+            return
+        check_adapter_folder(snapshot.manifest.name, snapshot.adapter_dir, policy)
+        self._checked.add(marker)
+        self.cache.point_name(snapshot.manifest.name, snapshot)
+
+    def _serve_stale(
+        self, name: str, policy: AdapterPolicy, error: StoreUnavailableError
+    ) -> ResolvedAdapter:
+        """The newest cached snapshot of ``name`` while the store is unreachable, or ``error``."""
+        cached = self.cache.latest_for(self.source, name)
+        snapshot = self.cache.lease(cached.key) if cached is not None else None
+        if snapshot is None:
+            raise error
+        logger.warning(
+            "%s store unreachable (%s); serving cached version %s of %r",
+            self.backend,
+            error,
+            snapshot.manifest.version,
+            name,
+        )
+        self._check_once(snapshot, policy)
+        return ResolvedAdapter(name, _lora_int_id(snapshot.key), snapshot)
+
+    def _unpoint_if_ours(self, name: str) -> None:
+        """The store no longer has ``name``: stop vLLM's filesystem resolver finding it by name."""
+        link = self.cache.root / name
+        if not link.is_symlink():
+            return
+        key = self.cache.snapshot_containing(link)
+        snapshot = self.cache.find(key) if key else None
+        if snapshot is not None and snapshot.manifest.source == self.source:
+            self.cache.unpoint_name(name, only_if_key=snapshot.key)
+
+    def _after_fetch(self, fetched_bytes: int) -> None:
+        metrics.FETCHED_BYTES.labels(self.backend).inc(fetched_bytes)
+        evicted = self.cache.evict()
+        metrics.EVICTIONS.inc(len(evicted))
+        snapshots = self.cache.all_snapshots()
+        metrics.CACHE_SNAPSHOTS.set(len(snapshots))
+        metrics.CACHE_BYTES.set(sum(s.manifest.total_bytes for s in snapshots))
+
+    def _count_retry(self, _: TransientStoreError) -> None:
+        metrics.RETRIES.labels(self.backend).inc()
+
+    def _record(self, name: str, outcome: str, version: str, fetched: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        metrics.RESOLUTIONS.labels(self.backend, outcome).inc()
+        metrics.RESOLVE_SECONDS.labels(self.backend, outcome).observe(seconds)
+        log = logger.info if outcome in ("fetched", "invalid", "error", "stale") else logger.debug
+        log(
+            "resolution backend=%s name=%r version=%s outcome=%s bytes=%d seconds=%.4f",
+            self.backend,
+            name[:300],
+            version,
+            outcome,
+            fetched,
+            seconds,
+        )
+
+
+def _lora_int_id(key: str) -> int:
+    """A stable positive 31-bit id for a snapshot key (vLLM requires ids >= 1)."""
+    return int(key[:8], 16) & 0x7FFFFFFF or 1

@@ -1,0 +1,152 @@
+"""Moving an adapter's files from a store into a staging folder: in parallel, retried, verified.
+
+Backends only copy one file to one local path; sizes, checksums, retries and parallelism live here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from vllm_lora_resolvers.cache import SnapshotFile
+from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of an adapter in a store.
+
+    ``checksums`` maps an algorithm (``md5``, ``sha1``, ``sha256``, ``crc32``, ``crc32c``) to the
+    lowercase hex digest the store declares; each one present is verified after download.
+    """
+
+    path: str
+    size: int
+    checksums: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RemoteAdapter:
+    """An adapter found in a store: its version and the files that make it up.
+
+    ``version`` is opaque and changes whenever the content may have changed. A backend that
+    finds an adapter already snapshotted in the node cache names it in ``cached_snapshot``.
+    """
+
+    name: str
+    version: str
+    location: str
+    files: tuple[RemoteFile, ...]
+    cached_snapshot: str | None = None
+
+    def file(self, path: str) -> RemoteFile | None:
+        """The file at ``path`` (relative to the adapter folder), if the adapter has it."""
+        return next((file for file in self.files if file.path == path), None)
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> object: ...
+    def hexdigest(self) -> str: ...
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes, /) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+def _hasher(algorithm: str) -> _Hasher | None:
+    if algorithm in ("md5", "sha1", "sha256"):
+        return hashlib.new(algorithm, usedforsecurity=False)
+    if algorithm == "crc32":
+        return _Crc32()
+    if algorithm == "crc32c":
+        try:
+            import google_crc32c
+        except ImportError:
+            return None
+        return google_crc32c.Checksum()  # type: ignore[no-untyped-call]
+    return None
+
+
+def verify_file(path: Path, expected: RemoteFile) -> SnapshotFile:
+    """Check ``path`` against the size and checksums of ``expected``; return its record.
+
+    Raises `IntegrityError` on any mismatch. The file is read once whatever the checksums.
+    """
+    size = path.stat().st_size
+    if size != expected.size:
+        raise IntegrityError(
+            f"{expected.path}: got {size} bytes, the store declared {expected.size}"
+        )
+    hashers: dict[str, _Hasher] = {"sha256": hashlib.sha256()}
+    for algorithm in expected.checksums:
+        hasher = _hasher(algorithm)
+        if hasher is not None:
+            hashers[algorithm] = hasher
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    for algorithm, declared in expected.checksums.items():
+        hasher = hashers.get(algorithm)
+        if hasher is not None and hasher.hexdigest() != declared.lower():
+            raise IntegrityError(
+                f"{expected.path}: {algorithm} does not match what the store declared"
+            )
+    return SnapshotFile(path=expected.path, size=size, sha256=hashers["sha256"].hexdigest())
+
+
+def fetch_files(
+    files: tuple[RemoteFile, ...],
+    destination: Path,
+    download: Callable[[RemoteFile, Path], None],
+    *,
+    policy: RetryPolicy,
+    on_retry: Callable[[TransientStoreError], None],
+    max_workers: int = 8,
+) -> list[SnapshotFile]:
+    """Download every file into ``destination`` in parallel and verify each.
+
+    Each file is retried on its own (a transient failure re-fetches that file only); the first
+    failure that survives its retries cancels what has not started and is raised.
+    """
+
+    def fetch_one(file: RemoteFile) -> SnapshotFile:
+        target = destination / file.path
+
+        def attempt() -> SnapshotFile:
+            download(file, target)
+            try:
+                return verify_file(target, file)
+            except IntegrityError:
+                target.unlink(missing_ok=True)
+                raise
+
+        return call_with_retries(attempt, policy, f"download of {file.path}", on_retry)
+
+    if not files:
+        return []
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(files))) as pool:
+        futures = [pool.submit(fetch_one, file) for file in files]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            error = future.exception()
+            if error is not None:
+                raise error
+        return [future.result() for future in futures]
