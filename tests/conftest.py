@@ -1,0 +1,90 @@
+"""Shared fixtures: an isolated environment, a cache root, an adapters folder, a resolver factory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE_MODEL = "/models/tiny-llama"
+
+_ISOLATION = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "NO_GCE_CHECK": "True",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's configuration or reaches beyond loopback."""
+    for name in list(os.environ):
+        if name.startswith(("VLLM_LORA_RESOLVER_", "AWS_")) or name == "VLLM_PLUGINS":
+            monkeypatch.delenv(name)
+    for name, value in _ISOLATION.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "cache"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def adapters_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "adapters"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_settings(cache_dir: Path) -> Callable[..., Settings]:
+    def make(**variables: str) -> Settings:
+        environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
+        return Settings.from_environ(environ, argv=[])
+
+    return make
+
+
+@pytest.fixture
+def fs_resolver(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> Iterator[FilesystemResolver]:
+    yield FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+
+
+def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:
+    """Run ``tests/workers/resolve_fs.py`` as another process on this node."""
+    command = [sys.executable, str(REPO / "tests" / "workers" / "resolve_fs.py"), *arguments]
+    if hold:
+        command.append("--hold")
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
+    )
+
+
+def worker_result(worker: subprocess.Popen[str]) -> dict[str, Any]:
+    """The JSON line a worker printed (waits for it)."""
+    assert worker.stdout is not None
+    line = worker.stdout.readline()
+    assert line, f"worker {worker.args} printed nothing (exit {worker.poll()})"
+    result: dict[str, Any] = json.loads(line)
+    return result
