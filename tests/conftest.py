@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated environment, a cache root, an adapters folder, a resolver factory."""
+"""Shared fixtures: an isolated environment, a cache root, adapters and a resolver."""
 
 from __future__ import annotations
 
@@ -85,6 +85,6 @@ def worker_result(worker: subprocess.Popen[str]) -> dict[str, Any]:
     """The JSON line a worker printed (waits for it)."""
     assert worker.stdout is not None
     line = worker.stdout.readline()
-    assert line, f"worker {worker.args} printed nothing (exit {worker.poll()})"
+    assert line, f"worker {worker.args!r} printed nothing (exit {worker.poll()!r})"
     result: dict[str, Any] = json.loads(line)
     return result

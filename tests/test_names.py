@@ -31,8 +31,8 @@ HOSTILE_NAMES = [
     ".hidden",
     "-flag",
     "a/.vllm-lora",
-    "ａdapter",  # fullwidth a
-    "аdapter",  # Cyrillic a
+    "\uff41dapter",  # fullwidth a
+    "\u0430dapter",  # Cyrillic a
     "adapter\u200b",  # zero-width space
     "a b",
     "a:b",
