@@ -1,0 +1,129 @@
+"""The plugins as vLLM loads them: entry points, ``VLLM_PLUGINS`` order, the registry, the loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BASE_MODEL, REPO
+
+from devtools.models import write_lora_adapter
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+OURS = "lora_fs_resolver"
+VLLM_FILESYSTEM = "Filesystem Resolver"
+
+
+def load_and_resolve(environment: dict[str, str], *names: str) -> dict[str, Any]:
+    """Run a fresh process that loads plugins like a vLLM server and resolves ``names``."""
+    command = [sys.executable, str(REPO / "tests" / "workers" / "vllm_plugins.py"), BASE_MODEL]
+    completed = subprocess.run(
+        [*command, *names],
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.fixture
+def two_sources(tmp_path: Path) -> dict[str, str]:
+    """One name in both our source folder and, as a plain folder, vLLM's cache directory."""
+    adapters, cache = tmp_path / "adapters", tmp_path / "cache"
+    write_lora_adapter(adapters / "both", base_model=BASE_MODEL, seed=1)
+    write_lora_adapter(adapters / "ours-only", base_model=BASE_MODEL, seed=2)
+    write_lora_adapter(cache / "both", base_model=BASE_MODEL, seed=3)
+    return {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache), "VLLM_LORA_RESOLVER_FS_DIR": str(adapters)}
+
+
+def test_ours_listed_first_is_tried_first(two_sources: dict[str, str]) -> None:
+    environment = {**two_sources, "VLLM_PLUGINS": f"{OURS},lora_filesystem_resolver"}
+    result = load_and_resolve(environment, "both", "ours-only")
+    assert result["order"] == [OURS, VLLM_FILESYSTEM]
+    both = result["answers"]["both"]
+    assert both["resolver"] == OURS
+    assert "/.vllm-lora/snapshots/" in both["path"]
+    assert both["vllm_accepts"] is True
+    assert result["answers"]["ours-only"]["resolver"] == OURS
+
+
+def test_vllm_builtin_listed_first_is_tried_first(two_sources: dict[str, str]) -> None:
+    environment = {**two_sources, "VLLM_PLUGINS": f"lora_filesystem_resolver,{OURS}"}
+    result = load_and_resolve(environment, "both", "ours-only")
+    assert result["order"] == [VLLM_FILESYSTEM, OURS]
+    assert result["answers"]["both"]["resolver"] == VLLM_FILESYSTEM
+    assert (
+        result["answers"]["both"]["path"] == two_sources["VLLM_LORA_RESOLVER_CACHE_DIR"] + "/both"
+    )
+    assert result["answers"]["ours-only"]["resolver"] == OURS  # the next one is tried on None
+
+
+def test_without_vllm_plugins_the_documented_default_order_holds(
+    two_sources: dict[str, str],
+) -> None:
+    result = load_and_resolve(two_sources, "both")
+    assert result["order"][:2] == [OURS, VLLM_FILESYSTEM]
+
+
+def test_plugin_not_listed_registers_nothing(two_sources: dict[str, str]) -> None:
+    result = load_and_resolve({**two_sources, "VLLM_PLUGINS": "lora_filesystem_resolver"}, "both")
+    assert result["order"] == [VLLM_FILESYSTEM]
+
+
+def test_unconfigured_resolver_registers_nothing() -> None:
+    result = load_and_resolve({"VLLM_PLUGINS": OURS})
+    assert result["order"] == []
+
+
+def test_invalid_adapter_reaches_the_client_as_a_value_error(tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    write_lora_adapter(adapters / "too-big", base_model=BASE_MODEL, rank=64)
+    environment = {
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path / "cache"),
+        "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
+        "VLLM_PLUGINS": OURS,
+    }
+    answer = load_and_resolve(environment, "too-big")["answers"]["too-big"]
+    assert "rank 64 is above this server's limit of 16" in answer["error"]
+
+
+def test_bin_weights_are_accepted_by_vllms_loader(tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    write_lora_adapter(adapters / "bin", base_model=BASE_MODEL, weights_format="bin")
+    environment = {
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path / "cache"),
+        "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
+        "VLLM_PLUGINS": OURS,
+    }
+    answer = load_and_resolve(environment, "bin")["answers"]["bin"]
+    assert answer["vllm_accepts"] is True
+
+
+def test_unusable_cache_dir_stops_startup_with_the_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    completed = subprocess.run(
+        [sys.executable, "-c", "from vllm.plugins import load_general_plugins as l; l()"],
+        env={
+            **os.environ,
+            "VLLM_PLUGINS": OURS,
+            "VLLM_LORA_RESOLVER_CACHE_DIR": str(blocker / "cache"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" in completed.stderr
