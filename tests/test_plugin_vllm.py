@@ -1,4 +1,4 @@
-"""The plugins as vLLM loads them: entry points, ``VLLM_PLUGINS`` order, the registry, the loader."""
+"""The plugins as vLLM loads them: entry points, VLLM_PLUGINS order, registry, loader."""
 
 from __future__ import annotations
 
