@@ -124,6 +124,7 @@ class NodeCache:
                 f"cache directory {self.root} is not usable ({error.strerror}); "
                 "set VLLM_LORA_RESOLVER_CACHE_DIR to a writable node-local directory"
             ) from None
+        self._real_snapshots = str(self.snapshots.resolve())
         self.remove_debris()
 
     # -- reading -------------------------------------------------------------------------
@@ -155,12 +156,11 @@ class NodeCache:
         ]
         return max(candidates, key=lambda s: s.manifest.created_at, default=None)
 
-    def snapshot_containing(self, path: Path) -> str | None:
-        """The key of the snapshot whose adapter folder ``path`` resolves to, if any."""
-        resolved = path.resolve()
-        if resolved.parent.parent != self.snapshots.resolve() or resolved.name != ADAPTER_DIR:
-            return None
-        return resolved.parent.name
+    def snapshot_containing(self, real_path: str) -> str | None:
+        """The key of the snapshot whose adapter folder is ``real_path`` (symlinks resolved)."""
+        parent, leaf = os.path.split(real_path)
+        snapshots, key = os.path.split(parent)
+        return key if leaf == ADAPTER_DIR and snapshots == self._real_snapshots else None
 
     # -- leases --------------------------------------------------------------------------
 
@@ -189,6 +189,11 @@ class NodeCache:
         with contextlib.suppress(OSError):
             os.utime(lease_path)
         return snapshot
+
+    def held(self, key: str) -> Snapshot | None:
+        """The snapshot ``key`` if this process already leases it (memory only, no I/O)."""
+        held = self._leases.get(key)
+        return None if held is None else held[1]
 
     def leased_keys(self) -> frozenset[str]:
         """Keys this process holds a lease on."""

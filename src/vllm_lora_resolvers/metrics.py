@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+#: How a resolution ended: served from the cache, fetched from the store, served from the cache
+#: while the store was unreachable, not in the store, name refused, adapter refused, failure.
+OUTCOMES = ("hit", "fetched", "stale", "missing", "rejected", "invalid", "error")
+
 RESOLUTIONS = Counter(
     "vllm_lora_resolver_resolutions",
-    "Adapter resolutions by backend and outcome "
-    "(hit, fetched, stale, missing, rejected, invalid, error).",
+    "Adapter resolutions by backend and outcome.",
     ["backend", "outcome"],
 )
 RESOLVE_SECONDS = Histogram(

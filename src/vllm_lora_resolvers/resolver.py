@@ -41,6 +41,7 @@ from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     CacheError,
     InvalidAdapterError,
+    ResolverError,
     StoreUnavailableError,
     TransientStoreError,
 )
@@ -141,6 +142,9 @@ class BaseStorageResolver(ABC):
     """
 
     backend: ClassVar[str]
+    #: Whether `locate` only touches local disk (then cache hits are answered on the event loop,
+    #: as vLLM's own filesystem resolver does).
+    locate_is_local: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -158,6 +162,13 @@ class BaseStorageResolver(ABC):
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._names = KeyedLocks()
         self._checked: set[tuple[str, str]] = set()
+        self._outcome_metrics = {
+            outcome: (
+                metrics.RESOLUTIONS.labels(self.backend, outcome),
+                metrics.RESOLVE_SECONDS.labels(self.backend, outcome),
+            )
+            for outcome in metrics.OUTCOMES
+        }
         self._executor = ThreadPoolExecutor(
             max_workers=16, thread_name_prefix=f"lora-{self.backend}"
         )
@@ -183,12 +194,45 @@ class BaseStorageResolver(ABC):
     # -- the pipeline ---------------------------------------------------------------------
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        """vLLM's entry point: resolve off the event loop, answer a ``LoRARequest`` or ``None``."""
-        loop = asyncio.get_running_loop()
-        resolved = await loop.run_in_executor(
-            self._executor, self.resolve, base_model_name, lora_name
-        )
+        """vLLM's entry point: a ``LoRARequest``, or ``None`` if this store has no such adapter.
+
+        Answers that need no blocking call are given on the event loop; everything else (store
+        calls, downloads, locks) runs in this resolver's thread pool.
+        """
+        answered, resolved = self._answer_without_blocking(base_model_name, lora_name)
+        if not answered:
+            loop = asyncio.get_running_loop()
+            resolved = await loop.run_in_executor(
+                self._executor, self.resolve, base_model_name, lora_name
+            )
         return None if resolved is None else resolved.to_lora_request()
+
+    def _answer_without_blocking(
+        self, base_model_name: str, lora_name: str
+    ) -> tuple[bool, ResolvedAdapter | None]:
+        """``(True, answer)`` for refused names, remembered misses and — when `locate` is local
+        and cheap — snapshots this process already serves; ``(False, None)`` otherwise."""
+        started = time.perf_counter()
+        if not self.accepts_name(lora_name):
+            self._record(lora_name, "rejected", "-", 0, started)
+            return True, None
+        if self._misses.is_missing(lora_name):
+            self._record(lora_name, "missing", "-", 0, started)
+            return True, None
+        if not self.locate_is_local:
+            return False, None
+        try:
+            remote = self.locate(lora_name)
+        except ResolverError:
+            return False, None  # the full pipeline retries, serves stale or explains
+        if remote is None:
+            return False, None
+        key = remote.cached_snapshot or snapshot_key(self.source, lora_name, remote.version)
+        snapshot = self.cache.held(key)
+        if snapshot is None or (key, base_model_name) not in self._checked:
+            return False, None
+        self._record(lora_name, "hit", remote.version, 0, started)
+        return True, ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
 
     def resolve(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
         """Resolve ``lora_name`` for a server of ``base_model_name`` (blocking).
@@ -344,7 +388,7 @@ class BaseStorageResolver(ABC):
         link = self.cache.root / name
         if not link.is_symlink():
             return
-        key = self.cache.snapshot_containing(link)
+        key = self.cache.snapshot_containing(str(link.resolve()))
         snapshot = self.cache.find(key) if key else None
         if snapshot is not None and snapshot.manifest.source == self.source:
             self.cache.unpoint_name(name, only_if_key=snapshot.key)
@@ -362,8 +406,9 @@ class BaseStorageResolver(ABC):
 
     def _record(self, name: str, outcome: str, version: str, fetched: int, started: float) -> None:
         seconds = time.perf_counter() - started
-        metrics.RESOLUTIONS.labels(self.backend, outcome).inc()
-        metrics.RESOLVE_SECONDS.labels(self.backend, outcome).observe(seconds)
+        resolutions, latency = self._outcome_metrics[outcome]
+        resolutions.inc()
+        latency.observe(seconds)
         log = logger.info if outcome in ("fetched", "invalid", "error", "stale") else logger.debug
         log(
             "resolution backend=%s name=%r version=%s outcome=%s bytes=%d seconds=%.4f",

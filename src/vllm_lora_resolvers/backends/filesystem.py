@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,6 +39,7 @@ class FilesystemResolver(BaseStorageResolver):
     """
 
     backend: ClassVar[str] = "fs"
+    locate_is_local: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -47,61 +49,77 @@ class FilesystemResolver(BaseStorageResolver):
         retry_policy: RetryPolicy | None = None,
     ) -> None:
         self.root = root.resolve()
+        self._root = str(self.root)
         # A local copy has nothing transient to wait out: one quick retry for a racing writer.
         policy = retry_policy or RetryPolicy(attempts=2, base_delay=0.05, budget_seconds=5)
         super().__init__(f"file://{self.root}", settings, cache, policy)
 
     def locate(self, name: str) -> RemoteAdapter | None:
         """Stat the folder's adapter files; the version is their sizes, mtimes and inodes."""
-        folder = self.root.joinpath(*name.split("/"))
         try:
-            resolved = folder.resolve(strict=True)
+            folder, through_link = self._find_folder(name)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except (OSError, RuntimeError) as error:
+        except OSError as error:
             raise StoreUnavailableError(f"cannot read adapter folder {name!r}: {error}") from None
-        cached = self.cache.snapshot_containing(folder)
-        if cached is not None:
-            snapshot = self.cache.find(cached)
-            if snapshot is None:
-                return None
-            return RemoteAdapter(
-                name, snapshot.manifest.version, str(folder), (), cached_snapshot=cached
-            )
-        if not resolved.is_dir():
+        if through_link:
+            cached = self.cache.snapshot_containing(folder)
+            if cached is not None:
+                snapshot = self.cache.held(cached) or self.cache.find(cached)
+                if snapshot is None:
+                    return None
+                version = snapshot.manifest.version
+                return RemoteAdapter(name, version, folder, (), cached_snapshot=cached)
+            if not folder.startswith(self._root + os.sep):
+                raise InvalidAdapterError(
+                    f"adapter {name!r} is a link to a folder outside {self.root}; refusing it"
+                )
+        files, fingerprint = self._stat_adapter_files(name, folder)
+        if not files or files[0].path != CONFIG_FILE:
             return None
-        if not resolved.is_relative_to(self.root):
-            raise InvalidAdapterError(
-                f"adapter {name!r} is a link to a folder outside {self.root}; refusing it"
-            )
-        files, fingerprint = self._stat_adapter_files(name, resolved)
-        if not any(file.path == CONFIG_FILE for file in files):
-            return None
-        return RemoteAdapter(name, fingerprint, str(resolved), files)
+        return RemoteAdapter(name, fingerprint, folder, files)
 
-    def _stat_adapter_files(self, name: str, folder: Path) -> tuple[tuple[RemoteFile, ...], str]:
+    def _find_folder(self, name: str) -> tuple[str, bool]:
+        """The real path of ``root/name`` and whether a symlink led there.
+
+        One ``lstat`` per name segment; only a path through a symlink pays for ``realpath``.
+        Names are already safe (no ``..``, no leading ``/``), so the plain join stays in root.
+        """
+        path = self._root
+        for segment in name.split("/"):
+            path = f"{path}/{segment}"
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return os.path.realpath(f"{self._root}/{name}", strict=True), True
+        return path, False
+
+    def _stat_adapter_files(self, name: str, folder: str) -> tuple[tuple[RemoteFile, ...], str]:
         files, fingerprint = [], hashlib.sha256()
         for file_name in ADAPTER_FILES:
-            path = folder / file_name
-            if not os.path.lexists(path):
-                continue
-            if path.is_symlink() and not path.resolve().is_relative_to(folder):
-                raise InvalidAdapterError(
-                    f"adapter {name!r}: {file_name} is a link to a file outside the adapter "
-                    "folder; replace it with the file itself"
-                )
+            path = f"{folder}/{file_name}"
             try:
-                status = path.stat()
+                status = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
             except OSError as error:
                 raise StoreUnavailableError(
                     f"cannot stat {file_name} of {name!r}: {error}"
                 ) from None
-            if not path.is_file():
+            if stat.S_ISLNK(status.st_mode):
+                target = os.path.realpath(path)
+                if not target.startswith(folder + os.sep):
+                    raise InvalidAdapterError(
+                        f"adapter {name!r}: {file_name} is a link to a file outside the adapter "
+                        "folder; replace it with the file itself"
+                    )
+                status = os.stat(target)
+            if not stat.S_ISREG(status.st_mode):
                 raise InvalidAdapterError(f"adapter {name!r}: {file_name} is not a regular file")
             files.append(RemoteFile(file_name, status.st_size))
             fingerprint.update(
                 f"{file_name}\0{status.st_size}\0{status.st_mtime_ns}\0{status.st_ino}\n".encode()
             )
+            if file_name != CONFIG_FILE:
+                break  # vLLM loads the first weights file present; the others do not matter
         return tuple(files), fingerprint.hexdigest()[:32]
 
     def download(self, adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> None:
