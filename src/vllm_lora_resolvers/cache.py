@@ -55,7 +55,7 @@ class SnapshotFile(BaseModel):
 
     path: str
     size: int
-    sha256: str
+    crc32c: str
 
 
 class SnapshotManifest(BaseModel):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 from pathlib import Path
 from typing import ClassVar
@@ -27,7 +26,7 @@ from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 
-_COPY_CHUNK = 4 << 20
+_COPY_CHUNK = 64 << 20
 
 
 class FilesystemResolver(BaseStorageResolver):
@@ -133,7 +132,14 @@ class FilesystemResolver(BaseStorageResolver):
             ) from None
         with reader, destination.open("wb") as writer:
             before = os.fstat(reader.fileno())
-            shutil.copyfileobj(reader, writer, _COPY_CHUNK)
-        after = source.stat()
+            copied = 0
+            while sent := os.sendfile(writer.fileno(), reader.fileno(), copied, _COPY_CHUNK):
+                copied += sent
+        try:
+            after = source.stat()
+        except FileNotFoundError:
+            raise TransientStoreError(
+                f"{file.path} of {adapter.name!r} vanished while being copied"
+            ) from None
         if (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size):
             raise TransientStoreError(f"{file.path} of {adapter.name!r} changed while being copied")
