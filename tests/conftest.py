@@ -27,6 +27,8 @@ _ISOLATION = {
     "HF_HUB_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
+    # boto3 retries each request once more (its default is 3 attempts), to keep fault tests short.
+    "AWS_MAX_ATTEMPTS": "2",
 }
 
 
@@ -88,3 +90,6 @@ def worker_result(worker: subprocess.Popen[str]) -> dict[str, Any]:
     assert line, f"worker {worker.args!r} printed nothing (exit {worker.poll()!r})"
     result: dict[str, Any] = json.loads(line)
     return result
+
+
+from s3_fixtures import any_bucket, bucket, moto, seaweed  # noqa: E402, F401

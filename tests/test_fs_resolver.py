@@ -7,7 +7,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -249,12 +249,14 @@ class FlakyDownloadResolver(FilesystemResolver):
 
     failures = 2
 
-    def download(self, adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> None:
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
         if self.failures > 0:
             self.failures -= 1
             destination.write_bytes(b"partial")
             raise TransientStoreError("connection reset by peer")
-        super().download(adapter, file, destination)
+        return super().download(adapter, file, destination)
 
 
 def test_transient_download_failures_are_retried(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import FS_DIR, Settings
+from vllm_lora_resolvers.config import FS_DIR, S3_URI, ConfigurationError, Settings
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
@@ -103,6 +103,26 @@ def _build_fs_resolver(settings: Settings) -> BaseStorageResolver | None:
         logger.info("%s not registered: %s is not set", FS_PLUGIN, FS_DIR.name)
         return None
     return FilesystemResolver(settings.fs_dir, settings, node_cache(settings, FS_PLUGIN))
+
+
+def _build_s3_resolver(settings: Settings) -> BaseStorageResolver | None:
+    if settings.s3_uri is None:
+        logger.info("%s not registered: %s is not set", S3_PLUGIN, S3_URI.name)
+        return None
+    cache = node_cache(settings, S3_PLUGIN)
+    try:
+        from vllm_lora_resolvers.backends.s3 import S3Resolver
+    except ImportError as error:
+        raise ConfigurationError(
+            f"{S3_URI.name} is set but boto3 is missing ({error}); "
+            "pip install 'vllm-lora-resolvers[s3]'"
+        ) from None
+    return S3Resolver(settings.s3_uri, settings, cache)
+
+
+def register_s3_resolver() -> None:
+    """Entry point ``lora_s3_resolver``: adapters from ``VLLM_LORA_RESOLVER_S3_URI``."""
+    _register(S3_PLUGIN, _build_s3_resolver)
 
 
 def register_fs_resolver() -> None:

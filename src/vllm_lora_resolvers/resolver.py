@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +53,11 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 logger = logging.getLogger("vllm.lora_resolvers")
+
+#: Store lookups are retried briefly: each client library already retries single requests.
+LOOKUP_RETRY_POLICY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.5, budget_seconds=10)
+#: How long an unreachable store is remembered as such (at most the miss TTL).
+OUTAGE_MEMORY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,31 @@ class MissCache:
             if len(self._expiry) >= self.max_entries:
                 self._expiry.pop(next(iter(self._expiry)))
             self._expiry[name] = time.monotonic() + self.ttl
+
+
+class StoreOutage:
+    """Remembers for a few seconds that the store could not be reached, so that during an outage
+    every request is answered at once (from the cache, or with the error) instead of each one
+    waiting out its own retries."""
+
+    def __init__(self, memory_seconds: float) -> None:
+        self.memory_seconds = memory_seconds
+        self._error: StoreUnavailableError | None = None
+        self._until = 0.0
+
+    def begin(self, error: StoreUnavailableError) -> None:
+        """The store just failed with ``error``."""
+        self._error, self._until = error, time.monotonic() + self.memory_seconds
+
+    def end(self) -> None:
+        """The store just answered."""
+        self._error = None
+
+    def raise_if_ongoing(self) -> None:
+        """Raise the remembered error while the outage is remembered."""
+        error = self._error
+        if error is not None and time.monotonic() < self._until:
+            raise error
 
 
 class KeyedLocks:
@@ -160,6 +190,7 @@ class BaseStorageResolver(ABC):
         self.retry_policy = retry_policy or RetryPolicy()
         self.max_workers = max_workers
         self._misses = MissCache(settings.negative_ttl_seconds)
+        self._outage = StoreOutage(min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS))
         self._names = KeyedLocks()
         self._checked: set[tuple[str, str]] = set()
         self._outcome_metrics = {
@@ -184,8 +215,14 @@ class BaseStorageResolver(ABC):
         """
 
     @abstractmethod
-    def download(self, adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> None:
-        """Copy ``file`` of ``adapter`` to ``destination`` (its parent exists)."""
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        """Copy ``file`` of ``adapter`` to ``destination`` (its parent exists).
+
+        Return the checksums the store declares for the bytes it delivered (algorithm -> hex),
+        beyond those `locate` already gave; the pipeline verifies them all.
+        """
 
     def accepts_name(self, name: str) -> bool:
         """Whether ``name`` is a name this backend could hold (checked before any store call)."""
@@ -257,12 +294,7 @@ class BaseStorageResolver(ABC):
                     outcome = "missing"
                     return None
                 try:
-                    remote = call_with_retries(
-                        lambda: self.locate(lora_name),
-                        self.retry_policy,
-                        f"{self.backend} lookup of {lora_name!r}",
-                        self._count_retry,
-                    )
+                    remote = self._locate(lora_name)
                 except StoreUnavailableError as error:
                     resolved = self._serve_stale(lora_name, policy, error)
                     outcome, version = "stale", resolved.snapshot.manifest.version
@@ -287,6 +319,22 @@ class BaseStorageResolver(ABC):
             raise
         finally:
             self._record(lora_name, outcome, version, fetched_bytes, started)
+
+    def _locate(self, name: str) -> RemoteAdapter | None:
+        """`locate` with a short retry, skipped while the store is known to be down."""
+        self._outage.raise_if_ongoing()
+        try:
+            remote = call_with_retries(
+                lambda: self.locate(name),
+                LOOKUP_RETRY_POLICY,
+                f"{self.backend} lookup of {name!r}",
+                self._count_retry,
+            )
+        except StoreUnavailableError as error:
+            self._outage.begin(error)
+            raise
+        self._outage.end()
+        return remote
 
     def _fetch(
         self, remote: RemoteAdapter, key: str, policy: AdapterPolicy

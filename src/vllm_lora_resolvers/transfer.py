@@ -26,13 +26,16 @@ _CHUNK = 1 << 20
 class RemoteFile:
     """One file of an adapter in a store.
 
-    ``checksums`` maps an algorithm (``md5``, ``sha1``, ``sha256``, ``crc32``, ``crc32c``) to the
-    lowercase hex digest the store declares; each one present is verified after download.
+    ``checksums`` maps an algorithm (``md5``, ``sha1``, ``sha256``, ``crc32``, ``crc32c``,
+    ``crc64nvme``) to the lowercase hex digest the store declares; each is verified after download,
+    together with any a backend's `download` returns. ``etag`` is the store's opaque version of the
+    file, if it has one.
     """
 
     path: str
     size: int
     checksums: Mapping[str, str] = field(default_factory=dict)
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,28 @@ class _Crc32c:
         return str(self._checksum.digest().hex())  # type: ignore[no-untyped-call]
 
 
+class _Crc64Nvme:
+    """S3's default full-object checksum; computed with awscrt when it is installed."""
+
+    def __init__(self, crc64nvme: Callable[[bytes, int], int]) -> None:
+        self._crc64nvme = crc64nvme
+        self.value = 0
+
+    @classmethod
+    def create(cls) -> _Crc64Nvme | None:
+        try:
+            from awscrt.checksums import crc64nvme
+        except ImportError:
+            return None
+        return cls(crc64nvme)
+
+    def update(self, data: bytes, /) -> None:
+        self.value = self._crc64nvme(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:016x}"
+
+
 def _hasher(algorithm: str) -> _Hasher | None:
     if algorithm in ("md5", "sha1", "sha256"):
         return hashlib.new(algorithm, usedforsecurity=False)
@@ -88,11 +113,15 @@ def _hasher(algorithm: str) -> _Hasher | None:
         return _Crc32()
     if algorithm == "crc32c":
         return _Crc32c()
+    if algorithm == "crc64nvme":
+        return _Crc64Nvme.create()
     return None
 
 
-def verify_file(path: Path, expected: RemoteFile) -> SnapshotFile:
-    """Check ``path`` against the size and checksums of ``expected``; return its record.
+def verify_file(
+    path: Path, expected: RemoteFile, declared: Mapping[str, str] | None = None
+) -> SnapshotFile:
+    """Check ``path`` against the size and checksums of ``expected`` (and ``declared``).
 
     Raises `IntegrityError` on any mismatch. The file is read once whatever the checksums; its
     CRC32C (hardware-accelerated) is always computed, for the manifest that ``cache verify`` uses.
@@ -102,8 +131,9 @@ def verify_file(path: Path, expected: RemoteFile) -> SnapshotFile:
         raise IntegrityError(
             f"{expected.path}: got {size} bytes, the store declared {expected.size}"
         )
+    checksums = {**expected.checksums, **(declared or {})}
     hashers: dict[str, _Hasher] = {"crc32c": _Crc32c()}
-    for algorithm in expected.checksums:
+    for algorithm in checksums:
         hasher = _hasher(algorithm)
         if hasher is not None:
             hashers[algorithm] = hasher
@@ -111,9 +141,9 @@ def verify_file(path: Path, expected: RemoteFile) -> SnapshotFile:
         while chunk := stream.read(_CHUNK):
             for hasher in hashers.values():
                 hasher.update(chunk)
-    for algorithm, declared in expected.checksums.items():
+    for algorithm, value in checksums.items():
         hasher = hashers.get(algorithm)
-        if hasher is not None and hasher.hexdigest() != declared.lower():
+        if hasher is not None and hasher.hexdigest() != value.lower():
             raise IntegrityError(
                 f"{expected.path}: {algorithm} does not match what the store declared"
             )
@@ -123,7 +153,7 @@ def verify_file(path: Path, expected: RemoteFile) -> SnapshotFile:
 def fetch_files(
     files: tuple[RemoteFile, ...],
     destination: Path,
-    download: Callable[[RemoteFile, Path], None],
+    download: Callable[[RemoteFile, Path], Mapping[str, str]],
     *,
     policy: RetryPolicy,
     on_retry: Callable[[TransientStoreError], None],
@@ -139,9 +169,9 @@ def fetch_files(
         target = destination / file.path
 
         def attempt() -> SnapshotFile:
-            download(file, target)
+            declared = download(file, target)
             try:
-                return verify_file(target, file)
+                return verify_file(target, file, declared)
             except IntegrityError:
                 target.unlink(missing_ok=True)
                 raise

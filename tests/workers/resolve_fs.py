@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from vllm_lora_resolvers import metrics
@@ -24,16 +25,18 @@ from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 class StallingResolver(FilesystemResolver):
     """Writes half of each weights file, then stalls, as a process killed mid-download would."""
 
-    def download(self, adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> None:
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
         if not file.path.startswith("adapter_model"):
-            super().download(adapter, file, destination)
-            return
+            return super().download(adapter, file, destination)
         source = Path(adapter.location) / file.path
         with source.open("rb") as reader, destination.open("wb") as writer:
             writer.write(reader.read(file.size // 2))
             writer.flush()
         print(json.dumps({"stalled": str(destination)}), flush=True)
         time.sleep(3600)
+        return {}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -121,7 +122,9 @@ class FilesystemResolver(BaseStorageResolver):
                 break  # vLLM loads the first weights file present; the others do not matter
         return tuple(files), fingerprint.hexdigest()[:32]
 
-    def download(self, adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> None:
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
         """Copy the file, refusing a copy during which the source changed."""
         source = Path(adapter.location) / file.path
         try:
@@ -143,3 +146,4 @@ class FilesystemResolver(BaseStorageResolver):
             ) from None
         if (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size):
             raise TransientStoreError(f"{file.path} of {adapter.name!r} changed while being copied")
+        return {}

@@ -1,0 +1,232 @@
+"""Adapters from S3 or any S3-compatible store (MinIO, R2, Ceph, SeaweedFS, ...).
+
+Adapter ``NAME`` is the folder ``s3://bucket/prefix/NAME/``. Its version is the set of
+(key, ETag, size) of its adapter files, read with one ``ListObjectsV2`` limited to that folder, so a
+resolve costs the same in a bucket of ten adapters or ten thousand. Endpoints, regions and
+credentials come from the standard AWS chain (``AWS_ENDPOINT_URL_S3``, profiles, IRSA, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from s3transfer.exceptions import RetriesExceededError
+
+from vllm_lora_resolvers.adapter import ADAPTER_FILES
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import S3_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+_AWS_ENDPOINT = re.compile(r"^https://s3[.-]([a-z0-9-]+[.-])?amazonaws\.com(\.cn)?/?$")
+# Error codes meaning "try again"; everything else from S3 is a configuration or access problem.
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+_CREDENTIAL_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "403",
+        "401",
+    }
+)
+_CHECKSUM_FIELDS = {
+    "ChecksumSHA256": "sha256",
+    "ChecksumSHA1": "sha1",
+    "ChecksumCRC32": "crc32",
+    "ChecksumCRC32C": "crc32c",
+    "ChecksumCRC64NVME": "crc64nvme",
+}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket[/prefix]`` -> ``(bucket, prefix)`` with no slashes around the prefix."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", uri.strip())
+    if match is None or not _BUCKET.match(match.group(1)):
+        raise ConfigurationError(
+            f"{S3_URI.name}={uri!r} is not s3://BUCKET[/PREFIX] with a valid bucket name"
+        )
+    return match.group(1), match.group(2).strip("/")
+
+
+class S3Resolver(BaseStorageResolver):
+    """Resolve ``NAME`` to the adapter folder ``s3://bucket/prefix/NAME/``.
+
+    >>> resolver = S3Resolver("s3://adapters/prod", settings, cache)  # doctest: +SKIP
+    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
+    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/9c1e.../adapter')
+    """
+
+    backend: ClassVar[str] = "s3"
+
+    def __init__(
+        self,
+        uri: str,
+        settings: Settings,
+        cache: NodeCache,
+        retry_policy: RetryPolicy | None = None,
+        transfer_config: TransferConfig | None = None,
+    ) -> None:
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.transfer_config = transfer_config or TransferConfig(
+            multipart_threshold=16 << 20,
+            multipart_chunksize=16 << 20,
+            max_concurrency=16,
+            io_chunksize=1 << 20,
+            max_io_queue=64,  # bounds the memory of one download: 64 x 1 MiB in flight
+            preferred_transfer_client="classic",  # the CRT client ignores custom endpoints
+        )
+        # Making a client does no network I/O; credentials are resolved on the first request.
+        self.client = make_s3_client()
+        prefix = f"/{self.prefix}" if self.prefix else ""
+        source = f"s3://{self.bucket}{prefix}"
+        endpoint = self.client.meta.endpoint_url
+        if not _AWS_ENDPOINT.match(endpoint):
+            source += f"@{endpoint}"  # two stores never share cache entries for one bucket name
+        super().__init__(source, settings, cache, retry_policy)
+
+    def folder_prefix(self, name: str) -> str:
+        """The key prefix of adapter ``name`` (names are safe: no ``..``, no leading ``/``)."""
+        return f"{self.prefix}/{name}/" if self.prefix else f"{name}/"
+
+    def locate(self, name: str) -> RemoteAdapter | None:
+        """One ``ListObjectsV2`` of the adapter's own folder (``Delimiter="/"``)."""
+        folder = self.folder_prefix(name)
+        with store_errors(f"listing s3://{self.bucket}/{folder}"):
+            page = self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=folder, Delimiter="/", MaxKeys=1000
+            )
+        listed = {item["Key"][len(folder) :]: item for item in page.get("Contents", [])}
+        files, fingerprint = [], hashlib.sha256()
+        for file_name in ADAPTER_FILES:
+            item = listed.get(file_name)
+            if item is None:
+                continue
+            etag, size = item.get("ETag", ""), item.get("Size", 0)
+            files.append(RemoteFile(file_name, size, etag=etag))
+            fingerprint.update(f"{file_name}\0{etag}\0{size}\n".encode())
+        if not files or files[0].path != ADAPTER_FILES[0]:
+            return None
+        location = f"s3://{self.bucket}/{folder}"
+        return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, tuple(files))
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        """``HEAD`` for the object version and checksums, then a parallel ranged download of it."""
+        key = self.folder_prefix(adapter.name) + file.path
+        with store_errors(f"reading s3://{self.bucket}/{key}"):
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            if head.get("ETag") != file.etag:
+                raise TransientStoreError(f"s3://{self.bucket}/{key} changed while being fetched")
+            extra: dict[str, str] = {}
+            if head.get("VersionId") not in (None, "null"):
+                extra["VersionId"] = head["VersionId"]  # every ranged part from this one version
+            self.client.download_file(
+                self.bucket, key, str(destination), ExtraArgs=extra, Config=self.transfer_config
+            )
+        return head_checksums(head)
+
+
+def head_checksums(head: Mapping[str, Any]) -> dict[str, str]:
+    """The checksums a ``HeadObject`` response lets us verify, as lowercase hex.
+
+    The ETag is an MD5 only for single-part objects without SSE-KMS or SSE-C encryption; the
+    ``x-amz-checksum-*`` values only when they cover the full object (not ``...-N`` composites).
+    """
+    checksums: dict[str, str] = {}
+    etag = _MD5_ETAG.match(head.get("ETag", ""))
+    encrypted = head.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or head.get(
+        "SSECustomerAlgorithm"
+    )
+    if etag and not encrypted:
+        checksums["md5"] = etag.group(1).lower()
+    if head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+        for field, algorithm in _CHECKSUM_FIELDS.items():
+            value = head.get(field)
+            if value and "-" not in value:
+                checksums[algorithm] = base64.b64decode(value).hex()
+    return checksums
+
+
+def make_s3_client() -> S3Client:
+    """A boto3 S3 client from the standard AWS configuration chain.
+
+    Path-style addressing for any endpoint that is not AWS's own: S3-compatible stores rarely
+    have wildcard DNS for virtual-hosted buckets.
+    """
+    # Retries per request follow the AWS configuration (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE; default
+    # "standard", 3 attempts); the pipeline adds its own, bounded, around whole operations.
+    config = Config(
+        max_pool_connections=32,
+        connect_timeout=5,
+        read_timeout=30,
+        tcp_keepalive=True,
+    )
+    session = boto3.session.Session()
+    client = session.client("s3", config=config)
+    if _AWS_ENDPOINT.match(client.meta.endpoint_url):
+        return client
+    return session.client("s3", config=config.merge(Config(s3={"addressing_style": "path"})))
+
+
+@contextmanager
+def store_errors(doing: str) -> Iterator[None]:
+    """Turn botocore and s3transfer errors into our error types, with messages free of secrets."""
+    try:
+        yield
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", "Unknown"))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        message = f"{doing} failed: {code} (HTTP {status})"
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            raise TransientStoreError(message) from None
+        if code in _CREDENTIAL_CODES:
+            raise StoreUnavailableError(
+                f"{message}: the store refused our credentials; check the AWS credential chain "
+                "(AWS_PROFILE, web identity / IRSA, instance role) and the bucket policy"
+            ) from None
+        if code == "NoSuchBucket":
+            raise StoreUnavailableError(
+                f"{message}: the bucket does not exist; check {S3_URI.name}"
+            ) from None
+        raise StoreUnavailableError(message) from None
+    except NoCredentialsError:
+        raise StoreUnavailableError(
+            f"{doing} failed: no AWS credentials found; configure the AWS credential chain"
+        ) from None
+    except (BotoCoreError, RetriesExceededError, ConnectionError) as error:
+        raise TransientStoreError(f"{doing} failed: {type(error).__name__}") from None

@@ -1,0 +1,85 @@
+"""S3 fixtures: one SeaweedFS and one moto server per test session, a bucket per test, a relay."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from devtools.relay import FaultRelay
+from devtools.stores import MotoS3, S3Endpoint, SeaweedS3, upload_folder
+from vllm_lora_resolvers.backends.s3 import S3Resolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.retry import RetryPolicy
+
+_buckets = itertools.count()
+FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server.endpoint
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[S3Endpoint]:
+    with MotoS3() as server:
+        yield server.endpoint
+
+
+@dataclass
+class Bucket:
+    """A fresh bucket, reached through a fault relay, with adapters under ``adapters/``."""
+
+    endpoint: S3Endpoint
+    relay: FaultRelay
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.name}/adapters"
+
+    def upload(self, name: str, folder: Path) -> None:
+        upload_folder(self.endpoint.client(), self.name, f"adapters/{name}", folder)
+
+    def delete(self, name: str) -> None:
+        client = self.endpoint.client()
+        listing = client.list_objects_v2(Bucket=self.name, Prefix=f"adapters/{name}/")
+        for item in listing.get("Contents", []):
+            client.delete_object(Bucket=self.name, Key=item["Key"])
+
+    def requests(self, method: str | None = None) -> list[tuple[str, str]]:
+        return [r for r in self.relay.requests if method is None or r[0] == method]
+
+    def resolver(self, cache_dir: Path, **variables: str) -> S3Resolver:
+        environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
+        settings = Settings.from_environ(environ, argv=[])
+        cache = NodeCache(cache_dir, settings.cache_max_bytes)
+        return S3Resolver(self.uri, settings, cache, retry_policy=FAST_RETRIES)
+
+
+def make_bucket(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    name = f"test-{next(_buckets)}"
+    endpoint.client().create_bucket(Bucket=name)
+    upstream_port = int(endpoint.url.rsplit(":", 1)[1])
+    with FaultRelay(upstream_port) as relay:
+        relayed = S3Endpoint(relay.url, endpoint.access_key, endpoint.secret_key)
+        for variable, value in relayed.env().items():
+            monkeypatch.setenv(variable, value)
+        yield Bucket(endpoint, relay, name)
+
+
+@pytest.fixture
+def bucket(seaweed: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    yield from make_bucket(seaweed, monkeypatch)
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def any_bucket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    endpoint = request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "moto")
+    yield from make_bucket(endpoint, monkeypatch)
