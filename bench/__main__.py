@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("fs_resolver",)
+BENCHMARKS = ("fs_resolver", "s3_transfer")
 
 
 def main() -> None:

@@ -56,11 +56,11 @@ class Bucket:
     def requests(self, method: str | None = None) -> list[tuple[str, str]]:
         return [r for r in self.relay.requests if method is None or r[0] == method]
 
-    def resolver(self, cache_dir: Path, **variables: str) -> S3Resolver:
+    def resolver(self, cache_dir: Path, part_size: int = 16 << 20, **variables: str) -> S3Resolver:
         environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return S3Resolver(self.uri, settings, cache, retry_policy=FAST_RETRIES)
+        return S3Resolver(self.uri, settings, cache, retry_policy=FAST_RETRIES, part_size=part_size)
 
 
 def make_bucket(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:

@@ -28,7 +28,6 @@ ADAPTER_FILES = (CONFIG_FILE, *WEIGHTS_FILES)
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
-MAX_RANK_SANITY = 1 << 16
 SUPPORTED_STRING_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
 SUPPORTED_MODULES_TO_SAVE = frozenset({"classifier", "score"})
 _DTYPE_BYTES = {
@@ -59,7 +58,7 @@ class LoraAdapterConfig(BaseModel):
 
     peft_type: str
     base_model_name_or_path: str | None = None
-    r: StrictInt = Field(gt=0, le=MAX_RANK_SANITY)
+    r: StrictInt = Field(gt=0)
     lora_alpha: float
     target_modules: list[str] | str
     rank_pattern: dict[str, StrictInt] | None = None

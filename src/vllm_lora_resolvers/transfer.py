@@ -6,12 +6,13 @@ Backends only copy one file to one local path; sizes, checksums, retries and par
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import google_crc32c
 
@@ -20,6 +21,8 @@ from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
 
 _CHUNK = 1 << 20
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -178,10 +181,60 @@ def fetch_files(
 
         return call_with_retries(attempt, policy, f"download of {file.path}", on_retry)
 
-    if not files:
+    return run_in_parallel(fetch_one, files, max_workers)
+
+
+def download_in_parts(
+    destination: Path,
+    size: int,
+    read_range: Callable[[int, int], Iterator[bytes]],
+    *,
+    part_size: int,
+    workers: int,
+    policy: RetryPolicy,
+    on_retry: Callable[[TransientStoreError], None],
+) -> None:
+    """Write bytes ``[0, size)`` of a remote object to ``destination``, parts in parallel.
+
+    ``read_range(start, end)`` yields the bytes ``[start, end)`` in chunks. Each part is written
+    in place with ``pwrite`` as it streams (memory stays at one chunk per worker), and a part that
+    breaks resumes from the byte where it broke; finished parts are never fetched again.
+    """
+    descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(descriptor, size)
+
+        def fetch_part(part: tuple[int, int]) -> None:
+            start, end = part
+            position = start
+
+            def attempt() -> None:
+                nonlocal position
+                for chunk in read_range(position, end):
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.pwrite(descriptor, view, position)
+                        view, position = view[written:], position + written
+                if position != end:
+                    raise TransientStoreError(f"{destination.name}: part ended at byte {position}")
+
+            call_with_retries(
+                attempt, policy, f"part {start}-{end} of {destination.name}", on_retry
+            )
+
+        parts = [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
+        run_in_parallel(fetch_part, parts, workers)
+    finally:
+        os.close(descriptor)
+
+
+def run_in_parallel(function: Callable[[A], R], items: Sequence[A], workers: int) -> list[R]:
+    """``[function(item) for item in items]`` on a thread pool; the first failure cancels what
+    has not started and is raised once the running calls end."""
+    if not items:
         return []
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(files))) as pool:
-        futures = [pool.submit(fetch_one, file) for file in files]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        futures = [pool.submit(function, item) for item in items]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:
             future.cancel()

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-from s3transfer.exceptions import RetriesExceededError
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.cache import NodeCache
@@ -28,11 +26,12 @@ from vllm_lora_resolvers.config import S3_URI, ConfigurationError, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, download_in_parts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+_CHUNK = 1 << 20
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 _AWS_ENDPOINT = re.compile(r"^https://s3[.-]([a-z0-9-]+[.-])?amazonaws\.com(\.cn)?/?$")
@@ -98,17 +97,13 @@ class S3Resolver(BaseStorageResolver):
         settings: Settings,
         cache: NodeCache,
         retry_policy: RetryPolicy | None = None,
-        transfer_config: TransferConfig | None = None,
+        *,
+        part_size: int = 16 << 20,
+        part_workers: int = 8,
     ) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)
-        self.transfer_config = transfer_config or TransferConfig(
-            multipart_threshold=16 << 20,
-            multipart_chunksize=16 << 20,
-            max_concurrency=16,
-            io_chunksize=1 << 20,
-            max_io_queue=64,  # bounds the memory of one download: 64 x 1 MiB in flight
-            preferred_transfer_client="classic",  # the CRT client ignores custom endpoints
-        )
+        self.part_size = part_size
+        self.part_workers = part_workers
         # Making a client does no network I/O; credentials are resolved on the first request.
         self.client = make_s3_client()
         prefix = f"/{self.prefix}" if self.prefix else ""
@@ -146,18 +141,50 @@ class S3Resolver(BaseStorageResolver):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """``HEAD`` for the object version and checksums, then a parallel ranged download of it."""
+        """One ``GET`` for a small file; ``HEAD`` then parallel ranged ``GET``s for a large one.
+
+        Every request is pinned to the listed object (its version id, else ``If-Match`` on its
+        ETag), so the parts of one file always come from one version of it.
+        """
         key = self.folder_prefix(adapter.name) + file.path
-        with store_errors(f"reading s3://{self.bucket}/{key}"):
-            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-            if head.get("ETag") != file.etag:
-                raise TransientStoreError(f"s3://{self.bucket}/{key} changed while being fetched")
-            extra: dict[str, str] = {}
-            if head.get("VersionId") not in (None, "null"):
-                extra["VersionId"] = head["VersionId"]  # every ranged part from this one version
-            self.client.download_file(
-                self.bucket, key, str(destination), ExtraArgs=extra, Config=self.transfer_config
+        where = f"s3://{self.bucket}/{key}"
+        if file.size <= self.part_size:
+            with store_errors(f"reading {where}"):
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=key, IfMatch=file.etag, ChecksumMode="ENABLED"
+                )
+                with destination.open("wb") as stream:
+                    for chunk in response["Body"].iter_chunks(_CHUNK):
+                        stream.write(chunk)
+            return head_checksums(response)
+        with store_errors(f"reading {where}"):
+            head = self.client.head_object(
+                Bucket=self.bucket, Key=key, IfMatch=file.etag, ChecksumMode="ENABLED"
             )
+        version = head.get("VersionId")
+        pin: dict[str, Any] = (
+            {"VersionId": version} if version not in (None, "null") else {"IfMatch": file.etag}
+        )
+
+        def read_range(start: int, end: int) -> Iterator[bytes]:
+            with store_errors(f"reading bytes {start}-{end} of {where}"):
+                body = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin
+                )["Body"]
+                try:
+                    yield from body.iter_chunks(_CHUNK)
+                finally:
+                    body.close()
+
+        download_in_parts(
+            destination,
+            file.size,
+            read_range,
+            part_size=self.part_size,
+            workers=self.part_workers,
+            policy=self.retry_policy,
+            on_retry=self._count_retry,
+        )
         return head_checksums(head)
 
 
@@ -219,6 +246,10 @@ def store_errors(doing: str) -> Iterator[None]:
                 f"{message}: the store refused our credentials; check the AWS credential chain "
                 "(AWS_PROFILE, web identity / IRSA, instance role) and the bucket policy"
             ) from None
+        if code == "PreconditionFailed":
+            raise StoreUnavailableError(
+                f"{message}: the object changed while it was being fetched; retry the request"
+            ) from None
         if code == "NoSuchBucket":
             raise StoreUnavailableError(
                 f"{message}: the bucket does not exist; check {S3_URI.name}"
@@ -228,5 +259,5 @@ def store_errors(doing: str) -> Iterator[None]:
         raise StoreUnavailableError(
             f"{doing} failed: no AWS credentials found; configure the AWS credential chain"
         ) from None
-    except (BotoCoreError, RetriesExceededError, ConnectionError) as error:
+    except (BotoCoreError, ConnectionError) as error:
         raise TransientStoreError(f"{doing} failed: {type(error).__name__}") from None
