@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +134,7 @@ def verify_file(
         raise IntegrityError(
             f"{expected.path}: got {size} bytes, the store declared {expected.size}"
         )
-    checksums = {**expected.checksums, **(declared or {})}
+    checksums = _worth_verifying({**expected.checksums, **(declared or {})})
     hashers: dict[str, _Hasher] = {"crc32c": _Crc32c()}
     for algorithm in checksums:
         hasher = _hasher(algorithm)
@@ -151,6 +151,14 @@ def verify_file(
                 f"{expected.path}: {algorithm} does not match what the store declared"
             )
     return SnapshotFile(path=expected.path, size=size, crc32c=hashers["crc32c"].hexdigest())
+
+
+def _worth_verifying(checksums: Mapping[str, str]) -> dict[str, str]:
+    """The declared checksums to verify: MD5 and SHA-1 (slow) only when nothing faster and at
+    least as strong for transfer errors (CRC32C, CRC64NVME, SHA-256) is declared."""
+    if checksums.keys() & {"crc32c", "crc64nvme", "sha256"}:
+        return {k: v for k, v in checksums.items() if k not in ("md5", "sha1")}
+    return dict(checksums)
 
 
 def fetch_files(
@@ -187,7 +195,7 @@ def fetch_files(
 def download_in_parts(
     destination: Path,
     size: int,
-    read_range: Callable[[int, int], Iterator[bytes]],
+    fetch_range: Callable[[int, int, Callable[[bytes], None]], None],
     *,
     part_size: int,
     workers: int,
@@ -196,9 +204,10 @@ def download_in_parts(
 ) -> None:
     """Write bytes ``[0, size)`` of a remote object to ``destination``, parts in parallel.
 
-    ``read_range(start, end)`` yields the bytes ``[start, end)`` in chunks. Each part is written
-    in place with ``pwrite`` as it streams (memory stays at one chunk per worker), and a part that
-    breaks resumes from the byte where it broke; finished parts are never fetched again.
+    ``fetch_range(start, end, write)`` streams the bytes ``[start, end)`` to ``write`` in chunks.
+    Each part is written in place with ``pwrite`` as it streams (memory stays at one chunk per
+    worker), and a part that breaks resumes from the byte where it broke; finished parts are never
+    fetched again.
     """
     descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -208,13 +217,17 @@ def download_in_parts(
             start, end = part
             position = start
 
-            def attempt() -> None:
+            def write(chunk: bytes) -> None:
                 nonlocal position
-                for chunk in read_range(position, end):
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.pwrite(descriptor, view, position)
-                        view, position = view[written:], position + written
+                view = memoryview(chunk)
+                if position + len(view) > end:
+                    raise IntegrityError(f"{destination.name}: the store sent more than asked")
+                while view:
+                    written = os.pwrite(descriptor, view, position)
+                    view, position = view[written:], position + written
+
+            def attempt() -> None:
+                fetch_range(position, end, write)
                 if position != end:
                     raise TransientStoreError(f"{destination.name}: part ended at byte {position}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -166,20 +166,21 @@ class S3Resolver(BaseStorageResolver):
             {"VersionId": version} if version not in (None, "null") else {"IfMatch": file.etag}
         )
 
-        def read_range(start: int, end: int) -> Iterator[bytes]:
+        def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
             with store_errors(f"reading bytes {start}-{end} of {where}"):
                 body = self.client.get_object(
                     Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin
                 )["Body"]
                 try:
-                    yield from body.iter_chunks(_CHUNK)
+                    for chunk in body.iter_chunks(_CHUNK):
+                        write(chunk)
                 finally:
                     body.close()
 
         download_in_parts(
             destination,
             file.size,
-            read_range,
+            fetch_range,
             part_size=self.part_size,
             workers=self.part_workers,
             policy=self.retry_policy,

@@ -1,0 +1,132 @@
+"""File verification and the ranged download engine, on local bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import google_crc32c
+import pytest
+
+from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import RemoteFile, download_in_parts, verify_file
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+QUICK = RetryPolicy(attempts=3, base_delay=0.0, budget_seconds=5)
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "weights"
+    path.write_bytes(DATA)
+    return path
+
+
+def test_every_declared_checksum_is_verified(data_file: Path) -> None:
+    declared = {
+        "md5": hashlib.md5(DATA).hexdigest(),
+        "crc32": f"{zlib.crc32(DATA):08x}",
+        "crc32c": google_crc32c.Checksum(DATA).digest().hex(),
+    }
+    for algorithm in ("md5", "crc32", "crc32c"):
+        record = verify_file(
+            data_file, RemoteFile("weights", len(DATA), {algorithm: declared[algorithm]})
+        )
+        assert record.crc32c == declared["crc32c"]
+        wrong = {algorithm: "0" * len(declared[algorithm])}
+        with pytest.raises(IntegrityError, match=algorithm):
+            verify_file(data_file, RemoteFile("weights", len(DATA), wrong))
+
+
+def test_size_mismatch_is_an_integrity_error(data_file: Path) -> None:
+    with pytest.raises(IntegrityError, match="got 1048576 bytes, the store declared 1048577"):
+        verify_file(data_file, RemoteFile("weights", len(DATA) + 1))
+
+
+def test_md5_is_skipped_when_a_faster_strong_checksum_is_declared(data_file: Path) -> None:
+    crc = google_crc32c.Checksum(DATA).digest().hex()
+    verify_file(data_file, RemoteFile("weights", len(DATA), {"crc32c": crc, "md5": "0" * 32}))
+
+
+def _flaky_source(
+    breaks: list[int],
+) -> tuple[Callable[[int, int, Callable[[bytes], None]], None], list[tuple[int, int]]]:
+    """A range source that breaks after the given byte counts, once each, and logs ranges asked."""
+    asked: list[tuple[int, int]] = []
+
+    def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        asked.append((start, end))
+        for offset in range(start, end, 4096):
+            if breaks and offset - start >= breaks[0]:
+                breaks.pop(0)
+                raise TransientStoreError("connection reset")
+            write(DATA[offset : min(offset + 4096, end)])
+
+    return fetch_range, asked
+
+
+def test_parts_are_assembled_in_place(tmp_path: Path) -> None:
+    fetch_range, asked = _flaky_source([])
+    target = tmp_path / "out"
+    download_in_parts(
+        target,
+        len(DATA),
+        fetch_range,
+        part_size=100_000,
+        workers=4,
+        policy=QUICK,
+        on_retry=lambda _: None,
+    )
+    assert target.read_bytes() == DATA
+    assert len(asked) == 11
+
+
+def test_a_broken_part_resumes_where_it_broke(tmp_path: Path) -> None:
+    fetch_range, asked = _flaky_source([65536])
+    retries: list[TransientStoreError] = []
+    target = tmp_path / "out"
+    download_in_parts(
+        target,
+        len(DATA),
+        fetch_range,
+        part_size=len(DATA),
+        workers=1,
+        policy=QUICK,
+        on_retry=retries.append,
+    )
+    assert target.read_bytes() == DATA
+    assert asked == [(0, len(DATA)), (65536, len(DATA))]
+    assert len(retries) == 1
+
+
+def test_a_part_that_keeps_breaking_fails_the_download(tmp_path: Path) -> None:
+    fetch_range, _ = _flaky_source([0, 0, 0, 0])
+    with pytest.raises(TransientStoreError):
+        download_in_parts(
+            tmp_path / "out",
+            len(DATA),
+            fetch_range,
+            part_size=len(DATA),
+            workers=1,
+            policy=QUICK,
+            on_retry=lambda _: None,
+        )
+
+
+def test_a_store_sending_more_than_asked_is_refused(tmp_path: Path) -> None:
+    def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        write(DATA[start : end + 10])
+
+    with pytest.raises(IntegrityError, match="more than asked"):
+        download_in_parts(
+            tmp_path / "out",
+            1000,
+            fetch_range,
+            part_size=1000,
+            workers=1,
+            policy=QUICK,
+            on_retry=lambda _: None,
+        )
