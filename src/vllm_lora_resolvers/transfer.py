@@ -78,13 +78,13 @@ class _Crc32:
 
 class _Crc32c:
     def __init__(self) -> None:
-        self._checksum = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
+        self._checksum = google_crc32c.Checksum()
 
     def update(self, data: bytes, /) -> None:
-        self._checksum.update(data)  # type: ignore[no-untyped-call]
+        self._checksum.update(data)
 
     def hexdigest(self) -> str:
-        return str(self._checksum.digest().hex())  # type: ignore[no-untyped-call]
+        return str(self._checksum.digest().hex())
 
 
 class _Crc64Nvme:
