@@ -196,7 +196,8 @@ def weights_being_downloaded(cache_dir: Path) -> bool:
 def s3_worker(bucket: Bucket, cache_dir: Path, *arguments: str) -> subprocess.Popen[str]:
     command = [
         sys.executable,
-        str(REPO / "tests" / "workers" / "resolve_s3.py"),
+        str(REPO / "tests" / "workers" / "resolve_remote.py"),
+        "s3",
         bucket.uri,
         str(cache_dir),
         *arguments,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import FS_DIR, S3_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.config import FS_DIR, GCS_URI, S3_URI, ConfigurationError, Settings
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
@@ -123,6 +123,26 @@ def _build_s3_resolver(settings: Settings) -> BaseStorageResolver | None:
 def register_s3_resolver() -> None:
     """Entry point ``lora_s3_resolver``: adapters from ``VLLM_LORA_RESOLVER_S3_URI``."""
     _register(S3_PLUGIN, _build_s3_resolver)
+
+
+def _build_gcs_resolver(settings: Settings) -> BaseStorageResolver | None:
+    if settings.gcs_uri is None:
+        logger.info("%s not registered: %s is not set", GCS_PLUGIN, GCS_URI.name)
+        return None
+    cache = node_cache(settings, GCS_PLUGIN)
+    try:
+        from vllm_lora_resolvers.backends.gcs import GcsResolver
+    except ImportError as error:
+        raise ConfigurationError(
+            f"{GCS_URI.name} is set but google-cloud-storage is missing ({error}); "
+            "pip install 'vllm-lora-resolvers[gcs]'"
+        ) from None
+    return GcsResolver(settings.gcs_uri, settings, cache)
+
+
+def register_gcs_resolver() -> None:
+    """Entry point ``lora_gcs_resolver``: adapters from ``VLLM_LORA_RESOLVER_GCS_URI``."""
+    _register(GCS_PLUGIN, _build_gcs_resolver)
 
 
 def register_fs_resolver() -> None:

@@ -1,0 +1,210 @@
+"""Adapters from Google Cloud Storage (``VLLM_LORA_RESOLVER_GCS_URI=gs://bucket[/prefix]``).
+
+Adapter ``NAME`` is the folder ``gs://bucket/prefix/NAME/``. Its version is the set of (object,
+generation, size) of its adapter files, read with one listing limited to that folder. Every read
+is pinned to the listed generation and verified against the CRC32C (or MD5) GCS reports.
+
+Built on Google's own ``google-cloud-storage`` client: credentials from Google's default chain
+(workload identity, a service-account file, the metadata server), the emulator through
+``STORAGE_EMULATOR_HOST`` as Google's clients read it. Its retries are bounded per call, and it
+never probes gRPC bucket-layout APIs (gcsfs 2026.x blocks 60 s on those against anything but real
+GCS).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import google.auth.exceptions
+import requests
+from google.api_core import exceptions as google_errors
+from google.api_core.retry import Retry
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from vllm_lora_resolvers.adapter import ADAPTER_FILES
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import GCS_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, download_in_parts
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_TIMEOUT = (5.0, 60.0)  # connect, read
+
+
+def parse_gcs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket[/prefix]`` -> ``(bucket, prefix)`` with no slashes around the prefix."""
+    match = re.fullmatch(r"gs://([^/]+)/?(.*)", uri.strip())
+    if match is None or not _BUCKET.match(match.group(1)):
+        raise ConfigurationError(
+            f"{GCS_URI.name}={uri!r} is not gs://BUCKET[/PREFIX] with a valid bucket name"
+        )
+    return match.group(1), match.group(2).strip("/")
+
+
+class GcsResolver(BaseStorageResolver):
+    """Resolve ``NAME`` to the adapter folder ``gs://bucket/prefix/NAME/``.
+
+    >>> resolver = GcsResolver("gs://adapters/prod", settings, cache)  # doctest: +SKIP
+    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
+    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/51d0.../adapter')
+    """
+
+    backend: ClassVar[str] = "gcs"
+
+    def __init__(
+        self,
+        uri: str,
+        settings: Settings,
+        cache: NodeCache,
+        retry_policy: RetryPolicy | None = None,
+        *,
+        part_size: int = 16 << 20,
+        part_workers: int = 8,
+        request_retry_seconds: float = 10.0,
+    ) -> None:
+        self.bucket_name, self.prefix = parse_gcs_uri(uri)
+        # Google's own retry of one request (429, 5xx, broken connections, resuming a broken
+        # body), bounded so that the pipeline's retries and outage handling stay in charge.
+        self.request_retry: Retry = DEFAULT_RETRY.with_timeout(request_retry_seconds)
+        self.part_size = part_size
+        self.part_workers = part_workers
+        self._client: storage.Client | None = None
+        self._client_guard = threading.Lock()
+        prefix = f"/{self.prefix}" if self.prefix else ""
+        source = f"gs://{self.bucket_name}{prefix}"
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            source += f"@{emulator}"  # an emulator's bucket is not the real one of that name
+        super().__init__(source, settings, cache, retry_policy)
+
+    @property
+    def bucket(self) -> storage.Bucket:
+        """The bucket handle; the client is made on first use, as finding Google's default
+        credentials may ask the metadata server (no network while vLLM loads plugins)."""
+        with self._client_guard:
+            if self._client is None:
+                with store_errors("connecting to Google Cloud Storage"):
+                    self._client = storage.Client()
+            return self._client.bucket(self.bucket_name)
+
+    def folder_prefix(self, name: str) -> str:
+        """The object prefix of adapter ``name`` (names are safe: no ``..``, no leading ``/``)."""
+        return f"{self.prefix}/{name}/" if self.prefix else f"{name}/"
+
+    def locate(self, name: str) -> RemoteAdapter | None:
+        """One listing of the adapter's own folder (``delimiter="/"``)."""
+        folder = self.folder_prefix(name)
+        with store_errors(f"listing gs://{self.bucket_name}/{folder}"):
+            blobs = list(
+                self.bucket.list_blobs(
+                    prefix=folder,
+                    delimiter="/",
+                    max_results=1000,
+                    retry=self.request_retry,
+                    timeout=_TIMEOUT,
+                )
+            )
+        listed = {blob.name[len(folder) :]: blob for blob in blobs}
+        files, fingerprint = [], hashlib.sha256()
+        for file_name in ADAPTER_FILES:
+            blob = listed.get(file_name)
+            if blob is None:
+                continue
+            files.append(
+                RemoteFile(
+                    file_name, blob.size or 0, _declared_checksums(blob), str(blob.generation)
+                )
+            )
+            fingerprint.update(f"{file_name}\0{blob.generation}\0{blob.size}\n".encode())
+        if not files or files[0].path != ADAPTER_FILES[0]:
+            return None
+        location = f"gs://{self.bucket_name}/{folder}"
+        return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, tuple(files))
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        """Parallel ranged reads of the listed generation, written in place."""
+        key = self.folder_prefix(adapter.name) + file.path
+        blob = self.bucket.blob(key, generation=int(file.etag))
+        where = f"gs://{self.bucket_name}/{key}#{file.etag}"
+
+        def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+            with store_errors(f"reading bytes {start}-{end} of {where}"):
+                blob.download_to_file(
+                    _Sink(write),
+                    start=start,
+                    end=end - 1,
+                    checksum=None,  # the whole file is verified once it is complete
+                    retry=self.request_retry,
+                    timeout=_TIMEOUT,
+                )
+
+        download_in_parts(
+            destination,
+            file.size,
+            fetch_range,
+            part_size=self.part_size,
+            workers=self.part_workers,
+            policy=self.retry_policy,
+            on_retry=self._count_retry,
+        )
+        return {}
+
+
+class _Sink:
+    """The file-like object Google's client writes a download into."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+
+
+def _declared_checksums(blob: storage.Blob) -> dict[str, str]:
+    checksums = {}
+    if blob.crc32c:
+        checksums["crc32c"] = base64.b64decode(blob.crc32c).hex()
+    if blob.md5_hash:  # absent for composite objects
+        checksums["md5"] = base64.b64decode(blob.md5_hash).hex()
+    return checksums
+
+
+@contextmanager
+def store_errors(doing: str) -> Iterator[None]:
+    """Turn Google client errors into our error types, with messages free of secrets."""
+    try:
+        yield
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise StoreUnavailableError(
+            f"{doing} failed: no Google credentials found; configure application default "
+            "credentials (workload identity, GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from None
+    except (google_errors.Unauthorized, google_errors.Forbidden) as error:
+        raise StoreUnavailableError(
+            f"{doing} failed: HTTP {error.code}: the store refused our credentials; check the "
+            "service account and its access to the bucket"
+        ) from None
+    except google_errors.NotFound:
+        raise StoreUnavailableError(
+            f"{doing} failed: HTTP 404: the bucket or object does not exist; check {GCS_URI.name}"
+        ) from None
+    except google_errors.PreconditionFailed:
+        raise StoreUnavailableError(
+            f"{doing} failed: the object changed while it was being fetched; retry the request"
+        ) from None
+    except google_errors.GoogleAPICallError as error:
+        if error.code is not None and (error.code >= 500 or error.code in (408, 429)):
+            raise TransientStoreError(f"{doing} failed: HTTP {error.code}") from None
+        raise StoreUnavailableError(f"{doing} failed: HTTP {error.code}") from None
+    except (google_errors.RetryError, requests.RequestException, ConnectionError) as error:
+        raise TransientStoreError(f"{doing} failed: {type(error).__name__}") from None

