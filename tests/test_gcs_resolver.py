@@ -21,7 +21,6 @@ from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
 
 
-
 def files_of(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
@@ -125,7 +124,9 @@ def test_reset_mid_body_resumes_and_truncation_is_refetched(
     gcs_bucket.relay.add_fault(
         Fault("close_after", path_contains="adapter_model", times=1, after_bytes=2 << 20)
     )
-    resolved = gcs_bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_MAX_RANK="1000000").resolve(BASE_MODEL, "big")
+    resolved = gcs_bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_MAX_RANK="1000000").resolve(
+        BASE_MODEL, "big"
+    )
     assert resolved is not None
     assert files_of(resolved.path) == files_of(source)
     assert gcs_bucket.relay.response_body_bytes < weights + 2 * (4 << 20)
@@ -211,7 +212,9 @@ def test_killed_mid_download_leaves_no_debris_after_the_next_resolve(
     worker.wait()
     assert snapshot_dirs(cache_dir) == []
     gcs_bucket.relay.clear_faults()
-    resolved = gcs_bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_MAX_RANK="1000000").resolve(BASE_MODEL, "big")
+    resolved = gcs_bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_MAX_RANK="1000000").resolve(
+        BASE_MODEL, "big"
+    )
     assert resolved is not None
     assert files_of(resolved.path) == files_of(source)
     assert staging_entries(cache_dir) == []
