@@ -13,13 +13,22 @@ but unusable raises `ConfigurationError`, which stops the server with the reason
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
 from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import FS_DIR, GCS_URI, S3_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.config import (
+    FS_DIR,
+    GCS_URI,
+    HF_REPO_LIST,
+    S3_URI,
+    ConfigurationError,
+    Settings,
+)
+from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
@@ -54,29 +63,79 @@ def resolver_rank(registry_name: str, plugin_order: tuple[str, ...] | None) -> i
     return order.index(plugin) if plugin in order else len(order)
 
 
-class PluginOrderedResolvers(dict[str, Any]):
-    """The registry's ``name -> resolver`` dict, kept sorted by plugin order on every insert."""
+class GuardedFilesystemResolver:
+    """vLLM's built-in filesystem resolver, made safe to run over our cache directory.
 
-    def __init__(self, plugin_order: tuple[str, ...] | None, items: Iterable[tuple[str, Any]]):
+    The built-in joins any name to its directory (``../x`` and absolute names escape it) and hands
+    vLLM the ``CACHE_DIR/NAME`` link itself, whose target may be re-pointed or evicted while the
+    engine still reads it. Wrapped, it refuses unsafe names, and an answer that is one of our
+    snapshots is leased for this process and handed over by its immutable path.
+    """
+
+    def __init__(self, builtin: Any, cache: NodeCache) -> None:
+        self.builtin = builtin
+        self.cache = cache
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
+        """The built-in's answer for a safe name, pinned to its snapshot when it is one."""
+        if not is_safe_adapter_name(lora_name):
+            return None
+        request = await self.builtin.resolve_lora(base_model_name, lora_name)
+        if request is None:
+            return None
+        key = self.cache.snapshot_containing(os.path.realpath(request.lora_path))
+        if key is None:
+            return request  # a real folder someone placed in the cache root
+        snapshot = self.cache.lease(key)
+        if snapshot is None:
+            return None  # evicted in the meantime
+        return type(request)(
+            lora_name=request.lora_name,
+            lora_int_id=request.lora_int_id,
+            lora_path=str(snapshot.adapter_dir),
+        )
+
+
+class PluginOrderedResolvers(dict[str, Any]):
+    """The registry's ``name -> resolver`` dict, kept sorted by plugin order on every insert.
+
+    vLLM's built-in filesystem resolver is stored wrapped in `GuardedFilesystemResolver`.
+    """
+
+    def __init__(
+        self,
+        plugin_order: tuple[str, ...] | None,
+        cache_max_bytes: int | None,
+        items: Iterable[tuple[str, Any]],
+    ):
         super().__init__()
         self.plugin_order = plugin_order
+        self.cache_max_bytes = cache_max_bytes
         for key, value in items:
             self[key] = value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if plugin_of(key) == VLLM_FS_PLUGIN and hasattr(value, "lora_cache_dir"):
+            cache = shared_cache(Path(value.lora_cache_dir), self.cache_max_bytes)
+            value = GuardedFilesystemResolver(value, cache)
         super().__setitem__(key, value)
         ordered = sorted(self.items(), key=lambda item: resolver_rank(item[0], self.plugin_order))
         super().clear()
         super().update(ordered)
 
 
-def node_cache(settings: Settings, for_what: str) -> NodeCache:
-    """The process's one `NodeCache` for the configured cache root (shared by all resolvers)."""
-    root = settings.require_cache_dir(for_what).absolute()
+def shared_cache(root: Path, max_bytes: int | None) -> NodeCache:
+    """The process's one `NodeCache` for ``root``, shared by every resolver using it."""
+    root = root.absolute()
     with _caches_guard:
         if root not in _caches:
-            _caches[root] = NodeCache(root, settings.cache_max_bytes)
+            _caches[root] = NodeCache(root, max_bytes)
         return _caches[root]
+
+
+def node_cache(settings: Settings, for_what: str) -> NodeCache:
+    """The shared `NodeCache` of the configured cache root (which ``for_what`` requires)."""
+    return shared_cache(settings.require_cache_dir(for_what), settings.cache_max_bytes)
 
 
 def _register(plugin: str, build: Callable[[Settings], BaseStorageResolver | None]) -> None:
@@ -84,9 +143,10 @@ def _register(plugin: str, build: Callable[[Settings], BaseStorageResolver | Non
 
     settings = Settings.from_environ()
     LoRAResolver.register(BaseStorageResolver)  # type: ignore[type-abstract]
+    LoRAResolver.register(GuardedFilesystemResolver)
     if not isinstance(LoRAResolverRegistry.resolvers, PluginOrderedResolvers):
         LoRAResolverRegistry.resolvers = PluginOrderedResolvers(
-            settings.plugin_order, LoRAResolverRegistry.resolvers.items()
+            settings.plugin_order, settings.cache_max_bytes, LoRAResolverRegistry.resolvers.items()
         )
     if plugin in LoRAResolverRegistry.resolvers:
         return
@@ -143,6 +203,26 @@ def _build_gcs_resolver(settings: Settings) -> BaseStorageResolver | None:
 def register_gcs_resolver() -> None:
     """Entry point ``lora_gcs_resolver``: adapters from ``VLLM_LORA_RESOLVER_GCS_URI``."""
     _register(GCS_PLUGIN, _build_gcs_resolver)
+
+
+def _build_hf_resolver(settings: Settings) -> BaseStorageResolver | None:
+    if not settings.hf_repos:
+        logger.info("%s not registered: %s is not set", HF_PLUGIN, HF_REPO_LIST.name)
+        return None
+    cache = node_cache(settings, HF_PLUGIN)
+    try:
+        from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
+    except ImportError as error:
+        raise ConfigurationError(
+            f"{HF_REPO_LIST.name} is set but huggingface_hub is missing ({error}); "
+            "pip install 'vllm-lora-resolvers[hf]'"
+        ) from None
+    return HfHubResolver(settings.hf_repos, settings, cache)
+
+
+def register_hf_resolver() -> None:
+    """Entry point ``lora_hf_resolver``: adapters from ``VLLM_LORA_RESOLVER_HF_REPO_LIST``."""
+    _register(HF_PLUGIN, _build_hf_resolver)
 
 
 def register_fs_resolver() -> None:

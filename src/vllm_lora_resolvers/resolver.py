@@ -330,7 +330,9 @@ class BaseStorageResolver(ABC):
                 f"{self.backend} lookup of {name!r}",
                 self._count_retry,
             )
-        except StoreUnavailableError as error:
+        except TransientStoreError as error:
+            # Only a store that cannot be reached is remembered as down: a refusal (credentials,
+            # a missing bucket or repo) may concern this name alone.
             self._outage.begin(error)
             raise
         self._outage.end()
