@@ -1,0 +1,313 @@
+"""Adapters from Hugging Face Hub model repos (``VLLM_LORA_RESOLVER_HF_REPO_LIST``).
+
+Adapter ``NAME`` is ``org/repo`` (an adapter at the repo root) or ``org/repo/sub/folder`` (one in a
+folder), optionally pinned with ``@REVISION``: a branch, a tag or a 40-hex commit
+(``org/adapters/sql@v2``). Only repos in the list are served; any other name is refused before
+any request. The version is the commit the revision resolves to, so a push to a branch is seen on
+the next resolve and a commit pin never changes.
+
+Requests per resolve: none for a commit pin already in the node cache. Otherwise one ``HEAD`` of
+the adapter's ``adapter_config.json`` (the Hub answers with the commit; a miss ends there, so does
+a cache hit), then one ``paths-info`` of the adapter's own files at that commit (sizes, LFS
+sha256), then one ``GET`` per file (ranged ``GET``s in parallel for large ones). The repo is never
+listed, so a resolve costs the same in a repo of one adapter or of thousands, and an adapter
+pushed later is found as soon as its miss is forgotten. Endpoint and token are huggingface_hub's
+own: ``HF_ENDPOINT``, ``HF_TOKEN`` or the stored login, ``HF_HUB_ETAG_TIMEOUT``,
+``HF_HUB_DOWNLOAD_TIMEOUT``, ``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import httpx2
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_session,
+    get_token,
+    hf_hub_url,
+    hf_raise_for_status,
+)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazy export
+
+from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
+from vllm_lora_resolvers.cache import NodeCache, snapshot_key
+from vllm_lora_resolvers.config import HF_REPO_LIST, ConfigurationError, Settings
+from vllm_lora_resolvers.errors import IntegrityError, StoreUnavailableError, TransientStoreError
+from vllm_lora_resolvers.names import is_safe_adapter_name
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, download_in_parts
+
+_CHUNK = 1 << 20
+_LIBRARY = "vllm-lora-resolvers"
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+#: Branch and tag names: up to 4 segments of the adapter-name alphabet, 128 characters in all.
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*){0,3}")
+_MAX_REVISION_LENGTH = 128
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class HubAdapter:
+    """Where an adapter name points: a repo, a folder in it (``""``: the root), a revision."""
+
+    repo_id: str
+    folder: str
+    revision: str
+
+    def path(self, file_name: str) -> str:
+        """The path of ``file_name`` of the adapter, in the repo."""
+        return f"{self.folder}/{file_name}" if self.folder else file_name
+
+
+def parse_repo_list(repos: Iterable[str]) -> tuple[str, ...]:
+    """Check ``org/repo`` entries; longest first, so the most specific repo matches a name."""
+    checked = tuple(repos)
+    for repo in checked:
+        if not _REPO_ID.fullmatch(repo) or ".." in repo:
+            raise ConfigurationError(
+                f"{HF_REPO_LIST.name}: {repo!r} is not a Hub repo id such as 'org/repo'"
+            )
+    return tuple(sorted(set(checked), key=len, reverse=True))
+
+
+class HfHubResolver(BaseStorageResolver):
+    """Resolve ``org/repo[/folder][@revision]`` to an adapter in a listed Hub model repo.
+
+    >>> resolver = HfHubResolver(["acme/adapters"], settings, cache)  # doctest: +SKIP
+    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "acme/adapters/sql@v2").path  # doctest: +SKIP
+    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/5b0d.../adapter')
+    """
+
+    backend: ClassVar[str] = "hf"
+
+    def __init__(
+        self,
+        repos: Iterable[str],
+        settings: Settings,
+        cache: NodeCache,
+        retry_policy: RetryPolicy | None = None,
+        *,
+        part_size: int = 16 << 20,
+        part_workers: int = 8,
+    ) -> None:
+        self.repos = parse_repo_list(repos)
+        self.part_size = part_size
+        self.part_workers = part_workers
+        # huggingface_hub reads HF_ENDPOINT once, at import; a resolver built later honours a
+        # value set since (as in tests that start a local Hub).
+        endpoint = os.environ.get("HF_ENDPOINT", "").strip() or constants.ENDPOINT
+        self.endpoint = endpoint.rstrip("/")
+        self.api = HfApi(endpoint=self.endpoint, library_name=_LIBRARY)
+        # The cache key's source: two Hubs (or mirrors) never share a snapshot.
+        source = "hf://" + self.endpoint.split("://", 1)[-1]
+        super().__init__(source, settings, cache, retry_policy)
+
+    def parse_name(self, name: str) -> HubAdapter | None:
+        """The repo, folder and revision ``name`` points to; ``None`` if it is not one of ours."""
+        path, pinned, revision = name.partition("@")
+        if pinned and (
+            len(revision) > _MAX_REVISION_LENGTH
+            or ".." in revision
+            or not _REVISION.fullmatch(revision)
+        ):
+            return None
+        if not is_safe_adapter_name(path):
+            return None
+        for repo in self.repos:
+            if path == repo or path.startswith(f"{repo}/"):
+                folder = path[len(repo) + 1 :]
+                return HubAdapter(repo, folder, revision if pinned else constants.DEFAULT_REVISION)
+        return None
+
+    def accepts_name(self, name: str) -> bool:
+        """Names in listed repos only, with a well-formed revision if any (no request)."""
+        return self.parse_name(name) is not None
+
+    def locate(self, name: str) -> RemoteAdapter | None:
+        """``HEAD`` the config for the commit, then ``paths-info`` of the adapter's files.
+
+        A commit pin skips the ``HEAD``; a snapshot of that commit already cached skips the rest.
+        """
+        target = self.parse_name(name)
+        if target is None:
+            return None
+        try:
+            with hub_errors(f"looking up {name!r}", target.repo_id):
+                commit = target.revision
+                if not _COMMIT.fullmatch(commit):
+                    commit = self._commit_of(target)
+                location = f"{self.endpoint}/{target.repo_id}/tree/{commit}/{target.folder}".rstrip(
+                    "/"
+                )
+                key = snapshot_key(self.source, name, commit)
+                if self.cache.lease(key) is not None:
+                    return RemoteAdapter(name, commit, location, (), cached_snapshot=key)
+                files = self._adapter_files_at(target, commit)
+        except _NotOnHubError:
+            return None
+        if not files or files[0].path != CONFIG_FILE:
+            return None
+        return RemoteAdapter(name, commit, location, files)
+
+    def _commit_of(self, target: HubAdapter) -> str:
+        """The commit ``target.revision`` is at, from a ``HEAD`` of the adapter's config."""
+        url = hf_hub_url(
+            target.repo_id,
+            target.path(CONFIG_FILE),
+            revision=target.revision,
+            endpoint=self.endpoint,
+        )
+        metadata = self.api.get_hf_file_metadata(url=url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        commit = metadata.commit_hash
+        if commit is None or not _COMMIT.fullmatch(commit):
+            raise StoreUnavailableError(
+                f"{self.endpoint} did not name the commit of {target.repo_id}@{target.revision}; "
+                "is HF_ENDPOINT a Hugging Face Hub?"
+            )
+        return commit
+
+    def _adapter_files_at(self, target: HubAdapter, commit: str) -> tuple[RemoteFile, ...]:
+        """The config and the first weights file (vLLM's order) at ``commit``: one request."""
+        # HfApi.get_paths_info takes no timeout: a stalled Hub would hold a resolver thread.
+        response = get_session().post(
+            f"{self.endpoint}/api/models/{target.repo_id}/paths-info/{commit}",
+            data={"paths": [target.path(name) for name in ADAPTER_FILES], "expand": False},
+            headers=build_hf_headers(library_name=_LIBRARY),
+            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+        )
+        hf_raise_for_status(response)
+        listed = {entry["path"]: entry for entry in response.json() if entry["type"] == "file"}
+        files = []
+        for file_name in ADAPTER_FILES:
+            entry = listed.get(target.path(file_name))
+            if entry is None:
+                continue
+            lfs = entry.get("lfs")
+            checksums = {"sha256": str(lfs["oid"])} if lfs else {}
+            files.append(RemoteFile(file_name, int(entry["size"]), checksums, str(entry["oid"])))
+            if file_name != CONFIG_FILE:
+                break  # vLLM loads the first weights file present; the others do not matter
+        return tuple(files)
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        """Ranged ``GET``s of the file at the adapter's commit, in parallel for a large one.
+
+        An LFS file is verified against the sha256 the Hub declared (``locate`` put it in the
+        file's checksums); any other file against its git blob id, here.
+        """
+        target = self.parse_name(adapter.name)
+        assert target is not None  # locate found it
+        url = hf_hub_url(
+            target.repo_id, target.path(file.path), revision=adapter.version, endpoint=self.endpoint
+        )
+        doing = f"downloading {file.path} of {adapter.name!r}"
+
+        def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+            with hub_errors(f"{doing} (bytes {start}-{end})", target.repo_id):
+                _fetch_range(url, start, end, write)
+
+        download_in_parts(
+            destination,
+            file.size,
+            fetch_range,
+            part_size=self.part_size,
+            workers=self.part_workers,
+            policy=self.retry_policy,
+            on_retry=self._count_retry,
+        )
+        if not file.checksums and file.etag and git_blob_id(destination) != file.etag:
+            raise IntegrityError(f"{file.path}: git blob id does not match what the Hub declared")
+        return {}
+
+
+def _fetch_range(url: str, start: int, end: int, write: Callable[[bytes], None]) -> None:
+    """Stream bytes ``[start, end)`` of ``GET url`` to ``write``.
+
+    Redirects to a CDN are followed; httpx drops the ``Authorization`` header on another origin.
+    """
+    headers = build_hf_headers(library_name=_LIBRARY)
+    headers["Range"] = f"bytes={start}-{end - 1}"
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+        hf_raise_for_status(response)
+        if response.status_code != 206 and start != 0:  # a whole body is fine from byte 0 only
+            status = response.status_code
+            raise StoreUnavailableError(f"the Hub ignored a Range request (HTTP {status})")
+        for chunk in response.iter_bytes(_CHUNK):
+            write(chunk)
+
+
+def git_blob_id(path: Path) -> str:
+    """The git object id of the file's content, which the Hub gives for files not in LFS."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _NotOnHubError(StoreUnavailableError):
+    """The revision or the file does not exist (``locate`` answers ``None``)."""
+
+
+@contextmanager
+def hub_errors(doing: str, repo_id: str) -> Iterator[None]:
+    """Turn huggingface_hub and httpx errors into ours, with messages that never hold a token."""
+    try:
+        yield
+    except (RevisionNotFoundError, EntryNotFoundError):
+        raise _NotOnHubError(f"{doing} failed: not on the Hub") from None
+    except GatedRepoError:
+        raise StoreUnavailableError(
+            f"{doing} failed: {repo_id} is a gated repo and {_whose_token()} has not been "
+            "granted access; request access on the Hub, or set HF_TOKEN to a token that has it"
+        ) from None
+    except RepositoryNotFoundError:
+        raise StoreUnavailableError(
+            f"{doing} failed: repo {repo_id} does not exist or is private and {_whose_token()} "
+            f"cannot read it; check {HF_REPO_LIST.name} and HF_TOKEN"
+        ) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code
+        message = f"{doing} failed: HTTP {status}"
+        if status in (429, 408) or status >= 500:
+            raise TransientStoreError(message) from None
+        if status in (401, 403):
+            raise StoreUnavailableError(
+                f"{message}: the Hub refused {_whose_token()}; check HF_TOKEN"
+            ) from None
+        raise StoreUnavailableError(message) from None
+    except OfflineModeIsEnabled:
+        raise StoreUnavailableError(f"{doing} failed: HF_HUB_OFFLINE is set") from None
+    except httpx2.RequestError as error:
+        raise TransientStoreError(f"{doing} failed: {type(error).__name__}") from None
+    except (json.JSONDecodeError, KeyError) as error:
+        raise TransientStoreError(
+            f"{doing} failed: unexpected answer from the Hub ({type(error).__name__})"
+        ) from None
+
+
+def _whose_token() -> str:
+    """Which credentials were sent, for error messages (never the token itself)."""
+    return "the token in use" if get_token() else "an anonymous request (no HF_TOKEN)"
