@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +47,12 @@ from vllm_lora_resolvers.errors import (
 )
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, fetch_files
+from vllm_lora_resolvers.transfer import (
+    RemoteAdapter,
+    RemoteFile,
+    download_in_parts,
+    fetch_files,
+)
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -182,13 +187,16 @@ class BaseStorageResolver(ABC):
         settings: Settings,
         cache: NodeCache,
         retry_policy: RetryPolicy | None = None,
-        max_workers: int = 8,
+        *,
+        part_size: int = 16 << 20,
+        part_workers: int = 8,
     ) -> None:
         self.source = source
         self.settings = settings
         self.cache = cache
         self.retry_policy = retry_policy or RetryPolicy()
-        self.max_workers = max_workers
+        self.part_size = part_size
+        self.part_workers = part_workers
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._outage = StoreOutage(min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS))
         self._names = KeyedLocks()
@@ -223,6 +231,24 @@ class BaseStorageResolver(ABC):
         Return the checksums the store declares for the bytes it delivered (algorithm -> hex),
         beyond those `locate` already gave; the pipeline verifies them all.
         """
+
+    def download_ranges(
+        self,
+        destination: Path,
+        size: int,
+        fetch_range: Callable[[int, int, Callable[[bytes], None]], None],
+    ) -> None:
+        """For `download`: fetch ``size`` bytes into ``destination`` in parallel ranged parts of
+        `part_size`, each retried and resumed where it broke (see `download_in_parts`)."""
+        download_in_parts(
+            destination,
+            size,
+            fetch_range,
+            part_size=self.part_size,
+            workers=self.part_workers,
+            policy=self.retry_policy,
+            on_retry=self._count_retry,
+        )
 
     def accepts_name(self, name: str) -> bool:
         """Whether ``name`` is a name this backend could hold (checked before any store call)."""
@@ -385,7 +411,6 @@ class BaseStorageResolver(ABC):
                 lambda file, target: self.download(remote, file, target),
                 policy=self.retry_policy,
                 on_retry=self._count_retry,
-                max_workers=self.max_workers,
             )
         except OSError as error:
             if isinstance(error, CacheError):

@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 
 import google_crc32c
 
+from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
 from vllm_lora_resolvers.cache import SnapshotFile
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
@@ -58,6 +59,25 @@ class RemoteAdapter:
     def file(self, path: str) -> RemoteFile | None:
         """The file at ``path`` (relative to the adapter folder), if the adapter has it."""
         return next((file for file in self.files if file.path == path), None)
+
+
+def adapter_from_listing(
+    name: str, location: str, listed: Mapping[str, RemoteFile]
+) -> RemoteAdapter | None:
+    """The adapter in one listed folder (file name -> file), or ``None`` if it has no config.
+
+    It is made of the config and the first weights file in vLLM's order of preference; its
+    version changes whenever the etag (object version) or size of one of those does.
+    """
+    config = listed.get(CONFIG_FILE)
+    weights = next((listed[n] for n in WEIGHTS_FILES if n in listed), None)
+    if config is None:
+        return None
+    files = (config,) if weights is None else (config, weights)
+    fingerprint = hashlib.sha256()
+    for file in files:
+        fingerprint.update(f"{file.path}\0{file.etag}\0{file.size}\n".encode())
+    return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, files)
 
 
 class _Hasher(Protocol):
@@ -168,7 +188,7 @@ def fetch_files(
     *,
     policy: RetryPolicy,
     on_retry: Callable[[TransientStoreError], None],
-    max_workers: int = 8,
+    max_workers: int = 4,
 ) -> list[SnapshotFile]:
     """Download every file into ``destination`` in parallel and verify each.
 

@@ -14,7 +14,6 @@ GCS).
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import re
 import threading
@@ -30,13 +29,13 @@ from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES
+from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
 from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import GCS_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.config import GCS_URI, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, download_in_parts
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _TIMEOUT = (5.0, 60.0)  # connect, read
@@ -44,12 +43,7 @@ _TIMEOUT = (5.0, 60.0)  # connect, read
 
 def parse_gcs_uri(uri: str) -> tuple[str, str]:
     """``gs://bucket[/prefix]`` -> ``(bucket, prefix)`` with no slashes around the prefix."""
-    match = re.fullmatch(r"gs://([^/]+)/?(.*)", uri.strip())
-    if match is None or not _BUCKET.match(match.group(1)):
-        raise ConfigurationError(
-            f"{GCS_URI.name}={uri!r} is not gs://BUCKET[/PREFIX] with a valid bucket name"
-        )
-    return match.group(1), match.group(2).strip("/")
+    return parse_bucket_uri(uri, "gs", _BUCKET, GCS_URI.name)
 
 
 class GcsResolver(BaseStorageResolver):
@@ -86,7 +80,9 @@ class GcsResolver(BaseStorageResolver):
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
             source += f"@{emulator}"  # an emulator's bucket is not the real one of that name
-        super().__init__(source, settings, cache, retry_policy)
+        super().__init__(
+            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
+        )
 
     @property
     def bucket(self) -> storage.Bucket:
@@ -99,8 +95,8 @@ class GcsResolver(BaseStorageResolver):
             return self._client.bucket(self.bucket_name)
 
     def folder_prefix(self, name: str) -> str:
-        """The object prefix of adapter ``name`` (names are safe: no ``..``, no leading ``/``)."""
-        return f"{self.prefix}/{name}/" if self.prefix else f"{name}/"
+        """The object prefix of adapter ``name``."""
+        return folder_key(self.prefix, name)
 
     def locate(self, name: str) -> RemoteAdapter | None:
         """One listing of the adapter's own folder (``delimiter="/"``)."""
@@ -115,22 +111,16 @@ class GcsResolver(BaseStorageResolver):
                     timeout=_TIMEOUT,
                 )
             )
-        listed = {blob.name[len(folder) :]: blob for blob in blobs}
-        files, fingerprint = [], hashlib.sha256()
-        for file_name in ADAPTER_FILES:
-            blob = listed.get(file_name)
-            if blob is None:
-                continue
-            files.append(
-                RemoteFile(
-                    file_name, blob.size or 0, _declared_checksums(blob), str(blob.generation)
-                )
+        listed = {
+            blob.name[len(folder) :]: RemoteFile(
+                blob.name[len(folder) :],
+                blob.size or 0,
+                _declared_checksums(blob),
+                etag=str(blob.generation),
             )
-            fingerprint.update(f"{file_name}\0{blob.generation}\0{blob.size}\n".encode())
-        if not files or files[0].path != ADAPTER_FILES[0]:
-            return None
-        location = f"gs://{self.bucket_name}/{folder}"
-        return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, tuple(files))
+            for blob in blobs
+        }
+        return adapter_from_listing(name, f"gs://{self.bucket_name}/{folder}", listed)
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
@@ -151,15 +141,7 @@ class GcsResolver(BaseStorageResolver):
                     timeout=_TIMEOUT,
                 )
 
-        download_in_parts(
-            destination,
-            file.size,
-            fetch_range,
-            part_size=self.part_size,
-            workers=self.part_workers,
-            policy=self.retry_policy,
-            on_retry=self._count_retry,
-        )
+        self.download_ranges(destination, file.size, fetch_range)
         return {}
 
 

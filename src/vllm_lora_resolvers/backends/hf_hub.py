@@ -54,7 +54,7 @@ from vllm_lora_resolvers.errors import IntegrityError, StoreUnavailableError, Tr
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, download_in_parts
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 
 _CHUNK = 1 << 20
 _LIBRARY = "vllm-lora-resolvers"
@@ -110,8 +110,6 @@ class HfHubResolver(BaseStorageResolver):
         part_workers: int = 8,
     ) -> None:
         self.repos = parse_repo_list(repos)
-        self.part_size = part_size
-        self.part_workers = part_workers
         # huggingface_hub reads HF_ENDPOINT once, at import; a resolver built later honours a
         # value set since (as in tests that start a local Hub).
         endpoint = os.environ.get("HF_ENDPOINT", "").strip() or constants.ENDPOINT
@@ -119,7 +117,9 @@ class HfHubResolver(BaseStorageResolver):
         self.api = HfApi(endpoint=self.endpoint, library_name=_LIBRARY)
         # The cache key's source: two Hubs (or mirrors) never share a snapshot.
         source = "hf://" + self.endpoint.split("://", 1)[-1]
-        super().__init__(source, settings, cache, retry_policy)
+        super().__init__(
+            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
+        )
 
     def parse_name(self, name: str) -> HubAdapter | None:
         """The repo, folder and revision ``name`` points to; ``None`` if it is not one of ours."""
@@ -227,15 +227,7 @@ class HfHubResolver(BaseStorageResolver):
             with hub_errors(f"{doing} (bytes {start}-{end})", target.repo_id):
                 _fetch_range(url, start, end, write)
 
-        download_in_parts(
-            destination,
-            file.size,
-            fetch_range,
-            part_size=self.part_size,
-            workers=self.part_workers,
-            policy=self.retry_policy,
-            on_retry=self._count_retry,
-        )
+        self.download_ranges(destination, file.size, fetch_range)
         if not file.checksums and file.etag and git_blob_id(destination) != file.etag:
             raise IntegrityError(f"{file.path}: git blob id does not match what the Hub declared")
         return {}

@@ -9,7 +9,6 @@ credentials come from the standard AWS chain (``AWS_ENDPOINT_URL_S3``, profiles,
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,13 +19,13 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES
+from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
 from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import S3_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.config import S3_URI, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, download_in_parts
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -73,12 +72,7 @@ _CHECKSUM_FIELDS = {
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket[/prefix]`` -> ``(bucket, prefix)`` with no slashes around the prefix."""
-    match = re.fullmatch(r"s3://([^/]+)/?(.*)", uri.strip())
-    if match is None or not _BUCKET.match(match.group(1)):
-        raise ConfigurationError(
-            f"{S3_URI.name}={uri!r} is not s3://BUCKET[/PREFIX] with a valid bucket name"
-        )
-    return match.group(1), match.group(2).strip("/")
+    return parse_bucket_uri(uri, "s3", _BUCKET, S3_URI.name)
 
 
 class S3Resolver(BaseStorageResolver):
@@ -102,8 +96,6 @@ class S3Resolver(BaseStorageResolver):
         part_workers: int = 8,
     ) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)
-        self.part_size = part_size
-        self.part_workers = part_workers
         # Making a client does no network I/O; credentials are resolved on the first request.
         self.client = make_s3_client()
         prefix = f"/{self.prefix}" if self.prefix else ""
@@ -111,11 +103,13 @@ class S3Resolver(BaseStorageResolver):
         endpoint = self.client.meta.endpoint_url
         if not _AWS_ENDPOINT.match(endpoint):
             source += f"@{endpoint}"  # two stores never share cache entries for one bucket name
-        super().__init__(source, settings, cache, retry_policy)
+        super().__init__(
+            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
+        )
 
     def folder_prefix(self, name: str) -> str:
-        """The key prefix of adapter ``name`` (names are safe: no ``..``, no leading ``/``)."""
-        return f"{self.prefix}/{name}/" if self.prefix else f"{name}/"
+        """The key prefix of adapter ``name``."""
+        return folder_key(self.prefix, name)
 
     def locate(self, name: str) -> RemoteAdapter | None:
         """One ``ListObjectsV2`` of the adapter's own folder (``Delimiter="/"``)."""
@@ -124,19 +118,13 @@ class S3Resolver(BaseStorageResolver):
             page = self.client.list_objects_v2(
                 Bucket=self.bucket, Prefix=folder, Delimiter="/", MaxKeys=1000
             )
-        listed = {item["Key"][len(folder) :]: item for item in page.get("Contents", [])}
-        files, fingerprint = [], hashlib.sha256()
-        for file_name in ADAPTER_FILES:
-            item = listed.get(file_name)
-            if item is None:
-                continue
-            etag, size = item.get("ETag", ""), item.get("Size", 0)
-            files.append(RemoteFile(file_name, size, etag=etag))
-            fingerprint.update(f"{file_name}\0{etag}\0{size}\n".encode())
-        if not files or files[0].path != ADAPTER_FILES[0]:
-            return None
-        location = f"s3://{self.bucket}/{folder}"
-        return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, tuple(files))
+        listed = {
+            item["Key"][len(folder) :]: RemoteFile(
+                item["Key"][len(folder) :], item.get("Size", 0), etag=item.get("ETag", "")
+            )
+            for item in page.get("Contents", [])
+        }
+        return adapter_from_listing(name, f"s3://{self.bucket}/{folder}", listed)
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
@@ -177,15 +165,7 @@ class S3Resolver(BaseStorageResolver):
                 finally:
                     body.close()
 
-        download_in_parts(
-            destination,
-            file.size,
-            fetch_range,
-            part_size=self.part_size,
-            workers=self.part_workers,
-            policy=self.retry_policy,
-            on_retry=self._count_retry,
-        )
+        self.download_ranges(destination, file.size, fetch_range)
         return head_checksums(head)
 
 
