@@ -72,6 +72,21 @@ def fs_resolver(
     yield FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file of an adapter folder, by name."""
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def snapshot_dirs(cache_dir: Path) -> list[Path]:
+    """The complete snapshots in a cache."""
+    return sorted((cache_dir / ".vllm-lora" / "snapshots").iterdir())
+
+
+def staging_entries(cache_dir: Path) -> list[Path]:
+    """Fetches in progress (or debris of crashed ones) in a cache."""
+    return sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
+
+
 def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:
     """Run ``tests/workers/resolve_fs.py`` as another process on this node."""
     command = [sys.executable, str(REPO / "tests" / "workers" / "resolve_fs.py"), *arguments]

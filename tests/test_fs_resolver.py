@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, start_worker, worker_result
+from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, worker_result
 
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers import metrics
@@ -24,14 +24,6 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
 )
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
-
-
-def snapshot_dirs(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "snapshots").iterdir())
-
-
-def staging_entries(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
 
 
 def test_resolves_an_adapter_into_an_immutable_snapshot(

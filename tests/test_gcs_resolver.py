@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, REPO
+from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
 from gcs_fixtures import GcsBucket
 
 from devtools.models import write_large_adapter, write_lora_adapter
@@ -19,18 +19,6 @@ from devtools.relay import Fault
 from vllm_lora_resolvers.backends.gcs import parse_gcs_uri
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
-
-
-def snapshot_dirs(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "snapshots").iterdir())
-
-
-def staging_entries(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
 
 
 def media_requests(bucket: GcsBucket) -> list[str]:

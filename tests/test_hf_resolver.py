@@ -13,7 +13,7 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
-from conftest import BASE_MODEL, REPO
+from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 
 from devtools.models import write_large_adapter, write_lora_adapter
@@ -29,18 +29,6 @@ from vllm_lora_resolvers.plugin import _build_hf_resolver
 
 TOKEN = "hf_obviouslyFakeTokenForTests0123456789"
 OTHER_TOKEN = "hf_anotherFakeTokenForTests9876543210"
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
-
-
-def snapshot_dirs(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "snapshots").iterdir())
-
-
-def staging_entries(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
 
 
 def adapter(tmp_path: Path, label: str, seed: int = 0) -> Path:

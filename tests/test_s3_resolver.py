@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, REPO
+from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
 from s3_fixtures import Bucket
 
 from devtools.models import write_large_adapter, write_lora_adapter
@@ -24,18 +24,6 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
-
-
-def snapshot_dirs(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "snapshots").iterdir())
-
-
-def staging_entries(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
 
 
 def test_resolves_an_adapter_from_the_bucket(
