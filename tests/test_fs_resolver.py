@@ -19,6 +19,7 @@ from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
+    IntegrityError,
     InvalidAdapterError,
     StoreUnavailableError,
     TransientStoreError,
@@ -352,3 +353,30 @@ def test_eviction_never_removes_a_snapshot_leased_by_a_live_process(
     assert resolver.resolve(BASE_MODEL, "d") is not None
     assert not held.exists()  # its process is gone: evictable now
     assert not os.path.lexists(cache_dir / "held")  # and no dangling name link
+
+
+class LyingStoreResolver(FilesystemResolver):
+    """A store whose declared checksum never matches the bytes it delivers."""
+
+    downloads = 0
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        self.downloads += 1
+        super().download(adapter, file, destination)
+        return {"crc32c": "00000000"}
+
+
+def test_checksum_mismatch_is_retried_then_refused_and_never_published(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    resolver = LyingStoreResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    resolver.retry_policy = type(resolver.retry_policy)(attempts=3, base_delay=0.01)
+    with pytest.raises(IntegrityError, match="crc32c does not match"):
+        resolver.resolve(BASE_MODEL, "sql")
+    assert resolver.downloads == 3
+    assert snapshot_dirs(cache_dir) == []
+    assert staging_entries(cache_dir) == []
+    assert not os.path.lexists(cache_dir / "sql")
