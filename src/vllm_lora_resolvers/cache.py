@@ -311,11 +311,21 @@ class NodeCache:
         except Timeout:
             return []  # another process is evicting right now
 
+    def prune(self, max_bytes: int) -> list[Snapshot]:
+        """Delete least-recently-used snapshots until the cache fits ``max_bytes``, now.
+
+        As `evict`, but with any cap and waiting for another process's eviction to end rather
+        than skipping. A snapshot leased by any live process is never deleted. Returns what was
+        evicted.
+        """
+        with FileLock(self.locks / "evict.lock"):
+            return self._evict_locked(max_bytes)
+
     def _evict_locked(self, max_bytes: int) -> list[Snapshot]:
         snapshots = self.all_snapshots()
         total = sum(s.manifest.total_bytes for s in snapshots)
         evicted = []
-        for snapshot in sorted(snapshots, key=self._last_used):
+        for snapshot in sorted(snapshots, key=self.last_used):
             if total <= max_bytes:
                 break
             if self._delete_unless_leased(snapshot):
@@ -323,7 +333,8 @@ class NodeCache:
                 evicted.append(snapshot)
         return evicted
 
-    def _last_used(self, snapshot: Snapshot) -> float:
+    def last_used(self, snapshot: Snapshot) -> float:
+        """When a process last leased ``snapshot`` (a Unix time; 0 if it is gone)."""
         try:
             return (snapshot.path / LEASE).stat().st_mtime
         except FileNotFoundError:
@@ -358,6 +369,23 @@ class NodeCache:
         """Bytes of adapter files in all complete snapshots."""
         return sum(s.manifest.total_bytes for s in self.all_snapshots())
 
+    def verify(self) -> list[str]:
+        """Re-read every snapshot and compare each file's size and CRC32C with its manifest.
+
+        Returns one line per damaged file, naming the snapshot, its adapter and the file; an
+        empty list when everything is intact.
+        """
+        problems = []
+        for snapshot in sorted(self.all_snapshots(), key=lambda s: (s.manifest.name, s.key)):
+            for file in snapshot.manifest.files:
+                problem = _damage(snapshot.adapter_dir / file.path, file)
+                if problem is not None:
+                    problems.append(
+                        f"snapshot {snapshot.key} of {snapshot.manifest.name!r}: "
+                        f"{file.path}: {problem}"
+                    )
+        return problems
+
     def remove_debris(self) -> None:
         """Remove what crashed processes left: staging folders nobody is writing, and trash."""
         for entry in self.staging.iterdir():
@@ -384,6 +412,22 @@ def cache_write_error(root: Path, error: OSError) -> CacheError:
     else:
         advice = error.strerror or type(error).__name__
     return CacheError(f"cannot write to the adapter cache {root}: {advice}")
+
+
+def _damage(path: Path, expected: SnapshotFile) -> str | None:
+    """What is wrong with ``path`` compared with its manifest entry, or ``None``."""
+    from vllm_lora_resolvers.transfer import RemoteFile, verify_file  # transfer imports us
+
+    try:
+        size = path.stat().st_size
+        if size != expected.size:
+            return f"{size} bytes, the manifest says {expected.size}"
+        found = verify_file(path, RemoteFile(expected.path, size))
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    if found.crc32c != expected.crc32c:
+        return f"CRC32C {found.crc32c}, the manifest says {expected.crc32c}"
+    return None
 
 
 def _same_file(descriptor: int, path: Path) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -228,3 +228,37 @@ def register_hf_resolver() -> None:
 def register_fs_resolver() -> None:
     """Entry point ``lora_fs_resolver``: adapters from a directory, snapshotted into the cache."""
     _register(FS_PLUGIN, _build_fs_resolver)
+
+
+_BUILDERS: Mapping[str, Callable[[Settings], BaseStorageResolver | None]] = {
+    S3_PLUGIN: _build_s3_resolver,
+    GCS_PLUGIN: _build_gcs_resolver,
+    HF_PLUGIN: _build_hf_resolver,
+    FS_PLUGIN: _build_fs_resolver,
+}
+
+
+def build_resolver(plugin: str, settings: Settings) -> BaseStorageResolver | None:
+    """The resolver our plugin ``plugin`` registers under ``settings``; ``None`` when its source
+    is not configured. Raises `ConfigurationError` as registration would, and `KeyError` for a
+    plugin that is not ours. Needs no vLLM (the command line uses it).
+    """
+    return _BUILDERS[plugin](settings)
+
+
+def configured_resolvers(settings: Settings) -> list[tuple[str, BaseStorageResolver]]:
+    """``(plugin, resolver)`` for each of our resolvers that would register under ``settings``,
+    in the order vLLM would try them: only plugins ``VLLM_PLUGINS`` lists (all when it is unset),
+    sorted as `resolver_rank` sorts the registry.
+
+    >>> [plugin for plugin, _ in configured_resolvers(Settings.from_environ())]  # doctest: +SKIP
+    ['lora_s3_resolver', 'lora_fs_resolver']
+    """
+    order = settings.plugin_order
+    loaded = [plugin for plugin in _BUILDERS if order is None or plugin in order]
+    resolvers = []
+    for plugin in sorted(loaded, key=lambda plugin: resolver_rank(plugin, order)):
+        resolver = build_resolver(plugin, settings)
+        if resolver is not None:
+            resolvers.append((plugin, resolver))
+    return resolvers

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -78,6 +78,21 @@ class FilesystemResolver(BaseStorageResolver):
         if not files or files[0].path != CONFIG_FILE:
             return None
         return RemoteAdapter(name, fingerprint, folder, files)
+
+    def list_names(self) -> Iterator[str]:
+        """Names of the folders (or links to folders) directly under the root that hold an
+        ``adapter_config.json``: one directory listing.
+
+        >>> list(resolver.list_names())  # doctest: +SKIP
+        ['chat', 'sql']
+        """
+        try:
+            entries = sorted(entry.name for entry in os.scandir(self._root))
+        except OSError as error:
+            raise StoreUnavailableError(f"cannot list {self.root}: {error.strerror}") from None
+        for name in entries:
+            if os.path.isfile(f"{self._root}/{name}/{CONFIG_FILE}"):
+                yield name
 
     def _find_folder(self, name: str) -> tuple[str, bool]:
         """The real path of ``root/name`` and whether a symlink led there.

@@ -122,6 +122,22 @@ class GcsResolver(BaseStorageResolver):
         }
         return adapter_from_listing(name, f"gs://{self.bucket_name}/{folder}", listed)
 
+    def list_names(self) -> Iterator[str]:
+        """Names of the folders directly under the prefix: the candidate adapters (`locate` tells
+        which hold one). One paginated listing with ``delimiter="/"``.
+
+        >>> list(resolver.list_names())  # doctest: +SKIP
+        ['chat', 'sql']
+        """
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        with store_errors(f"listing gs://{self.bucket_name}/{prefix}"):
+            blobs = self.bucket.list_blobs(
+                prefix=prefix, delimiter="/", retry=self.request_retry, timeout=_TIMEOUT
+            )
+            for page in blobs.pages:
+                for folder in sorted(page.prefixes):
+                    yield folder[len(prefix) :].rstrip("/")
+
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:

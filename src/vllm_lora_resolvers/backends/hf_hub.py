@@ -168,6 +168,21 @@ class HfHubResolver(BaseStorageResolver):
             return None
         return RemoteAdapter(name, commit, location, files)
 
+    def list_names(self) -> Iterator[str]:
+        """Every adapter of the listed repos at their default revision: each folder holding an
+        ``adapter_config.json``. One (paginated) recursive tree listing per repo.
+
+        >>> list(resolver.list_names())  # doctest: +SKIP
+        ['acme/adapters/chat', 'acme/adapters/sql']
+        """
+        for repo in sorted(self.repos):
+            with hub_errors(f"listing {repo}", repo):
+                paths = self.api.list_repo_files(repo)
+            for path in sorted(paths):
+                folder, _, file_name = path.rpartition("/")
+                if file_name == CONFIG_FILE:
+                    yield f"{repo}/{folder}" if folder else repo
+
     def _commit_of(self, target: HubAdapter) -> str:
         """The commit ``target.revision`` is at, from a ``HEAD`` of the adapter's config."""
         url = hf_hub_url(

@@ -126,6 +126,22 @@ class S3Resolver(BaseStorageResolver):
         }
         return adapter_from_listing(name, f"s3://{self.bucket}/{folder}", listed)
 
+    def list_names(self) -> Iterator[str]:
+        """Names of the folders directly under the prefix: the candidate adapters (`locate` tells
+        which hold one). One paginated ``ListObjectsV2`` with ``Delimiter="/"``.
+
+        >>> list(resolver.list_names())  # doctest: +SKIP
+        ['chat', 'sql']
+        """
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+        )
+        with store_errors(f"listing s3://{self.bucket}/{prefix}"):
+            for page in pages:
+                for folder in page.get("CommonPrefixes", []):
+                    yield folder.get("Prefix", "")[len(prefix) :].rstrip("/")
+
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:

@@ -1,0 +1,261 @@
+"""``vllm-lora doctor``: the effective configuration, the resolvers vLLM would try and in which
+order, whether each store answers, whether the cache is usable, and common misconfigurations,
+each with its fix. Secrets are never printed, only whether they are set."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from importlib.util import find_spec
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.text import Text
+
+from vllm_lora_resolvers.cli.output import Finding, Level, console, plural, print_finding
+from vllm_lora_resolvers.cli.plugins import (
+    PluginPlan,
+    installed_plugins,
+    plan_plugins,
+    plugin_list_findings,
+    registration_findings,
+)
+from vllm_lora_resolvers.cli.system import (
+    PROC_MOUNTS,
+    filesystem_type,
+    is_network_filesystem,
+    read_proc,
+)
+from vllm_lora_resolvers.config import (
+    ALL_VARIABLES,
+    CACHE_DIR,
+    FS_DIR,
+    GCS_URI,
+    HF_REPO_LIST,
+    S3_URI,
+    ConfigurationError,
+    Settings,
+)
+from vllm_lora_resolvers.errors import ResolverError
+from vllm_lora_resolvers.plugin import VLLM_FS_PLUGIN
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+
+RUNTIME_UPDATING = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+#: Printed only as "set" or "unset".
+SECRETS = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "HF_TOKEN",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    }
+)
+#: The stores' own variables (their client libraries read them; we never do).
+STORE_VARIABLES = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+    "HF_HUB_OFFLINE",
+)
+_STORE_FIX = {
+    "s3": f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
+    "gcs": f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
+    "hf": f"check HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and {HF_REPO_LIST.name}",
+    "fs": f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
+}
+_USERINFO = re.compile(r"//[^/@\s]*@")
+
+
+@click.command()
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait for a store.")
+def doctor(timeout: float) -> None:
+    """Diagnose this environment as a vLLM server with these resolvers would see it.
+
+    Exit 1 when any check FAILs.
+    """
+    environ = dict(os.environ)
+    out = console()
+    _print_configuration(out, environ)
+    findings = [_runtime_updating(environ)]
+    try:
+        settings = Settings.from_environ(environ, argv=[])
+    except ConfigurationError as error:
+        findings.append(Finding(Level.FAIL, str(error), "fix the value, or unset it"))
+    else:
+        findings += _diagnose(out, settings, environ, timeout)
+    out.print(Text("\nChecks", style="bold"))
+    for finding in findings:
+        print_finding(out, finding, indent=2)
+    failed = sum(finding.level is Level.FAIL for finding in findings)
+    warned = sum(finding.level is Level.WARN for finding in findings)
+    out.print(f"{failed} failed, {plural(warned, 'warning')}")
+    sys.exit(1 if failed else 0)
+
+
+def _diagnose(
+    out: Console, settings: Settings, environ: Mapping[str, str], timeout: float
+) -> list[Finding]:
+    """Print the plugin plan; the findings about plugins, stores and the cache."""
+    installed = installed_plugins()
+    findings = _cache_findings(settings)  # first: building a resolver creates its cache dir
+    with tempfile.TemporaryDirectory(prefix="vllm-lora-doctor-") as scratch:
+        plans = plan_plugins(settings, installed, Path(scratch))
+        _print_plans(out, plans)
+        findings += registration_findings(plans, settings, environ)
+        findings += [
+            probe_store(plan.plugin, plan.resolver, timeout)
+            for plan in plans
+            if plan.registers and plan.resolver is not None
+        ]
+    return findings + plugin_list_findings(settings, installed)
+
+
+def shown_value(name: str, environ: Mapping[str, str]) -> str | None:
+    """How ``doctor`` shows variable ``name``: ``None`` when unset, ``set`` for a secret, the
+    value otherwise (any ``user:password@`` of a URL masked)."""
+    value = environ.get(name)
+    if value is None:
+        return None
+    if name in SECRETS:
+        return "set"
+    return _USERINFO.sub("//***@", value)
+
+
+def _print_configuration(out: Console, environ: Mapping[str, str]) -> None:
+    out.print(Text("Configuration", style="bold"))
+    for variable in ALL_VARIABLES:
+        value = shown_value(variable.name, environ)
+        shown = f"(default) {variable.default}" if value is None else value
+        out.print(Text(f"  {variable.name:<40} {shown}"))
+    out.print(Text("\nStore and vLLM settings", style="bold"))
+    for name in (RUNTIME_UPDATING, *STORE_VARIABLES):
+        out.print(Text(f"  {name:<40} {shown_value(name, environ) or 'unset'}"))
+    vllm = "installed" if find_spec("vllm") is not None else "not installed in this environment"
+    out.print(f"  {'vLLM':<40} {vllm}")
+
+
+def _print_plans(out: Console, plans: list[PluginPlan]) -> None:
+    out.print(Text("\nResolvers, in the order vLLM tries them", style="bold"))
+    tried = 0
+    for plan in plans:
+        tried += plan.registers
+        position = f"{tried}." if plan.registers else "-"
+        name = plan.plugin if plan.plugin.strip() == plan.plugin else repr(plan.plugin)
+        detail = plan.detail if plan.error is None else f"{plan.detail}: {plan.error}"
+        out.print(Text(f"  {position:<3} {name:<26} {detail}"))
+
+
+def probe_store(plugin: str, resolver: BaseStorageResolver, timeout: float) -> Finding:
+    """Ask the store one cheap question within ``timeout`` seconds."""
+    failures: list[ResolverError] = []
+
+    def ask() -> None:
+        try:
+            _ask_store(resolver)
+        except ResolverError as error:
+            failures.append(error)
+
+    started = time.perf_counter()
+    # A daemon thread: a store that never answers must not keep the command from exiting.
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout)
+    seconds = time.perf_counter() - started
+    fix = _STORE_FIX[resolver.backend]
+    if asking.is_alive():
+        return Finding(
+            Level.FAIL, f"{plugin}: no answer from {resolver.source} in {timeout:g} s", fix
+        )
+    if failures:
+        return Finding(Level.FAIL, f"{plugin}: {failures[0]}", fix)
+    return Finding(Level.OK, f"{plugin}: {resolver.source} answered in {seconds:.2f} s")
+
+
+def _ask_store(resolver: BaseStorageResolver) -> None:
+    """List a local directory; look a name that is not there up in a remote store."""
+    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+
+    if isinstance(resolver, FilesystemResolver):
+        next(resolver.list_names(), None)
+        return
+    name = f"vllm-lora-doctor-{secrets.token_hex(4)}"
+    if resolver.backend == "hf":
+        from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
+
+        assert isinstance(resolver, HfHubResolver)
+        name = f"{resolver.repos[0]}/{name}"  # a name outside the repos is refused unasked
+    resolver.locate(name)
+
+
+def _cache_findings(settings: Settings) -> list[Finding]:
+    root = settings.cache_dir
+    if root is None:
+        return [
+            Finding(
+                Level.WARN,
+                f"{CACHE_DIR.name} is not set: no resolver of this package can register",
+                f"export {CACHE_DIR.name}=/var/cache/vllm-lora (a node-local disk)",
+            )
+        ]
+    order = settings.plugin_order
+    vllm_fs_loads = order is None or VLLM_FS_PLUGIN in order
+    findings = [_cache_dir_finding(root, vllm_fs_loads)]
+    filesystem = filesystem_type(root, read_proc(PROC_MOUNTS))
+    if filesystem is not None and is_network_filesystem(filesystem):
+        findings.append(
+            Finding(
+                Level.WARN,
+                f"the cache {root} is on a {filesystem} filesystem: its locks and leases are not "
+                "reliable, and every read crosses the network",
+                f"put the cache on a node-local disk; a shared mount belongs in {FS_DIR.name}",
+            )
+        )
+    return findings
+
+
+def _cache_dir_finding(root: Path, vllm_fs_loads: bool) -> Finding:
+    if not root.exists():
+        if vllm_fs_loads:
+            return Finding(
+                Level.FAIL,
+                f"the cache {root} does not exist: vLLM's {VLLM_FS_PLUGIN} stops the server",
+                f"mkdir -p {root}",
+            )
+        return Finding(Level.WARN, f"the cache {root} does not exist yet", f"mkdir -p {root}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".vllm-lora-doctor-"):
+            pass
+    except OSError as error:
+        return Finding(
+            Level.FAIL,
+            f"the cache {root} is not writable: {error.strerror}",
+            f"let the server's user write to it, or point {CACHE_DIR.name} at a node-local disk",
+        )
+    return Finding(Level.OK, f"the cache {root} is writable")
+
+
+def _runtime_updating(environ: Mapping[str, str]) -> Finding:
+    if environ.get(RUNTIME_UPDATING, "0").strip().lower() in ("1", "true"):  # as vLLM reads it
+        return Finding(Level.OK, f"{RUNTIME_UPDATING} is true")
+    return Finding(
+        Level.FAIL,
+        f"{RUNTIME_UPDATING} is not true: vLLM never asks a resolver for an unknown model",
+        f"export {RUNTIME_UPDATING}=true",
+    )

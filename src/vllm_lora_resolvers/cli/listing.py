@@ -1,0 +1,146 @@
+"""``vllm-lora ls URI``: the adapters in a store, and whether each config would be accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import click
+from rich.console import Console
+from rich.text import Text
+
+from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
+from vllm_lora_resolvers.cli.lint import LintPolicy, check_config
+from vllm_lora_resolvers.cli.output import (
+    Level,
+    cannot_check,
+    console,
+    human_bytes,
+    plural,
+    print_table,
+    short_version,
+    table,
+)
+from vllm_lora_resolvers.cli.stores import fetch_adapter_files, open_store, scratch_cache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.transfer import RemoteAdapter, run_in_parallel
+
+#: Adapters looked up (and their configs fetched) at once.
+_LOOKUPS_IN_FLIGHT = 8
+
+
+@runtime_checkable
+class ListableStore(Protocol):
+    """A resolver that can list the candidate adapter names of its store (every backend can)."""
+
+    def list_names(self) -> Iterator[str]:
+        """Names of the store's adapter folders."""
+        ...
+
+
+@dataclass(frozen=True)
+class ListedAdapter:
+    """One row of ``ls``: a name, its version and size when found, and its problems if any."""
+
+    name: str
+    version: str = "-"
+    size: int | None = None
+    problems: tuple[str, ...] = ()
+
+
+@click.command("ls")
+@click.argument("uri")
+@click.option("--base-model", help="The server's --model; default: each adapter's own.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> None:
+    """The adapters in a store, with version, size, and whether each is valid and why not.
+
+    URI is s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], hf://ORG/REPO or a local directory.
+    Only configs are checked (peft type, base model, rank, features, a weights file listed):
+    weights are not downloaded; `vllm-lora validate URI/NAME` checks them too.
+    """
+    with cannot_check():
+        settings = Settings.from_environ(argv=[])
+        lint_policy = LintPolicy(
+            base_model, max_rank or settings.max_rank, settings.base_model_aliases
+        )
+        with scratch_cache(uri) as (cache, scratch):
+            resolver = open_store(uri, settings, cache)
+            assert isinstance(resolver, ListableStore)  # every backend lists its store
+            names = sorted(resolver.list_names())
+            rows = run_in_parallel(
+                lambda index: _describe(resolver, names[index], lint_policy, scratch / str(index)),
+                range(len(names)),
+                _LOOKUPS_IN_FLIGHT,
+            )
+    _print_listing(console(), uri, lint_policy, rows)
+
+
+def _describe(
+    resolver: BaseStorageResolver, name: str, lint_policy: LintPolicy, scratch: Path
+) -> ListedAdapter:
+    if not resolver.accepts_name(name):
+        return ListedAdapter(name, problems=("not a name a client can ask for; rename it",))
+    try:
+        remote = resolver.locate(name)
+        if remote is None:
+            return ListedAdapter(
+                name, problems=(f"no {CONFIG_FILE}: not an adapter (a folder of adapters?)",)
+            )
+        raw, size, file_names = _read_config(resolver, remote, scratch)
+    except (InvalidAdapterError, StoreUnavailableError) as error:
+        return ListedAdapter(name, problems=(str(error),))
+    _, checks = check_config(name, raw, lint_policy)
+    problems = [check.detail for check in checks if check.level is Level.FAIL]
+    if not file_names & set(WEIGHTS_FILES):
+        problems.append(f"no weights file; expected one of {', '.join(WEIGHTS_FILES)}")
+    prefix = f"adapter {name!r}: "
+    return ListedAdapter(
+        name, remote.version, size, tuple(problem.removeprefix(prefix) for problem in problems)
+    )
+
+
+def _read_config(
+    resolver: BaseStorageResolver, remote: RemoteAdapter, scratch: Path
+) -> tuple[bytes, int, frozenset[str]]:
+    """The adapter's config, its size in bytes and its file names; only the config is fetched."""
+    if remote.cached_snapshot is not None:  # a link into the node cache listed as a directory
+        snapshot = resolver.cache.find(remote.cached_snapshot)
+        if snapshot is None:
+            raise StoreUnavailableError(f"{remote.name!r} was evicted while being listed")
+        manifest = snapshot.manifest
+        names = frozenset(file.path for file in manifest.files)
+        return (snapshot.adapter_dir / CONFIG_FILE).read_bytes(), manifest.total_bytes, names
+    config = remote.file(CONFIG_FILE)
+    assert config is not None  # locate finds only folders with a config
+    fetch_adapter_files(resolver, remote, (config,), scratch)
+    size = sum(file.size for file in remote.files)
+    names = frozenset(file.path for file in remote.files)
+    return (scratch / CONFIG_FILE).read_bytes(), size, names
+
+
+def _print_listing(
+    out: Console, uri: str, lint_policy: LintPolicy, rows: list[ListedAdapter]
+) -> None:
+    against = (
+        f"base model {lint_policy.base_model!r}"
+        if lint_policy.base_model
+        else "each adapter's own base model (pass --base-model to check against your server's)"
+    )
+    out.print(Text(f"Adapters in {uri}", style="bold"))
+    out.print(
+        f"configs checked against {against} and max rank {lint_policy.max_rank}; "
+        "weights not downloaded (vllm-lora validate URI/NAME checks them)"
+    )
+    listing = table("NAME", "VERSION", "SIZE", "VALID", "WHY")
+    for row in rows:
+        size = "-" if row.size is None else human_bytes(row.size)
+        valid = Text("no", style="red") if row.problems else Text("yes", style="green")
+        listing.add_row(row.name, short_version(row.version), size, valid, "; ".join(row.problems))
+    print_table(out, listing)
+    valid_count = sum(not row.problems for row in rows)
+    out.print(f"{plural(len(rows), 'folder')}, {valid_count} valid")

@@ -1,0 +1,116 @@
+"""From a URI on the command line to the resolver that reads that store.
+
+``s3://bucket[/prefix]``, ``gs://bucket[/prefix]``, ``hf://org/repo`` or a local directory name a
+store; ``s3://bucket/prefix/NAME``, ``gs://...`` and ``hf://org/repo[/folder][@revision]`` name one
+adapter in one. Each is read by the same resolver class the server uses, over a node cache of the
+caller's choosing (usually a temporary one).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import TransientStoreError
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, fetch_files
+
+REMOTE_SCHEMES = ("s3://", "gs://", "hf://")
+_EXTRAS = {"s3://": "s3", "gs://": "gcs", "hf://": "hf"}
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names a remote store (rather than a local directory)."""
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+def split_adapter_uri(uri: str) -> tuple[str, str]:
+    """An adapter's URI -> (its store's URI, its name in that store).
+
+    >>> split_adapter_uri("s3://adapters/prod/sql")
+    ('s3://adapters/prod', 'sql')
+    >>> split_adapter_uri("hf://acme/adapters/sql@v2")
+    ('hf://acme/adapters', 'acme/adapters/sql@v2')
+    """
+    if uri.startswith("hf://"):
+        name = uri.removeprefix("hf://").strip("/")
+        path = name.partition("@")[0]
+        if path.count("/") < 1:
+            raise click.BadParameter(f"{uri!r} is not hf://ORG/REPO[/FOLDER][@REVISION]")
+        return "hf://" + "/".join(path.split("/")[:2]), name
+    store, _, name = uri.rstrip("/").rpartition("/")
+    if store.endswith(":/") or not name:
+        raise click.BadParameter(f"{uri!r} names no adapter: write SCHEME://BUCKET[/PREFIX]/NAME")
+    return store, name
+
+
+def open_store(uri: str, settings: Settings, cache: NodeCache) -> BaseStorageResolver:
+    """The resolver of the store ``uri`` names, over ``cache``.
+
+    Raises `ConfigurationError` for a malformed URI and `click.ClickException` when the
+    package's extra for that store is not installed.
+    """
+    scheme = next((scheme for scheme in REMOTE_SCHEMES if uri.startswith(scheme)), None)
+    try:
+        if scheme == "s3://":
+            from vllm_lora_resolvers.backends.s3 import S3Resolver
+
+            return S3Resolver(uri, settings, cache)
+        if scheme == "gs://":
+            from vllm_lora_resolvers.backends.gcs import GcsResolver
+
+            return GcsResolver(uri, settings, cache)
+        if scheme == "hf://":
+            from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
+
+            return HfHubResolver([uri.removeprefix("hf://").strip("/")], settings, cache)
+    except ImportError as error:
+        raise click.ClickException(
+            f"reading {scheme} needs an extra ({error}); "
+            f"pip install 'vllm-lora-resolvers[{_EXTRAS[str(scheme)]}]'"
+        ) from None
+    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+
+    return FilesystemResolver(Path(uri), settings, cache)
+
+
+@contextmanager
+def scratch_cache(store_uri: str) -> Iterator[tuple[NodeCache, Path]]:
+    """A node cache for one command and a scratch folder, both deleted afterwards.
+
+    A local directory that is itself a node cache root is read over its own cache, so that the
+    ``NAME`` links in it lead to snapshots the filesystem resolver recognises.
+    """
+    with tempfile.TemporaryDirectory(prefix="vllm-lora-") as temporary:
+        scratch = Path(temporary)
+        root = Path(store_uri)
+        own = not is_remote(store_uri) and (root / STATE_DIR).is_dir()
+        yield NodeCache(root if own else scratch / "cache"), scratch
+
+
+def fetch_adapter_files(
+    resolver: BaseStorageResolver,
+    remote: RemoteAdapter,
+    files: tuple[RemoteFile, ...],
+    destination: Path,
+) -> None:
+    """Download ``files`` of ``remote`` into ``destination`` as the resolver does: in parallel,
+    retried, with sizes and every checksum the store declares verified."""
+    destination.mkdir(parents=True, exist_ok=True)
+    fetch_files(
+        files,
+        destination,
+        lambda file, target: resolver.download(remote, file, target),
+        policy=resolver.retry_policy,
+        on_retry=_ignore_retry,
+    )
+
+
+def _ignore_retry(_: TransientStoreError) -> None:
+    """Retries are logged by the retry module already; the command line counts none."""

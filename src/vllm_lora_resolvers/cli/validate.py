@@ -1,0 +1,114 @@
+"""``vllm-lora validate DIR|URI``: lint an adapter before (or after) uploading it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.text import Text
+
+from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.cli.lint import (
+    CONFIG_CHECK,
+    DOWNLOAD_CHECK,
+    Check,
+    LintPolicy,
+    LintReport,
+    check_name,
+    lint_folder,
+)
+from vllm_lora_resolvers.cli.output import (
+    Finding,
+    Level,
+    cannot_check,
+    console,
+    plural,
+    print_finding,
+)
+from vllm_lora_resolvers.cli.stores import (
+    fetch_adapter_files,
+    is_remote,
+    open_store,
+    scratch_cache,
+    split_adapter_uri,
+)
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import IntegrityError
+from vllm_lora_resolvers.names import is_safe_adapter_name
+
+_NOT_FOUND_FIX = "upload the adapter folder (adapter_config.json and its weights) there"
+
+
+@click.command()
+@click.argument("target", metavar="DIR|URI")
+@click.option("--base-model", help="The server's --model; default: the adapter's own base model.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
+def validate(target: str, base_model: str | None, max_rank: int | None, as_json: bool) -> None:
+    """Check an adapter as the resolvers will: name, config, base model, rank, features, weights.
+
+    DIR is a local adapter folder. URI is s3://BUCKET/PREFIX/NAME, gs://BUCKET/PREFIX/NAME or
+    hf://ORG/REPO[/FOLDER][@REVISION]: it is fetched (and its checksums verified) into a
+    temporary folder first. Exit 0 when valid, 1 when not, 2 when it cannot be checked.
+    """
+    with cannot_check():
+        settings = Settings.from_environ(argv=[])
+        lint_policy = LintPolicy(
+            base_model, max_rank or settings.max_rank, settings.base_model_aliases
+        )
+        report = (
+            _validate_remote(target, lint_policy, settings)
+            if is_remote(target)
+            else _validate_local(Path(target), lint_policy)
+        )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_report(console(), report)
+    sys.exit(0 if report.valid else 1)
+
+
+def _validate_local(folder: Path, lint_policy: LintPolicy) -> LintReport:
+    if not folder.is_dir():
+        raise click.BadParameter(f"{folder} is not a directory", param_hint="DIR|URI")
+    name = folder.resolve().name
+    return lint_folder(name, folder, str(folder), is_safe_adapter_name(name), lint_policy)
+
+
+def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> LintReport:
+    store_uri, name = split_adapter_uri(uri)
+    with scratch_cache(store_uri) as (cache, scratch):
+        resolver = open_store(store_uri, settings, cache)
+        if not resolver.accepts_name(name):
+            return LintReport(name, uri, lint_policy, None, (check_name(name, False),))
+        remote = resolver.locate(name)
+        if remote is None:
+            absent = Check(CONFIG_CHECK, Level.FAIL, f"no {CONFIG_FILE} at {uri}", _NOT_FOUND_FIX)
+            return LintReport(name, uri, lint_policy, None, (absent,))
+        folder = scratch / "adapter"
+        try:
+            fetch_adapter_files(resolver, remote, remote.files, folder)
+        except IntegrityError as error:
+            damaged = Check(DOWNLOAD_CHECK, Level.FAIL, str(error), "upload the adapter again")
+            return LintReport(name, remote.location, lint_policy, None, (damaged,))
+        return lint_folder(name, folder, remote.location, True, lint_policy)
+
+
+def _print_report(out: Console, report: LintReport) -> None:
+    out.print(Text.assemble((report.adapter, "bold"), f"  {report.location}"))
+    if report.base_model_source == CONFIG_FILE:
+        out.print(
+            f"  base model: {report.base_model} (the adapter's own base_model_name_or_path; "
+            "pass --base-model to check it against your server's --model)"
+        )
+    elif report.base_model is not None:
+        out.print(f"  base model: {report.base_model} (--base-model)")
+    out.print(f"  max rank: {report.lint_policy.max_rank}")
+    for check in report.checks:
+        finding = Finding(check.level, f"{check.check}: {check.detail}", check.fix)
+        print_finding(out, finding, indent=2)
+    verdict = "valid" if report.valid else f"invalid: {plural(len(report.problems), 'problem')}"
+    out.print(Text(verdict, style="bold green" if report.valid else "bold red"))
