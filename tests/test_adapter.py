@@ -225,3 +225,11 @@ def test_safetensors_is_preferred_over_bin_as_vllm_does(tmp_path: Path) -> None:
     folder = adapter(tmp_path)
     (folder / "adapter_model.bin").write_bytes(b"garbage that would fail the pickle check")
     check_adapter_folder("a", folder, POLICY)
+
+
+def test_pickle_naming_a_torch_function_beyond_tensor_rebuilding_is_refused(tmp_path: Path) -> None:
+    folder = adapter(tmp_path)
+    (folder / "adapter_model.safetensors").unlink()
+    payload = b"\x80\x02ctorch.hub\nload\nq\x00."  # GLOBAL torch.hub load
+    _torch_style_archive(folder / "adapter_model.bin", payload)
+    assert "torch.hub.load, which is not allowed" in refusal(folder)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -380,3 +383,41 @@ def test_checksum_mismatch_is_retried_then_refused_and_never_published(
     assert snapshot_dirs(cache_dir) == []
     assert staging_entries(cache_dir) == []
     assert not os.path.lexists(cache_dir / "sql")
+
+
+_RESOLVE_AND_REPORT = """
+import sys
+from pathlib import Path
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import CacheError
+adapters, cache = Path(sys.argv[1]), Path(sys.argv[2])
+settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
+try:
+    FilesystemResolver(adapters, settings, NodeCache(cache)).resolve("/models/tiny-llama", "sql")
+except CacheError as error:
+    print(error)
+"""
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+
+
+def test_a_full_disk_is_explained_and_leaves_nothing_behind(
+    adapters_dir: Path, cache_dir: Path
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)  # weights: ~30 KB
+    completed = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_AND_REPORT, str(adapters_dir), str(cache_dir)],
+        preexec_fn=_limit_file_size,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "cannot write to the adapter cache" in completed.stdout
+    assert "the disk is full" in completed.stdout
+    assert snapshot_dirs(cache_dir) == []
+    assert staging_entries(cache_dir) == []

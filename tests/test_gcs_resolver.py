@@ -93,7 +93,7 @@ def test_503_on_listing_and_download_is_retried(
 ) -> None:
     source = write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL)
     gcs_bucket.upload("sql", source)
-    gcs_bucket.relay.add_fault(Fault("status", path_contains="/o?", times=2))
+    gcs_bucket.relay.add_fault(Fault("status", path_contains="/o?", times=1))
     gcs_bucket.relay.add_fault(Fault("status", path_contains="alt=media", times=2))
     resolved = gcs_bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
     assert resolved is not None

@@ -47,8 +47,24 @@ _DTYPE_BYTES = {
     "U64": 8,
     "F64": 8,
 }
-# What a torch.save() pickle may call; anything else (os.system, builtins.eval...) is hostile.
-_SAFE_PICKLE_MODULES = ("torch", "collections", "_codecs", "numpy")
+# Exactly what torch.save() of a state dict references; anything else (os.system, builtins.eval,
+# torch.hub.load, ...) is refused even though vLLM itself loads with weights_only=True.
+_SAFE_PICKLE_GLOBALS = frozenset(
+    {
+        ("collections", "OrderedDict"),
+        ("torch._utils", "_rebuild_tensor"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch._tensor", "_rebuild_from_type_v2"),
+        ("torch", "UntypedStorage"),
+        *(
+            ("torch", f"{kind}Storage")
+            for kind in ("Float", "Half", "BFloat16", "Double", "Long", "Int", "Short", "Char")
+        ),
+        ("torch", "ByteStorage"),
+        ("torch", "BoolStorage"),
+    }
+)
 
 
 class LoraAdapterConfig(BaseModel):
@@ -279,7 +295,7 @@ def _torch_archive_problem(path: Path) -> str | None:
                 return "the archive has no single data.pkl"
             with archive.open(pickles[0]) as stream:
                 for module, name in _pickle_globals(stream):
-                    if module.split(".")[0] not in _SAFE_PICKLE_MODULES:
+                    if (module, name) not in _SAFE_PICKLE_GLOBALS:
                         return f"its pickle calls {module}.{name}, which is not allowed"
     except (zipfile.BadZipFile, ValueError, EOFError) as error:
         return f"it cannot be read ({_first_line(error)})"

@@ -403,9 +403,15 @@ class NodeCache:
             _remove_tree(entry)
 
 
+#: Write errors that mean "this disk": full, over quota, read-only, not ours to write.
+CACHE_DISK_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+
+
 def cache_write_error(root: Path, error: OSError) -> CacheError:
     """A `CacheError` for a failed write under ``root``, saying what to do about it."""
-    if error.errno == errno.ENOSPC:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         advice = "the disk is full; free space or lower VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "it is not writable by this process; fix its permissions or mount"

@@ -30,6 +30,7 @@ from vllm_lora_resolvers.adapter import (
     parse_adapter_config,
 )
 from vllm_lora_resolvers.cache import (
+    CACHE_DISK_ERRNOS,
     NodeCache,
     Snapshot,
     SnapshotFile,
@@ -413,7 +414,9 @@ class BaseStorageResolver(ABC):
                 on_retry=self._count_retry,
             )
         except OSError as error:
-            if isinstance(error, CacheError):
+            # Only errors of the cache's own disk are the cache's; a backend's read errors are
+            # its own to translate (and a broken connection was retried as transient already).
+            if isinstance(error, CacheError) or error.errno not in CACHE_DISK_ERRNOS:
                 raise
             raise cache_write_error(self.cache.root, error) from None
 

@@ -200,7 +200,10 @@ def fetch_files(
         target = destination / file.path
 
         def attempt() -> SnapshotFile:
-            declared = download(file, target)
+            try:
+                declared = download(file, target)
+            except ConnectionError as error:  # a backend that let a broken socket through
+                raise TransientStoreError(f"{file.path}: {type(error).__name__}") from None
             try:
                 return verify_file(target, file, declared)
             except IntegrityError:
