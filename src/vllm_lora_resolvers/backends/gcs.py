@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import quote
 
 import google.auth.exceptions
 import requests
@@ -39,6 +40,7 @@ from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _TIMEOUT = (5.0, 60.0)  # connect, read
+_CHUNK = 1 << 20
 
 
 def parse_gcs_uri(uri: str) -> tuple[str, str]:
@@ -85,14 +87,19 @@ class GcsResolver(BaseStorageResolver):
         )
 
     @property
-    def bucket(self) -> storage.Bucket:
-        """The bucket handle; the client is made on first use, as finding Google's default
-        credentials may ask the metadata server (no network while vLLM loads plugins)."""
+    def client(self) -> storage.Client:
+        """The client, made on first use: finding Google's default credentials may ask the
+        metadata server, and there is no network while vLLM loads plugins."""
         with self._client_guard:
             if self._client is None:
                 with store_errors("connecting to Google Cloud Storage"):
                     self._client = storage.Client()
-            return self._client.bucket(self.bucket_name)
+            return self._client
+
+    @property
+    def bucket(self) -> storage.Bucket:
+        """The bucket handle."""
+        return self.client.bucket(self.bucket_name)
 
     def folder_prefix(self, name: str) -> str:
         """The object prefix of adapter ``name``."""
@@ -141,31 +148,31 @@ class GcsResolver(BaseStorageResolver):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """Parallel ranged reads of the listed generation, written in place."""
+        """Parallel ranged reads of the listed generation, written in place.
+
+        The media requests go through the client's own authorized session, streamed in 1 MiB
+        chunks (Google's download helper reads 8 KiB at a time: five times slower here).
+        """
         key = self.folder_prefix(adapter.name) + file.path
-        blob = self.bucket.blob(key, generation=int(file.etag))
+        url = (
+            f"{self.client.api_endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
+            f"{quote(key, safe='')}?alt=media&generation={file.etag}"
+        )
         where = f"gs://{self.bucket_name}/{key}#{file.etag}"
 
         def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
             with store_errors(f"reading bytes {start}-{end} of {where}"):
-                blob.download_to_file(
-                    _Sink(write),
-                    start=start,
-                    end=end - 1,
-                    checksum=None,  # the whole file is verified once it is complete
-                    retry=self.request_retry,
-                    timeout=_TIMEOUT,
-                )
+                headers = {"Range": f"bytes={start}-{end - 1}"}
+                with self.client._http.get(
+                    url, headers=headers, stream=True, timeout=_TIMEOUT
+                ) as response:
+                    if response.status_code not in (200, 206):
+                        raise google_errors.from_http_response(response)  # type: ignore[no-untyped-call]
+                    for chunk in response.iter_content(_CHUNK):
+                        write(chunk)
 
         self.download_ranges(destination, file.size, fetch_range)
         return {}
-
-
-class _Sink:
-    """The file-like object Google's client writes a download into."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self.write = write
 
 
 def _declared_checksums(blob: storage.Blob) -> dict[str, str]:
