@@ -25,7 +25,7 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.plugin import _build_hf_resolver
+from vllm_lora_resolvers.plugin import HF_PLUGIN, build_resolver
 
 TOKEN = "hf_obviouslyFakeTokenForTests0123456789"
 OTHER_TOKEN = "hf_anotherFakeTokenForTests9876543210"
@@ -241,9 +241,9 @@ def test_repo_list_must_hold_hub_repo_ids() -> None:
 
 def test_plugin_builds_a_resolver_only_when_repos_are_listed(cache_dir: Path) -> None:
     environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}
-    assert _build_hf_resolver(Settings.from_environ(environ, argv=[])) is None
+    assert build_resolver(HF_PLUGIN, Settings.from_environ(environ, argv=[])) is None
     environ["VLLM_LORA_RESOLVER_HF_REPO_LIST"] = "org/a, org/b"
-    resolver = _build_hf_resolver(Settings.from_environ(environ, argv=[]))
+    resolver = build_resolver(HF_PLUGIN, Settings.from_environ(environ, argv=[]))
     assert isinstance(resolver, HfHubResolver)
     assert set(resolver.repos) == {"org/a", "org/b"}
 

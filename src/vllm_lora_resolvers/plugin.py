@@ -12,10 +12,12 @@ but unusable raises `ConfigurationError`, which stops the server with the reason
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +29,7 @@ from vllm_lora_resolvers.config import (
     S3_URI,
     ConfigurationError,
     Settings,
+    Variable,
 )
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import BaseStorageResolver
@@ -47,6 +50,7 @@ DEFAULT_ORDER = (S3_PLUGIN, GCS_PLUGIN, HF_PLUGIN, FS_PLUGIN, VLLM_FS_PLUGIN, VL
 #: Registry names of vLLM's built-in resolvers, by the plugin that registers them.
 _VLLM_REGISTRY_NAMES = {"Filesystem Resolver": VLLM_FS_PLUGIN, "Hf Hub Resolver": VLLM_HF_PLUGIN}
 
+_BACKENDS = "vllm_lora_resolvers.backends"
 _caches: dict[Path, NodeCache] = {}
 _caches_guard = threading.Lock()
 
@@ -165,64 +169,72 @@ def _build_fs_resolver(settings: Settings) -> BaseStorageResolver | None:
     return FilesystemResolver(settings.fs_dir, settings, node_cache(settings, FS_PLUGIN))
 
 
-def _build_s3_resolver(settings: Settings) -> BaseStorageResolver | None:
-    if settings.s3_uri is None:
-        logger.info("%s not registered: %s is not set", S3_PLUGIN, S3_URI.name)
-        return None
-    cache = node_cache(settings, S3_PLUGIN)
-    try:
-        from vllm_lora_resolvers.backends.s3 import S3Resolver
-    except ImportError as error:
-        raise ConfigurationError(
-            f"{S3_URI.name} is set but boto3 is missing ({error}); "
-            "pip install 'vllm-lora-resolvers[s3]'"
-        ) from None
-    return S3Resolver(settings.s3_uri, settings, cache)
+@dataclass(frozen=True)
+class _RemoteStore:
+    """A remote store's plugin: the variable that turns it on and where its backend lives."""
+
+    plugin: str
+    variable: Variable
+    source: Callable[[Settings], Any]
+    module: str
+    backend_class: str
+    client_package: str
+    extra: str
+
+    def build(self, settings: Settings) -> BaseStorageResolver | None:
+        """The resolver, or ``None`` (one log line) when the store is not configured."""
+        source = self.source(settings)
+        if not source:
+            logger.info("%s not registered: %s is not set", self.plugin, self.variable.name)
+            return None
+        cache = node_cache(settings, self.plugin)
+        try:
+            backend = getattr(importlib.import_module(self.module), self.backend_class)
+        except ImportError as error:
+            raise ConfigurationError(
+                f"{self.variable.name} is set but {self.client_package} is missing ({error}); "
+                f"pip install 'vllm-lora-resolvers[{self.extra}]'"
+            ) from None
+        resolver: BaseStorageResolver = backend(source, settings, cache)
+        return resolver
+
+
+_S3 = _RemoteStore(
+    S3_PLUGIN, S3_URI, lambda s: s.s3_uri, f"{_BACKENDS}.s3", "S3Resolver", "boto3", "s3"
+)
+_GCS = _RemoteStore(
+    GCS_PLUGIN,
+    GCS_URI,
+    lambda s: s.gcs_uri,
+    f"{_BACKENDS}.gcs",
+    "GcsResolver",
+    "google-cloud-storage",
+    "gcs",
+)
+_HF = _RemoteStore(
+    HF_PLUGIN,
+    HF_REPO_LIST,
+    lambda s: s.hf_repos,
+    f"{_BACKENDS}.hf_hub",
+    "HfHubResolver",
+    "huggingface_hub",
+    "hf",
+)
 
 
 def register_s3_resolver() -> None:
     """Entry point ``lora_s3_resolver``: adapters from ``VLLM_LORA_RESOLVER_S3_URI``."""
-    _register(S3_PLUGIN, _build_s3_resolver)
-
-
-def _build_gcs_resolver(settings: Settings) -> BaseStorageResolver | None:
-    if settings.gcs_uri is None:
-        logger.info("%s not registered: %s is not set", GCS_PLUGIN, GCS_URI.name)
-        return None
-    cache = node_cache(settings, GCS_PLUGIN)
-    try:
-        from vllm_lora_resolvers.backends.gcs import GcsResolver
-    except ImportError as error:
-        raise ConfigurationError(
-            f"{GCS_URI.name} is set but google-cloud-storage is missing ({error}); "
-            "pip install 'vllm-lora-resolvers[gcs]'"
-        ) from None
-    return GcsResolver(settings.gcs_uri, settings, cache)
+    _register(S3_PLUGIN, _S3.build)
 
 
 def register_gcs_resolver() -> None:
     """Entry point ``lora_gcs_resolver``: adapters from ``VLLM_LORA_RESOLVER_GCS_URI``."""
-    _register(GCS_PLUGIN, _build_gcs_resolver)
-
-
-def _build_hf_resolver(settings: Settings) -> BaseStorageResolver | None:
-    if not settings.hf_repos:
-        logger.info("%s not registered: %s is not set", HF_PLUGIN, HF_REPO_LIST.name)
-        return None
-    cache = node_cache(settings, HF_PLUGIN)
-    try:
-        from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
-    except ImportError as error:
-        raise ConfigurationError(
-            f"{HF_REPO_LIST.name} is set but huggingface_hub is missing ({error}); "
-            "pip install 'vllm-lora-resolvers[hf]'"
-        ) from None
-    return HfHubResolver(settings.hf_repos, settings, cache)
+    _register(GCS_PLUGIN, _GCS.build)
 
 
 def register_hf_resolver() -> None:
     """Entry point ``lora_hf_resolver``: adapters from ``VLLM_LORA_RESOLVER_HF_REPO_LIST``."""
-    _register(HF_PLUGIN, _build_hf_resolver)
+    _register(HF_PLUGIN, _HF.build)
 
 
 def register_fs_resolver() -> None:
@@ -231,9 +243,9 @@ def register_fs_resolver() -> None:
 
 
 _BUILDERS: Mapping[str, Callable[[Settings], BaseStorageResolver | None]] = {
-    S3_PLUGIN: _build_s3_resolver,
-    GCS_PLUGIN: _build_gcs_resolver,
-    HF_PLUGIN: _build_hf_resolver,
+    S3_PLUGIN: _S3.build,
+    GCS_PLUGIN: _GCS.build,
+    HF_PLUGIN: _HF.build,
     FS_PLUGIN: _build_fs_resolver,
 }
 
