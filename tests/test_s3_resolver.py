@@ -401,3 +401,17 @@ def test_during_an_outage_requests_are_answered_without_waiting_on_the_store(
     for _ in range(20):
         assert resolver.resolve(BASE_MODEL, "sql") == served
     assert len(bucket.requests()) == requests_during_outage
+
+
+def test_a_refused_version_is_remembered_and_a_new_upload_is_checked_again(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    bucket.upload("sql", write_lora_adapter(tmp_path / "v1", base_model=BASE_MODEL, rank=64))
+    resolver = bucket.resolver(cache_dir)
+    for _ in range(3):
+        with pytest.raises(InvalidAdapterError, match="rank 64"):
+            resolver.resolve(BASE_MODEL, "sql")
+    config_reads = [path for _, path in bucket.requests("GET") if "adapter_config" in path]
+    assert len(config_reads) == 1  # later refusals cost one listing each, no download
+    bucket.upload("sql", write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, rank=8))
+    assert resolver.resolve(BASE_MODEL, "sql") is not None

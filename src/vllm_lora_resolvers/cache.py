@@ -243,7 +243,12 @@ class NodeCache:
         _remove_tree(staging)
 
     def publish(self, staging: Path, key: str, manifest: SnapshotManifest) -> Snapshot:
-        """Seal ``staging`` (manifest, lease file, read-only) and rename it into place at once."""
+        """Seal ``staging`` (manifest, lease file, read-only) and rename it into place at once.
+
+        The snapshot is leased by this process before it becomes visible, so no evictor can
+        take it between its publication and its first use.
+        """
+        descriptor = None
         try:
             (staging / MANIFEST).write_text(manifest.model_dump_json())
             (staging / LEASE).touch()
@@ -252,17 +257,21 @@ class NodeCache:
                 file.chmod(_READ_ONLY_FILE)
             _fsync_tree(staging)
             adapter_dir.chmod(_READ_ONLY_DIR)
+            descriptor = os.open(staging / LEASE, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(descriptor, fcntl.LOCK_SH)  # the descriptor follows the rename
             staging.rename(self.snapshots / key)
         except OSError as error:
+            if descriptor is not None:
+                os.close(descriptor)
             _remove_tree(staging)
-            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                existing = self.find(key)
-                if existing is not None:
-                    return existing
+            existing = self.lease(key) if error.errno in (errno.ENOTEMPTY, errno.EEXIST) else None
+            if existing is not None:
+                return existing
             raise cache_write_error(self.root, error) from None
         _fsync_directory(self.snapshots)
-        snapshot = self.find(key)
-        assert snapshot is not None
+        snapshot = Snapshot(key, self.snapshots / key, manifest)
+        with self._leases_guard:
+            self._leases[key] = (descriptor, snapshot)
         return snapshot
 
     def point_name(self, name: str, snapshot: Snapshot) -> None:

@@ -118,6 +118,32 @@ class MissCache:
             self._expiry[name] = time.monotonic() + self.ttl
 
 
+class RefusalMemory:
+    """Refusals of adapter versions, per server policy: a version found invalid stays invalid,
+    so asking again costs no lock and no download (a new upload is a new version)."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._messages: dict[tuple[str, str], str] = {}
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def remembered(self, marker: tuple[str, str]) -> Iterator[None]:
+        """Raise the refusal remembered for ``marker``, or run the block and remember its own."""
+        with self._guard:
+            message = self._messages.get(marker)
+        if message is not None:
+            raise InvalidAdapterError(message)
+        try:
+            yield
+        except InvalidAdapterError as error:
+            with self._guard:
+                if len(self._messages) >= self.max_entries:
+                    self._messages.pop(next(iter(self._messages)))
+                self._messages[marker] = str(error)
+            raise
+
+
 class StoreOutage:
     """Remembers for a few seconds that the store could not be reached, so that during an outage
     every request is answered at once (from the cache, or with the error) instead of each one
@@ -199,6 +225,7 @@ class BaseStorageResolver(ABC):
         self.part_size = part_size
         self.part_workers = part_workers
         self._misses = MissCache(settings.negative_ttl_seconds)
+        self._refusals = RefusalMemory()
         self._outage = StoreOutage(min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS))
         self._names = KeyedLocks()
         self._checked: set[tuple[str, str]] = set()
@@ -333,13 +360,14 @@ class BaseStorageResolver(ABC):
                     return None
                 version = remote.version
                 key = remote.cached_snapshot or snapshot_key(self.source, lora_name, version)
-                snapshot = self.cache.lease(key)
-                if snapshot is None:
-                    snapshot, fetched_bytes = self._fetch(remote, key, policy)
-                    outcome = "fetched"
-                else:
-                    outcome = "hit"
-                self._check_once(snapshot, policy)
+                with self._refusals.remembered((key, base_model_name)):
+                    snapshot = self.cache.lease(key)
+                    if snapshot is None:
+                        snapshot, fetched_bytes = self._fetch(remote, key, policy)
+                        outcome = "fetched"
+                    else:
+                        outcome = "hit"
+                    self._check_once(snapshot, policy)
                 return ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
         except InvalidAdapterError:
             outcome = "invalid"
@@ -396,11 +424,8 @@ class BaseStorageResolver(ABC):
                 if staging.exists():
                     self.cache.discard_staging(staging)
         self.cache.point_name(remote.name, published)
-        leased = self.cache.lease(key)
-        if leased is None:
-            raise CacheError(f"snapshot {key} of {remote.name!r} vanished right after publishing")
         self._after_fetch(manifest.total_bytes)
-        return leased, manifest.total_bytes
+        return published, manifest.total_bytes
 
     def _download(
         self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], staging: Path

@@ -1,0 +1,39 @@
+"""A shortened fleet soak: 4 server processes, 30 adapters of 1-8 MB, 400 requests, faults on,
+adapters re-uploaded during the run, one worker killed with -9 and replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devtools.soak.driver import SoakOptions, run_soak
+from devtools.soak.report import summary_table
+
+pytestmark = [pytest.mark.soak, pytest.mark.vllm, pytest.mark.timeout(300)]
+
+
+def test_short_soak_keeps_every_promise(tmp_path: Path) -> None:
+    options = SoakOptions(
+        processes=4,
+        adapters=30,
+        requests=400,
+        minutes=3.0,
+        max_size_mb=8.0,
+        large=0,
+        invalid=4,
+        cache_cap_mb=40.0,
+        update_interval=2.0,
+        chaos_interval=2.0,
+        chaos_max=1,
+        work=tmp_path,
+    )
+    report = run_soak(options)
+    print(summary_table(report))
+    figures, checks = report["figures"], report["checks"]
+    assert figures["resolutions"] == 400
+    assert figures["chaos_kills"] == 1
+    assert figures["updates"] > 0 and figures["faults_armed"] > 0
+    assert figures["answers"].get("invalid", 0) > 0 and figures["answers"].get("none", 0) > 0
+    failed = {name: check["detail"] for name, check in checks.items() if not check["passed"]}
+    assert not failed, summary_table(report)
