@@ -30,7 +30,7 @@ from devtools.soak.corpus import (
 from devtools.soak.fleet import Fleet
 from devtools.soak.report import CacheSample, Observed, build_report
 from devtools.stores import S3Endpoint, SeaweedS3
-from vllm_lora_resolvers.cache import LEASE, MANIFEST, NodeCache
+from vllm_lora_resolvers.cache import LEASE, MANIFEST, NodeCache, is_leased
 
 BUCKET = "soak"
 _HOSTILE = (
@@ -117,7 +117,7 @@ def sample_cache(root: Path, *, steady: bool) -> CacheSample:
         except (OSError, ValueError):
             continue
         total += size
-        if not _leased(Path(entry.path, LEASE)):
+        if not is_leased(Path(entry.path, LEASE)):
             unleased += size
     staging = 0
     for directory, _, files in os.walk(cache / "staging"):
@@ -134,22 +134,6 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         return list(os.scandir(directory))
     except FileNotFoundError:
         return []  # no process created the cache yet
-
-
-def _leased(lease: Path) -> bool:
-    import fcntl
-
-    try:
-        descriptor = os.open(lease, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(descriptor)
-    return False
 
 
 def worker_env(

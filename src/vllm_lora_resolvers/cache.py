@@ -202,17 +202,7 @@ class NodeCache:
 
     def is_leased_by_anyone(self, key: str) -> bool:
         """Whether any live process (this one included) leases ``key``."""
-        try:
-            descriptor = os.open(self.snapshots / key / LEASE, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(descriptor)
-        return False
+        return is_leased(self.snapshots / key / LEASE)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -416,6 +406,21 @@ class NodeCache:
 CACHE_DISK_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 )
+
+
+def is_leased(lease_file: Path) -> bool:
+    """Whether a live process holds a shared lock on a snapshot's lease file (without taking it)."""
+    try:
+        descriptor = os.open(lease_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 def cache_write_error(root: Path, error: OSError) -> CacheError:
