@@ -1,0 +1,117 @@
+"""What the resolution pipeline remembers between requests, per process: names found missing,
+adapter versions refused, a store found unreachable, and which names are being resolved."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
+
+
+class MissCache:
+    """Names recently found missing, remembered for ``ttl`` seconds (bounded in size)."""
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._expiry: dict[str, float] = {}
+        self._guard = threading.Lock()
+
+    def is_missing(self, name: str) -> bool:
+        """Whether ``name`` was found missing less than ``ttl`` seconds ago."""
+        with self._guard:
+            expiry = self._expiry.get(name)
+            if expiry is None:
+                return False
+            if expiry > time.monotonic():
+                return True
+            del self._expiry[name]
+            return False
+
+    def add(self, name: str) -> None:
+        """Remember ``name`` as missing."""
+        if self.ttl <= 0:
+            return
+        with self._guard:
+            if len(self._expiry) >= self.max_entries:
+                self._expiry.pop(next(iter(self._expiry)))
+            self._expiry[name] = time.monotonic() + self.ttl
+
+
+class RefusalMemory:
+    """Refusals of adapter versions, per server policy: a version found invalid stays invalid,
+    so asking again costs no lock and no download (a new upload is a new version)."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._messages: dict[tuple[str, str], str] = {}
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def remembered(self, marker: tuple[str, str]) -> Iterator[None]:
+        """Raise the refusal remembered for ``marker``, or run the block and remember its own."""
+        with self._guard:
+            message = self._messages.get(marker)
+        if message is not None:
+            raise InvalidAdapterError(message)
+        try:
+            yield
+        except InvalidAdapterError as error:
+            with self._guard:
+                if len(self._messages) >= self.max_entries:
+                    self._messages.pop(next(iter(self._messages)))
+                self._messages[marker] = str(error)
+            raise
+
+
+class StoreOutage:
+    """Remembers for a few seconds that the store could not be reached, so that during an outage
+    every request is answered at once (from the cache, or with the error) instead of each one
+    waiting out its own retries."""
+
+    def __init__(self, memory_seconds: float) -> None:
+        self.memory_seconds = memory_seconds
+        self._error: StoreUnavailableError | None = None
+        self._until = 0.0
+
+    def begin(self, error: StoreUnavailableError) -> None:
+        """The store just failed with ``error``."""
+        self._error, self._until = error, time.monotonic() + self.memory_seconds
+
+    def end(self) -> None:
+        """The store just answered."""
+        self._error = None
+
+    def raise_if_ongoing(self) -> None:
+        """Raise the remembered error while the outage is remembered."""
+        error = self._error
+        if error is not None and time.monotonic() < self._until:
+            raise error
+
+
+class KeyedLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """Hold the lock of ``key``."""
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
