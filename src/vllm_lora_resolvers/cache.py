@@ -195,11 +195,6 @@ class NodeCache:
         held = self._leases.get(key)
         return None if held is None else held[1]
 
-    def leased_keys(self) -> frozenset[str]:
-        """Keys this process holds a lease on."""
-        with self._leases_guard:
-            return frozenset(self._leases)
-
     def is_leased_by_anyone(self, key: str) -> bool:
         """Whether any live process (this one included) leases ``key``."""
         return is_leased(self.snapshots / key / LEASE)
@@ -363,10 +358,6 @@ class NodeCache:
             snapshot.manifest.total_bytes,
         )
         return True
-
-    def total_bytes(self) -> int:
-        """Bytes of adapter files in all complete snapshots."""
-        return sum(s.manifest.total_bytes for s in self.all_snapshots())
 
     def verify(self) -> list[str]:
         """Re-read every snapshot and compare each file's size and CRC32C with its manifest.
