@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
-from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache
 from vllm_lora_resolvers.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +84,24 @@ def snapshot_dirs(cache_dir: Path) -> list[Path]:
 
 
 def staging_entries(cache_dir: Path) -> list[Path]:
-    """Fetches in progress (or debris of crashed ones) in a cache."""
-    return sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
+    """Fetches in progress (or debris of crashed ones) in a cache; the scratch folders of live
+    processes (locked by them) are not counted."""
+    return sorted(
+        entry
+        for entry in (cache_dir / ".vllm-lora" / "staging").iterdir()
+        if not (entry.name.startswith(PROCESS_DIR_PREFIX) and _locked(entry))
+    )
+
+
+def _locked(directory: Path) -> bool:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:

@@ -7,6 +7,8 @@ Layout under the cache root (``VLLM_LORA_RESOLVER_CACHE_DIR``)::
     .vllm-lora/snapshots/KEY/manifest.json     what the snapshot is: source, name, version, files
     .vllm-lora/snapshots/KEY/lease             every process serving KEY holds a shared flock on it
     .vllm-lora/staging/KEY.PID.RANDOM/         a fetch in progress (renamed into snapshots/ whole)
+    .vllm-lora/staging/process.RANDOM/         one live process's scratch space (name links in the
+                                               making), locked by that process for its life
     .vllm-lora/trash/                          snapshots being deleted
     .vllm-lora/locks/KEY.lock                  one fetcher per KEY across processes
 
@@ -14,6 +16,14 @@ A snapshot appears only by one ``rename`` of a complete, checked staging directo
 leaves the old state or the new one. Eviction takes the lease file's exclusive lock without
 waiting; it fails while any live process holds its shared lease, and a dead process's lease is
 released by the kernel.
+
+Everything "in progress" is marked by a lock the kernel releases when its process dies (never by a
+PID or an age: pods on one node share this directory but not a PID namespace), so whatever a
+dead process left in ``staging/`` is recognised as debris, and removed, the next time any process
+opens the cache.
+
+The size cap (``max_bytes``) bounds the snapshots no live process leases: room is made before a
+fetch (for the bytes about to arrive), when a process opens the cache, and when the disk is full.
 """
 
 from __future__ import annotations
@@ -28,7 +38,6 @@ import secrets
 import shutil
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +45,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
-from vllm_lora_resolvers.errors import CacheError
+from vllm_lora_resolvers.errors import CacheError, CacheFullError
 
 logger = logging.getLogger("vllm.lora_resolvers.cache")
 
@@ -44,6 +53,7 @@ STATE_DIR = ".vllm-lora"
 MANIFEST = "manifest.json"
 LEASE = "lease"
 ADAPTER_DIR = "adapter"
+PROCESS_DIR_PREFIX = "process."
 _READ_ONLY_FILE = 0o444
 _READ_ONLY_DIR = 0o555
 
@@ -116,6 +126,7 @@ class NodeCache:
         self._leases: dict[str, tuple[int, Snapshot]] = {}
         self._leases_guard = threading.Lock()
         self._key_guards: dict[str, threading.Lock] = {}
+        self._process_dir: Path | None = None
         try:
             for directory in (self.snapshots, self.staging, self.trash, self.locks):
                 directory.mkdir(parents=True, exist_ok=True)
@@ -126,6 +137,7 @@ class NodeCache:
             ) from None
         self._real_snapshots = str(self.snapshots.resolve())
         self.remove_debris()
+        self.evict()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -137,6 +149,10 @@ class NodeCache:
         except (FileNotFoundError, NotADirectoryError):
             return None
         return Snapshot(key, path, SnapshotManifest.model_validate_json(raw))
+
+    def contains(self, key: str) -> bool:
+        """Whether the complete snapshot ``key`` is in the cache (one ``stat``)."""
+        return (self.snapshots / key / MANIFEST).exists()
 
     def all_snapshots(self) -> list[Snapshot]:
         """Every complete snapshot, in no particular order."""
@@ -275,9 +291,28 @@ class NodeCache:
             return
         link.parent.mkdir(parents=True, exist_ok=True)
         target = os.path.relpath(snapshot.adapter_dir, link.parent)
-        temporary = self.staging / f"link.{secrets.token_hex(8)}"
+        temporary = self._own_scratch() / f"link.{secrets.token_hex(8)}"
         temporary.symlink_to(target)
         temporary.replace(link)
+
+    def _own_scratch(self) -> Path:
+        """This process's scratch folder in ``staging/``, exclusively flocked for the process's
+        life: if the process dies, the kernel drops the lock and the folder becomes debris."""
+        with self._leases_guard:
+            if self._process_dir is None:
+                self._process_dir = self._new_locked_process_dir()
+            return self._process_dir
+
+    def _new_locked_process_dir(self) -> Path:
+        while True:
+            path = self.staging / f"{PROCESS_DIR_PREFIX}{secrets.token_hex(8)}"
+            path.mkdir()
+            descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # kept open (and locked) until we exit
+            if os.fstat(descriptor).st_nlink > 0:
+                return path
+            # Another process's debris sweep removed it between our mkdir and our flock.
+            os.close(descriptor)
 
     def unpoint_name(self, name: str, only_if_key: str | None = None) -> None:
         """Remove the ``ROOT/NAME`` symlink (only if it points at ``only_if_key``, when given)."""
@@ -291,17 +326,20 @@ class NodeCache:
 
     # -- eviction and cleaning --------------------------------------------------------------
 
-    def evict(self) -> list[Snapshot]:
-        """Delete least-recently-used snapshots until the cache fits ``max_bytes``.
+    def evict(self, incoming_bytes: int = 0) -> list[Snapshot]:
+        """Delete least-recently-used unleased snapshots until the cache, plus
+        ``incoming_bytes`` about to be fetched, fits ``max_bytes``, and the disk has room for
+        ``incoming_bytes``.
 
-        A snapshot leased by any live process is never deleted, so the cache can stay above
-        the cap while everything in it is in use. Returns what was evicted.
+        A snapshot leased by any live process is never deleted, so the cache can stay above the
+        cap while everything in it is in use. Skipped while another process is evicting.
+        Returns what was evicted.
         """
-        if self.max_bytes is None:
+        if self.max_bytes is None and incoming_bytes == 0:
             return []
         try:
             with FileLock(self.locks / "evict.lock", timeout=0):
-                return self._evict_locked(self.max_bytes)
+                return self._evict_locked(self.max_bytes, incoming_bytes)
         except Timeout:
             return []  # another process is evicting right now
 
@@ -313,14 +351,29 @@ class NodeCache:
         evicted.
         """
         with FileLock(self.locks / "evict.lock"):
-            return self._evict_locked(max_bytes)
+            return self._evict_locked(max_bytes, 0)
 
-    def _evict_locked(self, max_bytes: int) -> list[Snapshot]:
+    def make_room_on_disk(self, needed_bytes: int) -> list[Snapshot]:
+        """The disk is full: delete least-recently-used unleased snapshots until it has
+        ``needed_bytes`` free (or nothing unleased is left). Returns what was evicted."""
+        with FileLock(self.locks / "evict.lock"):
+            return self._evict_locked(None, needed_bytes, disk_only=True)
+
+    def _evict_locked(
+        self, max_bytes: int | None, incoming_bytes: int, *, disk_only: bool = False
+    ) -> list[Snapshot]:
         snapshots = self.all_snapshots()
         total = sum(s.manifest.total_bytes for s in snapshots)
+
+        def fits() -> bool:
+            over_cap = max_bytes is not None and total + incoming_bytes > max_bytes
+            if over_cap and not disk_only:
+                return False
+            return incoming_bytes == 0 or shutil.disk_usage(self.root).free >= incoming_bytes
+
         evicted = []
         for snapshot in sorted(snapshots, key=self.last_used):
-            if total <= max_bytes:
+            if fits():
                 break
             if self._delete_unless_leased(snapshot):
                 total -= snapshot.manifest.total_bytes
@@ -377,13 +430,13 @@ class NodeCache:
         return problems
 
     def remove_debris(self) -> None:
-        """Remove what crashed processes left: staging folders nobody is writing, and trash."""
+        """Remove what dead processes left: staging folders whose fetch lock or process lock
+        nobody holds any more, and trash."""
         for entry in self.staging.iterdir():
-            key = entry.name.split(".")[0]
-            if entry.name.startswith("link."):
-                if time.time() - entry.lstat().st_mtime > 60:
-                    entry.unlink(missing_ok=True)
+            if entry.name.startswith(PROCESS_DIR_PREFIX):
+                _remove_unless_locked(entry)
                 continue
+            key = entry.name.split(".")[0]
             try:
                 with FileLock(self.locks / f"{key}.lock", timeout=0):
                     _remove_tree(entry)
@@ -417,8 +470,11 @@ def is_leased(lease_file: Path) -> bool:
 def cache_write_error(root: Path, error: OSError) -> CacheError:
     """A `CacheError` for a failed write under ``root``, saying what to do about it."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        advice = "the disk is full; free space or lower VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheFullError(
+            f"cannot write to the adapter cache {root}: the disk is full; free space or lower "
+            "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "it is not writable by this process; fix its permissions or mount"
     else:
         advice = error.strerror or type(error).__name__
@@ -439,6 +495,23 @@ def _damage(path: Path, expected: SnapshotFile) -> str | None:
     if found.crc32c != expected.crc32c:
         return f"CRC32C {found.crc32c}, the manifest says {expected.crc32c}"
     return None
+
+
+def _remove_unless_locked(directory: Path) -> None:
+    """Delete ``directory`` unless a live process holds its flock."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        _remove_tree(directory)
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # its process is alive
+    else:
+        _remove_tree(directory)
+    finally:
+        os.close(descriptor)
 
 
 def _same_file(descriptor: int, path: Path) -> bool:

@@ -30,3 +30,11 @@ class IntegrityError(TransientStoreError):
 
 class CacheError(ResolverError, OSError):
     """The node-local cache cannot be used (not writable, disk full, ...)."""
+
+
+class CacheFullError(CacheError):
+    """The node-local cache's disk is full."""
+
+
+class VersionChangedError(StoreUnavailableError):
+    """The adapter changed in the store while it was being fetched: look it up again."""

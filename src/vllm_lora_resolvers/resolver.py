@@ -39,10 +39,12 @@ from vllm_lora_resolvers.cache import (
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     CacheError,
+    CacheFullError,
     InvalidAdapterError,
     ResolverError,
     StoreUnavailableError,
     TransientStoreError,
+    VersionChangedError,
 )
 from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, StoreOutage
 from vllm_lora_resolvers.names import is_safe_adapter_name
@@ -63,6 +65,15 @@ logger = logging.getLogger("vllm.lora_resolvers")
 LOOKUP_RETRY_POLICY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.5, budget_seconds=10)
 #: How long an unreachable store is remembered as such (at most the miss TTL).
 OUTAGE_MEMORY_SECONDS = 5.0
+#: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was
+#: evicted) between the lookup and the fetch, so the request gets the new version.
+LOOKUPS_PER_RESOLUTION = 2
+#: Free space asked for beyond an adapter's bytes when a full disk is cleared (manifest, inodes).
+_DISK_SLACK_BYTES = 1 << 20
+
+
+class _LookAgainError(Exception):
+    """What `locate` saw is gone or changed: the resolution looks the adapter up again."""
 
 
 @dataclass(frozen=True)
@@ -240,28 +251,33 @@ class BaseStorageResolver(ABC):
                 if self._misses.is_missing(lora_name):
                     outcome = "missing"
                     return None
-                try:
-                    remote = self._locate(lora_name)
-                except StoreUnavailableError as error:
-                    resolved = self._serve_stale(lora_name, policy, error)
-                    outcome, version = "stale", resolved.snapshot.manifest.version
-                    return resolved
-                if remote is None:
-                    self._misses.add(lora_name)
-                    self._unpoint_if_ours(lora_name)
-                    outcome = "missing"
-                    return None
-                version = remote.version
-                key = remote.cached_snapshot or snapshot_key(self.source, lora_name, version)
-                with self._refusals.remembered((key, base_model_name)):
-                    snapshot = self.cache.lease(key)
-                    if snapshot is None:
-                        snapshot, fetched_bytes = self._fetch(remote, key, policy)
-                        outcome = "fetched"
-                    else:
-                        outcome = "hit"
-                    self._check_once(snapshot, policy)
-                return ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
+                for lookup in range(LOOKUPS_PER_RESOLUTION):
+                    try:
+                        remote = self._locate(lora_name)
+                    except StoreUnavailableError as error:
+                        resolved = self._serve_stale(lora_name, policy, error)
+                        outcome, version = "stale", resolved.snapshot.manifest.version
+                        return resolved
+                    if remote is None:
+                        self._misses.add(lora_name)
+                        self._unpoint_if_ours(lora_name)
+                        outcome = "missing"
+                        return None
+                    version = remote.version
+                    key = remote.cached_snapshot or snapshot_key(self.source, lora_name, version)
+                    try:
+                        with self._refusals.remembered((key, base_model_name)):
+                            snapshot, outcome, fetched_bytes = self._lease_or_fetch(
+                                remote, key, policy
+                            )
+                            self._check_once(snapshot, policy)
+                    except _LookAgainError as error:
+                        if lookup == LOOKUPS_PER_RESOLUTION - 1:
+                            raise StoreUnavailableError(str(error)) from None
+                        logger.info("%s; looking %r up again", error, lora_name)
+                        continue
+                    return ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
+                raise AssertionError("unreachable: the loop returns or raises")
         except InvalidAdapterError:
             outcome = "invalid"
             raise
@@ -286,39 +302,84 @@ class BaseStorageResolver(ABC):
         self._outage.end()
         return remote
 
+    def _lease_or_fetch(
+        self, remote: RemoteAdapter, key: str, policy: AdapterPolicy
+    ) -> tuple[Snapshot, str, int]:
+        """The snapshot ``key`` leased, fetched first if it is not cached: (snapshot, outcome,
+        bytes fetched). Raises `_LookAgainError` when what `locate` saw is gone or changed."""
+        snapshot = self.cache.lease(key)
+        if snapshot is not None:
+            return snapshot, "hit", 0
+        if remote.cached_snapshot is not None:
+            raise _LookAgainError(f"cached snapshot of {remote.name!r} was evicted meanwhile")
+        try:
+            snapshot, fetched_bytes = self._fetch(remote, key, policy)
+        except VersionChangedError as error:
+            raise _LookAgainError(str(error)) from None
+        return snapshot, "fetched", fetched_bytes
+
     def _fetch(
         self, remote: RemoteAdapter, key: str, policy: AdapterPolicy
     ) -> tuple[Snapshot, int]:
-        """Fetch, check and publish ``remote`` unless another thread or process just did."""
+        """Fetch, check and publish ``remote`` unless another thread or process just did.
+
+        Room is made in the cache for the incoming bytes first; if the disk still fills up,
+        snapshots no live process leases are evicted and the fetch is tried once more.
+        """
         with self.cache.fetch_lock(key):
             snapshot = self.cache.lease(key)
             if snapshot is not None:
                 return snapshot, 0
-            config_file, weights = self._adapter_files(remote)
-            staging = self.cache.new_staging(key)
+            files = self._adapter_files(remote)
+            incoming_bytes = sum(file.size for file in files)
+            self._count_evictions(self.cache.evict(incoming_bytes))
             try:
-                files = self._download(remote, (config_file,), staging)
-                config = parse_adapter_config(
-                    remote.name, (staging / "adapter" / CONFIG_FILE).read_bytes()
+                published = self._fetch_into_cache(remote, key, policy, files)
+            except CacheFullError:
+                evicted = self.cache.make_room_on_disk(incoming_bytes + _DISK_SLACK_BYTES)
+                if not evicted:
+                    raise
+                self._count_evictions(evicted)
+                logger.warning(
+                    "the adapter cache's disk was full; evicted %d unused snapshots and "
+                    "fetching %r again",
+                    len(evicted),
+                    remote.name,
                 )
-                # Refuse a wrong base model or rank before fetching the (large) weights.
-                check_adapter_config(remote.name, config, policy)
-                files += self._download(remote, (weights,), staging)
-                check_adapter_folder(remote.name, staging / "adapter", policy)
-                manifest = SnapshotManifest(
-                    source=self.source,
-                    name=remote.name,
-                    version=remote.version,
-                    files=tuple(files),
-                    created_at=time.time(),
-                )
-                published = self.cache.publish(staging, key, manifest)
-            finally:
-                if staging.exists():
-                    self.cache.discard_staging(staging)
+                published = self._fetch_into_cache(remote, key, policy, files)
         self.cache.point_name(remote.name, published)
-        self._after_fetch(manifest.total_bytes)
-        return published, manifest.total_bytes
+        self._after_fetch(published.manifest.total_bytes)
+        return published, published.manifest.total_bytes
+
+    def _fetch_into_cache(
+        self,
+        remote: RemoteAdapter,
+        key: str,
+        policy: AdapterPolicy,
+        files: tuple[RemoteFile, RemoteFile],
+    ) -> Snapshot:
+        config_file, weights = files
+        staging = self.cache.new_staging(key)
+        try:
+            fetched = self._download(remote, (config_file,), staging)
+            config = parse_adapter_config(
+                remote.name, (staging / "adapter" / CONFIG_FILE).read_bytes()
+            )
+            # Refuse a wrong base model or rank before fetching the (large) weights.
+            check_adapter_config(remote.name, config, policy)
+            fetched += self._download(remote, (weights,), staging)
+            check_adapter_folder(remote.name, staging / "adapter", policy)
+            manifest = SnapshotManifest(
+                source=self.source,
+                name=remote.name,
+                version=remote.version,
+                files=tuple(fetched),
+                created_at=time.time(),
+            )
+            return self.cache.publish(staging, key, manifest)
+        finally:
+            if staging.exists():
+                self.cache.discard_staging(staging)
 
     def _download(
         self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], staging: Path
@@ -391,11 +452,13 @@ class BaseStorageResolver(ABC):
 
     def _after_fetch(self, fetched_bytes: int) -> None:
         metrics.FETCHED_BYTES.labels(self.backend).inc(fetched_bytes)
-        evicted = self.cache.evict()
-        metrics.EVICTIONS.inc(len(evicted))
+        self._count_evictions(self.cache.evict())
         snapshots = self.cache.all_snapshots()
         metrics.CACHE_SNAPSHOTS.set(len(snapshots))
         metrics.CACHE_BYTES.set(sum(s.manifest.total_bytes for s in snapshots))
+
+    def _count_evictions(self, evicted: list[Snapshot]) -> None:
+        metrics.EVICTIONS.inc(len(evicted))
 
     def _count_retry(self, _: TransientStoreError) -> None:
         metrics.RETRIES.labels(self.backend).inc()

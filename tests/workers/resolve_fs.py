@@ -49,10 +49,13 @@ def main() -> None:
     parser.add_argument("--hold", action="store_true")
     parser.add_argument("--stall", action="store_true")
     parser.add_argument("--max-bytes", default="")
+    parser.add_argument("--max-rank", default="")
     args = parser.parse_args()
     environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": args.cache}
     if args.max_bytes:
         environ["VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"] = args.max_bytes
+    if args.max_rank:
+        environ["VLLM_LORA_RESOLVER_MAX_RANK"] = args.max_rank
     settings = Settings.from_environ(environ, argv=[])
     resolver_class = StallingResolver if args.stall else FilesystemResolver
     resolver = resolver_class(

@@ -21,7 +21,7 @@ from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     StoreUnavailableError,
-    TransientStoreError,
+    VersionChangedError,
 )
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
@@ -129,10 +129,9 @@ class FilesystemResolver(BaseStorageResolver):
                 status = os.stat(target)
             if not stat.S_ISREG(status.st_mode):
                 raise InvalidAdapterError(f"adapter {name!r}: {file_name} is not a regular file")
-            files.append(RemoteFile(file_name, status.st_size))
-            fingerprint.update(
-                f"{file_name}\0{status.st_size}\0{status.st_mtime_ns}\0{status.st_ino}\n".encode()
-            )
+            identity = _identity(status)
+            files.append(RemoteFile(file_name, status.st_size, etag=identity))
+            fingerprint.update(f"{file_name}\0{identity}\n".encode())
             if file_name != CONFIG_FILE:
                 break  # vLLM loads the first weights file present; the others do not matter
         return tuple(files), fingerprint.hexdigest()[:32]
@@ -140,25 +139,28 @@ class FilesystemResolver(BaseStorageResolver):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """Copy the file, refusing a copy during which the source changed."""
+        """Copy the file as `locate` saw it: a file replaced or changed since (or during the
+        copy) is a new version, which the pipeline looks up again."""
         source = Path(adapter.location) / file.path
         try:
             reader = source.open("rb")
+        except FileNotFoundError:
+            raise VersionChangedError(f"{file.path} of {adapter.name!r} vanished") from None
         except OSError as error:
             raise StoreUnavailableError(
                 f"cannot read {file.path} of {adapter.name!r}: {error.strerror}"
             ) from None
         with reader, destination.open("wb") as writer:
-            before = os.fstat(reader.fileno())
+            if _identity(os.fstat(reader.fileno())) != file.etag:
+                raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
             copied = 0
             while sent := os.sendfile(writer.fileno(), reader.fileno(), copied, _COPY_CHUNK):
                 copied += sent
-        try:
-            after = source.stat()
-        except FileNotFoundError:
-            raise TransientStoreError(
-                f"{file.path} of {adapter.name!r} vanished while being copied"
-            ) from None
-        if (before.st_mtime_ns, before.st_size) != (after.st_mtime_ns, after.st_size):
-            raise TransientStoreError(f"{file.path} of {adapter.name!r} changed while being copied")
+            if _identity(os.fstat(reader.fileno())) != file.etag:
+                raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
         return {}
+
+
+def _identity(status: os.stat_result) -> str:
+    """What changes whenever a file is replaced or rewritten: inode, size, modification time."""
+    return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"

@@ -33,7 +33,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import GCS_URI, Settings
-from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
+from vllm_lora_resolvers.errors import (
+    StoreUnavailableError,
+    TransientStoreError,
+    VersionChangedError,
+)
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
@@ -204,8 +208,8 @@ def store_errors(doing: str) -> Iterator[None]:
             f"{doing} failed: HTTP 404: the bucket or object does not exist; check {GCS_URI.name}"
         ) from None
     except google_errors.PreconditionFailed:
-        raise StoreUnavailableError(
-            f"{doing} failed: the object changed while it was being fetched; retry the request"
+        raise VersionChangedError(
+            f"{doing} failed: the object changed while it was being fetched"
         ) from None
     except google_errors.GoogleAPICallError as error:
         if error.code is not None and (error.code >= 500 or error.code in (408, 429)):

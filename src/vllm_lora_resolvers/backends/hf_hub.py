@@ -159,7 +159,7 @@ class HfHubResolver(BaseStorageResolver):
                     "/"
                 )
                 key = snapshot_key(self.source, name, commit)
-                if self.cache.lease(key) is not None:
+                if self.cache.contains(key):
                     return RemoteAdapter(name, commit, location, (), cached_snapshot=key)
                 files = self._adapter_files_at(target, commit)
         except _NotOnHubError:

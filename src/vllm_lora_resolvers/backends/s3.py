@@ -22,7 +22,11 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import S3_URI, Settings
-from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
+from vllm_lora_resolvers.errors import (
+    StoreUnavailableError,
+    TransientStoreError,
+    VersionChangedError,
+)
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
@@ -244,8 +248,8 @@ def store_errors(doing: str) -> Iterator[None]:
                 "(AWS_PROFILE, web identity / IRSA, instance role) and the bucket policy"
             ) from None
         if code == "PreconditionFailed":
-            raise StoreUnavailableError(
-                f"{message}: the object changed while it was being fetched; retry the request"
+            raise VersionChangedError(
+                f"{message}: the object changed while it was being fetched"
             ) from None
         if code == "NoSuchBucket":
             raise StoreUnavailableError(

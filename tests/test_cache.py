@@ -1,0 +1,318 @@
+"""The node cache's promises under crashes, caps, full disks and races with eviction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, worker_result
+
+from devtools.models import write_large_adapter, write_lora_adapter
+from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import CacheFullError
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+
+# Resolves "sql" and dies (SIGKILL) at exactly the moment a name link is being swapped in: the
+# temporary link exists, the rename over CACHE_DIR/NAME has not happened.
+_DIE_WHILE_SWAPPING_THE_NAME_LINK = """
+import os, signal, sys
+from pathlib import Path
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+
+swap = Path.replace
+def die_before_the_swap(self, target):
+    if self.name.startswith("link."):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return swap(self, target)
+Path.replace = die_before_the_swap
+
+adapters, cache = Path(sys.argv[1]), Path(sys.argv[2])
+settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
+FilesystemResolver(adapters, settings, NodeCache(cache)).resolve("/models/tiny-llama", "sql")
+"""
+
+
+def test_a_process_killed_while_swapping_a_name_link_leaves_no_debris_after_restart(
+    adapters_dir: Path, cache_dir: Path
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    died = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DIE_WHILE_SWAPPING_THE_NAME_LINK,
+            str(adapters_dir),
+            str(cache_dir),
+        ],
+        check=False,
+    )
+    assert died.returncode == -signal.SIGKILL
+    assert not os.path.lexists(cache_dir / "sql")  # killed before the swap
+    assert staging_entries(cache_dir) != []  # the temporary link it left
+
+    NodeCache(cache_dir)  # any process opening the cache, at any time after the death
+    assert staging_entries(cache_dir) == []
+    assert len(snapshot_dirs(cache_dir)) == 1  # the published snapshot is kept
+
+
+def test_a_live_process_keeps_its_scratch_space_while_others_open_the_cache(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
+    holder = start_worker(str(adapters_dir), str(cache_dir), "sql", hold=True)
+    worker_result(holder)
+    scratch = sorted((cache_dir / ".vllm-lora" / "staging").iterdir())
+    assert len(scratch) == 1  # the live holder's, locked by it
+    assert staging_entries(cache_dir) == []  # so not debris
+
+    NodeCache(cache_dir)
+    assert sorted((cache_dir / ".vllm-lora" / "staging").iterdir()) == scratch
+
+    holder.kill()
+    holder.wait()
+    NodeCache(cache_dir)
+    assert staging_entries(cache_dir) == []
+
+
+def _adapter_bytes(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.iterdir())
+
+
+def _cached_bytes(cache_dir: Path) -> int:
+    return sum(
+        file.stat().st_size
+        for snapshot in snapshot_dirs(cache_dir)
+        for file in (snapshot / "adapter").iterdir()
+    )
+
+
+def _resolve_in_processes_that_exit(
+    adapters_dir: Path, cache_dir: Path, *names: str, max_rank: int = 16
+) -> None:
+    for name in names:
+        worker = start_worker(str(adapters_dir), str(cache_dir), name, "--max-rank", str(max_rank))
+        worker_result(worker)
+        assert worker.wait(timeout=60) == 0
+
+
+def test_opening_the_cache_evicts_down_to_the_cap_what_no_live_process_leases(
+    adapters_dir: Path, cache_dir: Path
+) -> None:
+    for seed, name in enumerate(("a", "b", "c")):
+        write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a", "b", "c")
+    one = _adapter_bytes(adapters_dir / "a")
+    assert _cached_bytes(cache_dir) == 3 * one
+
+    NodeCache(cache_dir, max_bytes=one)
+    assert _cached_bytes(cache_dir) == one
+    assert os.path.lexists(cache_dir / "c")  # the most recently used one stays
+    assert not os.path.lexists(cache_dir / "a")
+
+
+class CacheWatchingResolver(FilesystemResolver):
+    """Records the bytes of complete snapshots when each weights file starts downloading."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.cached_at_weights_download: list[int] = []
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        if file.path != CONFIG_FILE:
+            self.cached_at_weights_download.append(_cached_bytes(self.cache.root))
+        return super().download(adapter, file, destination)
+
+
+def test_room_is_made_under_the_cap_before_the_weights_are_downloaded(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    for seed, name in enumerate(("a", "b", "new")):
+        write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a", "b")
+    one = _adapter_bytes(adapters_dir / "a")
+    cap = 2 * one
+    settings = make_settings(VLLM_LORA_RESOLVER_CACHE_MAX_BYTES=str(cap))
+    resolver = CacheWatchingResolver(adapters_dir, settings, NodeCache(cache_dir, cap))
+    assert _cached_bytes(cache_dir) == cap  # at the cap, not above: opening evicted nothing
+
+    assert resolver.resolve(BASE_MODEL, "new") is not None
+    [cached_then] = resolver.cached_at_weights_download
+    assert cached_then + one <= cap
+    assert _cached_bytes(cache_dir) <= cap
+
+
+#: The rank `write_large_adapter` gives a 1 MiB adapter is above the default limit of 16.
+LARGE_RANK = 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (the tests run as root, as CI does)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+class DiskFillingResolver(FilesystemResolver):
+    """Another tenant of the disk writes ``filler_bytes`` just as our first weights download
+    starts, so the download runs out of space half way."""
+
+    filler_bytes = 0
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        filler = self.cache.root.parent / "filler"
+        if file.path != CONFIG_FILE and not filler.exists():
+            filler.write_bytes(b"\0" * self.filler_bytes)
+        return super().download(adapter, file, destination)
+
+
+def test_a_full_disk_evicts_unleased_snapshots_and_the_fetch_is_tried_again(
+    small_disk: Path, adapters_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    cache_dir = small_disk / "cache"
+    cache_dir.mkdir()
+    for seed, name in enumerate(("a", "b", "new")):
+        write_large_adapter(
+            adapters_dir / name, base_model=BASE_MODEL, size_bytes=1 << 20, seed=seed
+        )
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a", "b", max_rank=LARGE_RANK)
+    settings = make_settings(
+        VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir), VLLM_LORA_RESOLVER_MAX_RANK=str(LARGE_RANK)
+    )
+    resolver = DiskFillingResolver(adapters_dir, settings, NodeCache(cache_dir))
+    resolver.filler_bytes = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    resolver.filler_bytes -= 512 << 10  # leaves half a weights file's room: ENOSPC half way
+
+    resolved = resolver.resolve(BASE_MODEL, "new")
+    assert resolved is not None
+    assert _adapter_bytes(resolved.path) == _adapter_bytes(adapters_dir / "new")
+    assert len(snapshot_dirs(cache_dir)) == 1  # a and b were evicted to make room
+    assert staging_entries(cache_dir) == []
+
+
+def test_a_disk_full_of_leased_snapshots_is_explained_and_leaves_nothing_behind(
+    small_disk: Path,
+    adapters_dir: Path,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache_dir = small_disk / "cache"
+    cache_dir.mkdir()
+    for seed, name in enumerate(("held", "new")):
+        write_large_adapter(
+            adapters_dir / name, base_model=BASE_MODEL, size_bytes=1 << 20, seed=seed
+        )
+    holder = start_worker(
+        str(adapters_dir), str(cache_dir), "held", "--max-rank", str(LARGE_RANK), hold=True
+    )
+    worker_result(holder)
+    try:
+        settings = make_settings(
+            VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
+            VLLM_LORA_RESOLVER_MAX_RANK=str(LARGE_RANK),
+        )
+        resolver = DiskFillingResolver(adapters_dir, settings, NodeCache(cache_dir))
+        resolver.filler_bytes = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        resolver.filler_bytes -= 512 << 10
+        with (
+            caplog.at_level(logging.WARNING, "vllm.lora_resolvers"),
+            pytest.raises(CacheFullError, match="the disk is full"),
+        ):
+            resolver.resolve(BASE_MODEL, "new")
+        assert len(snapshot_dirs(cache_dir)) == 1  # the leased one, untouched
+        assert staging_entries(cache_dir) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+class EvictedAfterLookupResolver(FilesystemResolver):
+    """Evicts every unleased snapshot right after each of its first ``races`` lookups, as
+    another process's eviction might."""
+
+    races = 1
+
+    def locate(self, name: str) -> RemoteAdapter | None:
+        found = super().locate(name)
+        if self.races > 0:
+            self.races -= 1
+            self.cache.prune(0)
+        return found
+
+
+def test_a_cached_snapshot_evicted_between_lookup_and_lease_is_never_refused(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "sql")  # CACHE_DIR/sql -> snapshot
+    settings = make_settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0")
+    # The default layout: the filesystem resolver reads the cache dir, links included.
+    resolver = EvictedAfterLookupResolver(cache_dir, settings, NodeCache(cache_dir))
+
+    assert resolver.resolve(BASE_MODEL, "sql") is None  # evicted, so no longer here
+
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "sql")  # the same version again
+    resolved = resolver.resolve(BASE_MODEL, "sql")
+    assert resolved is not None  # not refused for the race
+    assert (resolved.path / CONFIG_FILE).is_file()
+
+
+class ReuploadedDuringFetchResolver(FilesystemResolver):
+    """The adapter is rewritten in the store between its lookup and its weights download."""
+
+    rewrite: Callable[[], None] | None = None
+
+    def download(
+        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
+    ) -> Mapping[str, str]:
+        if file.path != CONFIG_FILE and self.rewrite is not None:
+            rewrite, self.rewrite = self.rewrite, None
+            rewrite()
+        return super().download(adapter, file, destination)
+
+
+def test_an_adapter_rewritten_while_being_fetched_is_served_at_its_new_version(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
+    new = write_lora_adapter(adapters_dir.parent / "v2", base_model=BASE_MODEL, seed=2)
+    resolver = ReuploadedDuringFetchResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+
+    def rewrite() -> None:
+        weights = adapters_dir / "sql" / "adapter_model.safetensors"
+        weights.write_bytes((new / "adapter_model.safetensors").read_bytes())
+
+    resolver.rewrite = rewrite
+    resolved = resolver.resolve(BASE_MODEL, "sql")
+    assert resolved is not None
+    served = (resolved.path / "adapter_model.safetensors").read_bytes()
+    assert served == (new / "adapter_model.safetensors").read_bytes()
+    current = resolver.locate("sql")
+    assert current is not None
+    assert resolved.snapshot.manifest.version == current.version
