@@ -107,6 +107,17 @@ def test_cached_commit_pin_costs_no_request(hub: Hub, tmp_path: Path, cache_dir:
     assert hub.requests() == []
 
 
+def test_looking_up_a_cached_version_takes_no_lease(
+    hub: Hub, tmp_path: Path, cache_dir: Path
+) -> None:
+    hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "sql")})
+    hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
+    lister = hub.resolver(cache_dir)  # as `vllm-lora ls` or `doctor` would
+    found = lister.locate(f"{REPO_ID}/sql")
+    assert found is not None and found.cached_snapshot is not None
+    assert lister.cache.held(found.cached_snapshot) is None
+
+
 def test_branch_tag_and_commit_pins_each_serve_their_own_content(
     hub: Hub, tmp_path: Path, cache_dir: Path
 ) -> None:

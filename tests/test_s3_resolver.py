@@ -17,7 +17,7 @@ from s3_fixtures import Bucket
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
-from vllm_lora_resolvers.backends.s3 import head_checksums, parse_s3_uri
+from vllm_lora_resolvers.backends.s3 import S3Resolver, head_checksums, parse_s3_uri
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
@@ -415,3 +415,28 @@ def test_a_refused_version_is_remembered_and_a_new_upload_is_checked_again(
     assert len(config_reads) == 1  # later refusals cost one listing each, no download
     bucket.upload("sql", write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, rank=8))
     assert resolver.resolve(BASE_MODEL, "sql") is not None
+
+
+def test_an_adapter_reuploaded_while_being_fetched_is_served_at_its_new_version(
+    any_bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    any_bucket.upload("sql", write_lora_adapter(tmp_path / "v1", base_model=BASE_MODEL, seed=1))
+    v2 = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
+    built = any_bucket.resolver(cache_dir)
+
+    class ReuploadedMidFetch(S3Resolver):
+        reuploaded = False
+
+        def download(self, adapter, file, destination):  # type: ignore[no-untyped-def]
+            if file.path != "adapter_config.json" and not self.reuploaded:
+                self.reuploaded = True
+                any_bucket.upload("sql", v2)  # between the lookup and the weights download
+            return super().download(adapter, file, destination)
+
+    resolver = ReuploadedMidFetch(
+        any_bucket.uri, built.settings, built.cache, built.retry_policy, part_size=built.part_size
+    )
+    resolved = resolver.resolve(BASE_MODEL, "sql")
+    assert resolver.reuploaded
+    assert resolved is not None
+    assert files_of(resolved.path) == files_of(v2)
