@@ -239,6 +239,12 @@ def summary_table(report: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
     lines.append(f"{'RESULT'.ljust(width)}  {'PASS' if report['passed'] else 'FAIL'}")
+    # The last lines of a failed run name each failed check and its evidence.
+    lines += [
+        f"FAILED check {name!r}: {check['detail']}"
+        for name, check in report["checks"].items()
+        if not check["passed"]
+    ]
     return "\n".join(lines)
 
 
