@@ -18,7 +18,7 @@ from vllm_lora_resolvers.adapter import CONFIG_FILE
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.errors import CacheFullError
+from vllm_lora_resolvers.errors import CacheError, CacheFullError
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 
 # Resolves "sql" and dies (SIGKILL) at exactly the moment a name link is being swapped in: the
@@ -316,3 +316,75 @@ def test_an_adapter_rewritten_while_being_fetched_is_served_at_its_new_version(
     current = resolver.locate("sql")
     assert current is not None
     assert resolved.snapshot.manifest.version == current.version
+
+
+def test_a_damaged_manifest_is_quarantined_and_everything_else_goes_on(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    for seed, name in enumerate(("a", "b", "c")):
+        write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a", "b")
+    damaged = (cache_dir / "a").resolve().parent
+    (damaged / "manifest.json").write_text('{"source": 1')
+    one = _adapter_bytes(adapters_dir / "a")
+
+    cache = NodeCache(cache_dir, max_bytes=2 * one)  # opening it evicts: must not stop there
+    resolver = FilesystemResolver(adapters_dir, make_settings(), cache)
+    assert resolver.resolve(BASE_MODEL, "c") is not None  # other adapters' first fetch
+    assert cache.quarantined() and cache.quarantined()[0].startswith(damaged.name)
+    assert not damaged.exists()
+    again = resolver.resolve(BASE_MODEL, "a")  # the damaged one is fetched afresh
+    assert again is not None and (again.path / CONFIG_FILE).is_file()
+    assert cache.verify() == []
+
+    environment = {**os.environ, "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}
+    for command in (["cache", "ls"], ["cache", "verify"], ["cache", "prune", "--max-bytes", "0"]):
+        completed = subprocess.run(
+            [str(Path(sys.executable).parent / "vllm-lora"), *command],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert "Traceback" not in completed.stderr
+    assert NodeCache(cache_dir).quarantined() == []  # prune deleted it
+
+
+def test_a_cache_remounted_read_only_serves_what_it_holds_and_explains_the_rest(
+    small_disk: Path, adapters_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    cache_dir = small_disk / "cache"
+    cache_dir.mkdir()
+    for seed, name in enumerate(("cached", "new")):
+        write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "cached")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+
+    settings = make_settings(VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir))
+    resolver = FilesystemResolver(adapters_dir, settings, NodeCache(cache_dir))
+    served = resolver.resolve(BASE_MODEL, "cached")
+    assert served is not None and (served.path / CONFIG_FILE).is_file()
+    with pytest.raises(CacheError) as refused:
+        resolver.resolve(BASE_MODEL, "new")
+    assert "not writable" in str(refused.value)
+    assert str(small_disk) not in str(refused.value)  # no server paths for clients
+
+
+def test_a_cache_folder_removed_under_a_running_server_is_recreated(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    for seed, name in enumerate(("a", "b")):
+        write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
+    resolver = FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    assert resolver.resolve(BASE_MODEL, "a") is not None
+    for entry in cache_dir.iterdir():
+        if entry.is_symlink():
+            entry.unlink()
+        else:
+            subprocess.run(["rm", "-rf", str(entry)], check=True)
+
+    again = resolver.resolve(BASE_MODEL, "a")
+    assert again is not None and (again.path / CONFIG_FILE).is_file()
+    other = resolver.resolve(BASE_MODEL, "b")
+    assert other is not None and (other.path / CONFIG_FILE).is_file()

@@ -466,8 +466,8 @@ MESSAGES: dict[str, Callable[[pytest.MonkeyPatch, Path], str]] = {
         lambda: Settings.from_environ({}, argv=[]).require_cache_dir("lora_s3_resolver")
     ),
     "cache dir unusable": lambda monkeypatch, _: _unusable_cache(monkeypatch),
-    "disk full": lambda *_: str(cache_write_error(CACHE_ROOT, OSError(errno.ENOSPC, "full"))),
-    "cache read-only": lambda *_: str(cache_write_error(CACHE_ROOT, OSError(errno.EROFS, "ro"))),
+    "disk full": lambda *_: str(cache_write_error(OSError(errno.ENOSPC, "full"))),
+    "cache read-only": lambda *_: str(cache_write_error(OSError(errno.EROFS, "ro"))),
     "bad s3 uri": lambda *_: _raised(lambda: s3.parse_s3_uri("s3://My_Bucket/prod")),
     "bad gcs uri": lambda *_: _raised(lambda: gcs.parse_gcs_uri("gcs://my-adapters/prod")),
     "bad hub repo": lambda *_: _raised(

@@ -61,5 +61,10 @@ def test_safe_name_splits_into_segments(name: str, segments: tuple[str, ...]) ->
 
 
 def test_name_length_is_bounded() -> None:
-    assert is_safe_adapter_name("a" * 256)
-    assert not is_safe_adapter_name("a" * 257)
+    assert is_safe_adapter_name("a" * 128 + "/" + "b" * 127)
+    assert not is_safe_adapter_name("a" * 128 + "/" + "b" * 128)
+
+
+def test_a_segment_fits_in_a_file_name() -> None:
+    assert is_safe_adapter_name("a" * 255)
+    assert not is_safe_adapter_name("a" * 256)  # NAME_MAX: it could never be a folder

@@ -10,6 +10,7 @@ Layout under the cache root (``VLLM_LORA_RESOLVER_CACHE_DIR``)::
     .vllm-lora/staging/process.RANDOM/         one live process's scratch space (name links in the
                                                making), locked by that process for its life
     .vllm-lora/trash/                          snapshots being deleted
+    .vllm-lora/quarantine/KEY.RANDOM/          damaged snapshots, set aside for inspection
     .vllm-lora/locks/KEY.lock                  one fetcher per KEY across processes
 
 A snapshot appears only by one ``rename`` of a complete, checked staging directory, so a crash
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
 
@@ -63,8 +64,8 @@ class SnapshotFile(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    path: str
-    size: int
+    path: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a file of the adapter folder
+    size: int = Field(ge=0)
     crc32c: str
 
 
@@ -123,13 +124,14 @@ class NodeCache:
         self.staging = self.state / "staging"
         self.trash = self.state / "trash"
         self.locks = self.state / "locks"
+        self.quarantine = self.state / "quarantine"
         self._leases: dict[str, tuple[int, Snapshot]] = {}
         self._leases_guard = threading.Lock()
         self._key_guards: dict[str, threading.Lock] = {}
         self._process_dir: Path | None = None
+        self._reported_damage: set[str] = set()
         try:
-            for directory in (self.snapshots, self.staging, self.trash, self.locks):
-                directory.mkdir(parents=True, exist_ok=True)
+            self._make_layout()
         except OSError as error:
             raise CacheError(
                 f"cache directory {self.root} is not usable ({error.strerror}); "
@@ -141,14 +143,56 @@ class NodeCache:
 
     # -- reading -------------------------------------------------------------------------
 
+    def _make_layout(self) -> None:
+        """Create the cache's folders (again, if someone removed them while we ran)."""
+        for directory in (self.snapshots, self.staging, self.trash, self.locks, self.quarantine):
+            directory.mkdir(parents=True, exist_ok=True)
+
     def find(self, key: str) -> Snapshot | None:
-        """The complete snapshot ``key``, or ``None``."""
+        """The complete snapshot ``key``, or ``None``; a damaged one is quarantined."""
         path = self.snapshots / key
         try:
             raw = (path / MANIFEST).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return Snapshot(key, path, SnapshotManifest.model_validate_json(raw))
+        except OSError as error:
+            self._quarantine(key, f"its manifest cannot be read ({error.strerror})")
+            return None
+        try:
+            manifest = SnapshotManifest.model_validate_json(raw)
+        except ValidationError:
+            self._quarantine(key, "its manifest is damaged")
+            return None
+        if snapshot_key(manifest.source, manifest.name, manifest.version) != key:
+            self._quarantine(key, "its manifest describes another snapshot")
+            return None
+        return Snapshot(key, path, manifest)
+
+    def _quarantine(self, key: str, reason: str) -> None:
+        """Set a damaged snapshot aside (unless a live process leases it) and report it once."""
+        moved = False
+        with contextlib.suppress(OSError):
+            moved = self._move_unless_leased(
+                self.snapshots / key, self.quarantine / f"{key}.{secrets.token_hex(4)}"
+            )
+        if key in self._reported_damage:
+            return
+        self._reported_damage.add(key)
+        logger.warning(
+            "snapshot %s in the adapter cache is damaged (%s); %s",
+            key,
+            reason,
+            "moved to .vllm-lora/quarantine for inspection (`vllm-lora cache prune` deletes it)"
+            if moved
+            else "left in place while a live process leases it",
+        )
+
+    def quarantined(self) -> list[str]:
+        """The damaged snapshots set aside, by folder name."""
+        try:
+            return sorted(entry.name for entry in os.scandir(self.quarantine))
+        except FileNotFoundError:
+            return []
 
     def contains(self, key: str) -> bool:
         """Whether the complete snapshot ``key`` is in the cache (one ``stat``)."""
@@ -157,7 +201,11 @@ class NodeCache:
     def all_snapshots(self) -> list[Snapshot]:
         """Every complete snapshot, in no particular order."""
         found = []
-        for entry in os.scandir(self.snapshots):
+        try:
+            entries = list(os.scandir(self.snapshots))
+        except FileNotFoundError:
+            return []  # the cache folder was removed under us; the next fetch recreates it
+        for entry in entries:
             snapshot = self.find(entry.name)
             if snapshot is not None:
                 found.append(snapshot)
@@ -189,7 +237,9 @@ class NodeCache:
         with self._leases_guard:
             held = self._leases.get(key)
             if held is not None:
-                return held[1]
+                if held[1].path.is_dir():
+                    return held[1]
+                os.close(self._leases.pop(key)[0])  # removed under us: look again
             lease_path = self.snapshots / key / LEASE
             try:
                 descriptor = os.open(lease_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -207,9 +257,12 @@ class NodeCache:
         return snapshot
 
     def held(self, key: str) -> Snapshot | None:
-        """The snapshot ``key`` if this process already leases it (memory only, no I/O)."""
+        """The snapshot ``key`` if this process already leases it (one ``stat``: someone may
+        have removed the cache folder)."""
         held = self._leases.get(key)
-        return None if held is None else held[1]
+        if held is None or not held[1].path.is_dir():
+            return None
+        return held[1]
 
     def is_leased_by_anyone(self, key: str) -> bool:
         """Whether any live process (this one included) leases ``key``."""
@@ -225,10 +278,24 @@ class NodeCache:
         """
         with self._leases_guard:
             guard = self._key_guards.setdefault(key, threading.Lock())
-        with guard, FileLock(self.locks / f"{key}.lock"):
+        with guard, self._file_lock(self.locks / f"{key}.lock"):
             for leftover in self.staging.glob(f"{key}.*"):
                 _remove_tree(leftover)
             yield
+
+    @contextlib.contextmanager
+    def _file_lock(self, path: Path) -> Iterator[None]:
+        """A cross-process lock in ``locks/``; the cache's folders are recreated if removed."""
+        try:
+            self._make_layout()
+            lock = FileLock(path)
+            lock.acquire()
+        except OSError as error:
+            raise cache_write_error(error) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def new_staging(self, key: str) -> Path:
         """An empty staging directory for ``key``, with its ``adapter/`` folder created.
@@ -236,7 +303,10 @@ class NodeCache:
         Call it while holding `fetch_lock` for ``key``.
         """
         staging = self.staging / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
-        (staging / ADAPTER_DIR).mkdir(parents=True)
+        try:
+            (staging / ADAPTER_DIR).mkdir(parents=True)
+        except OSError as error:
+            raise cache_write_error(error) from None
         return staging
 
     def discard_staging(self, staging: Path) -> None:
@@ -268,7 +338,7 @@ class NodeCache:
             existing = self.lease(key) if error.errno in (errno.ENOTEMPTY, errno.EEXIST) else None
             if existing is not None:
                 return existing
-            raise cache_write_error(self.root, error) from None
+            raise cache_write_error(error) from None
         _fsync_directory(self.snapshots)
         snapshot = Snapshot(key, self.snapshots / key, manifest)
         with self._leases_guard:
@@ -280,7 +350,15 @@ class NodeCache:
         filesystem resolver and people can find adapters by name.
 
         A real file or folder already at that path belongs to someone else and is left alone.
+        A cache that cannot be written (remounted read-only, say) keeps its old links: the
+        snapshot itself is served all the same.
         """
+        try:
+            self._point_name(name, snapshot)
+        except OSError as error:
+            logger.warning("cannot link %r in the adapter cache: %s", name, error.strerror)
+
+    def _point_name(self, name: str, snapshot: Snapshot) -> None:
         link = self.root / name
         for parent in reversed(link.relative_to(self.root).parents):
             if (self.root / parent).is_symlink():
@@ -342,15 +420,21 @@ class NodeCache:
                 return self._evict_locked(self.max_bytes, incoming_bytes)
         except Timeout:
             return []  # another process is evicting right now
+        except OSError as error:
+            logger.warning("cannot evict from the adapter cache: %s", error.strerror)
+            return []
 
     def prune(self, max_bytes: int) -> list[Snapshot]:
-        """Delete least-recently-used snapshots until the cache fits ``max_bytes``, now.
+        """Delete quarantined snapshots, then least-recently-used ones until the cache fits
+        ``max_bytes``, now.
 
         As `evict`, but with any cap and waiting for another process's eviction to end rather
         than skipping. A snapshot leased by any live process is never deleted. Returns what was
         evicted.
         """
         with FileLock(self.locks / "evict.lock"):
+            for entry in self.quarantine.iterdir():
+                _remove_tree(entry)
             return self._evict_locked(max_bytes, 0)
 
     def make_room_on_disk(self, needed_bytes: int) -> list[Snapshot]:
@@ -388,20 +472,9 @@ class NodeCache:
             return 0.0
 
     def _delete_unless_leased(self, snapshot: Snapshot) -> bool:
-        try:
-            descriptor = os.open(snapshot.path / LEASE, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        doomed = self.trash / f"{snapshot.key}.{secrets.token_hex(4)}"
+        if not self._move_unless_leased(snapshot.path, doomed):
             return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            return False
-        try:
-            doomed = self.trash / f"{snapshot.key}.{secrets.token_hex(4)}"
-            snapshot.path.rename(doomed)
-        finally:
-            os.close(descriptor)
         self.unpoint_name(snapshot.manifest.name, only_if_key=snapshot.key)
         _remove_tree(doomed)
         logger.info(
@@ -410,6 +483,22 @@ class NodeCache:
             snapshot.manifest.name,
             snapshot.manifest.total_bytes,
         )
+        return True
+
+    def _move_unless_leased(self, path: Path, destination: Path) -> bool:
+        """Rename snapshot folder ``path`` to ``destination`` unless a live process leases it."""
+        try:
+            descriptor = os.open(path / LEASE, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        else:
+            path.rename(destination)
+        finally:
+            os.close(descriptor)
         return True
 
     def verify(self) -> list[str]:
@@ -467,18 +556,19 @@ def is_leased(lease_file: Path) -> bool:
     return False
 
 
-def cache_write_error(root: Path, error: OSError) -> CacheError:
-    """A `CacheError` for a failed write under ``root``, saying what to do about it."""
+def cache_write_error(error: OSError) -> CacheError:
+    """A `CacheError` for a failed write in the cache, saying what to do about it (without
+    the server's paths: clients read it)."""
+    where = "cannot write to the adapter cache (VLLM_LORA_RESOLVER_CACHE_DIR)"
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return CacheFullError(
-            f"cannot write to the adapter cache {root}: the disk is full; free space or lower "
-            "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
+            f"{where}: the disk is full; free space or lower VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
         )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "it is not writable by this process; fix its permissions or mount"
     else:
         advice = error.strerror or type(error).__name__
-    return CacheError(f"cannot write to the adapter cache {root}: {advice}")
+    return CacheError(f"{where}: {advice}")
 
 
 def _damage(path: Path, expected: SnapshotFile) -> str | None:

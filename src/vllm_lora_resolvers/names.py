@@ -10,15 +10,17 @@ import re
 
 MAX_NAME_LENGTH = 256
 MAX_SEGMENTS = 8
+#: A segment becomes a file name (``CACHE_DIR/NAME``, ``FS_DIR/NAME``): at most NAME_MAX bytes.
+MAX_SEGMENT_LENGTH = 255
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def adapter_name_segments(name: str) -> tuple[str, ...] | None:
     """The ``/``-separated segments of a safe adapter name, or ``None`` if it is unsafe.
 
-    Safe: 1 to 8 segments of ``[A-Za-z0-9][A-Za-z0-9._-]*`` joined by ``/``, at most 256
-    characters in all, no ``..`` anywhere. Everything else (absolute paths, backslashes, NUL,
-    control or non-ASCII characters, percent-encoding, empty segments) is refused.
+    Safe: 1 to 8 segments of ``[A-Za-z0-9][A-Za-z0-9._-]*`` joined by ``/``, each at most 255
+    characters and 256 in all, no ``..`` anywhere. Everything else (absolute paths, backslashes,
+    NUL, control or non-ASCII characters, percent-encoding, empty segments) is refused.
 
     >>> adapter_name_segments("team/sql-adapter")
     ('team', 'sql-adapter')
@@ -30,7 +32,9 @@ def adapter_name_segments(name: str) -> tuple[str, ...] | None:
     segments = tuple(name.split("/"))
     if len(segments) > MAX_SEGMENTS:
         return None
-    if not all(_SEGMENT.fullmatch(segment) for segment in segments):
+    if not all(
+        len(segment) <= MAX_SEGMENT_LENGTH and _SEGMENT.fullmatch(segment) for segment in segments
+    ):
         return None
     return segments
 

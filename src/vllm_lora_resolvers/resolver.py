@@ -397,7 +397,7 @@ class BaseStorageResolver(ABC):
             # its own to translate (and a broken connection was retried as transient already).
             if isinstance(error, CacheError) or error.errno not in CACHE_DISK_ERRNOS:
                 raise
-            raise cache_write_error(self.cache.root, error) from None
+            raise cache_write_error(error) from None
 
     def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
         """The config and the one weights file vLLM would load, in vLLM's order of preference."""

@@ -61,7 +61,9 @@ class FilesystemResolver(BaseStorageResolver):
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as error:
-            raise StoreUnavailableError(f"cannot read adapter folder {name!r}: {error}") from None
+            raise StoreUnavailableError(
+                f"cannot read adapter folder {name!r}: {error.strerror}"
+            ) from None
         if through_link:
             cached = self.cache.snapshot_containing(folder)
             if cached is not None:
@@ -117,7 +119,7 @@ class FilesystemResolver(BaseStorageResolver):
                 continue
             except OSError as error:
                 raise StoreUnavailableError(
-                    f"cannot stat {file_name} of {name!r}: {error}"
+                    f"cannot stat {file_name} of {name!r}: {error.strerror}"
                 ) from None
             if stat.S_ISLNK(status.st_mode):
                 target = os.path.realpath(path)
