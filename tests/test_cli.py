@@ -407,6 +407,33 @@ def test_cache_verify_names_the_damaged_snapshot_and_file(
     assert "1 damaged file" in damaged.stdout
 
 
+def test_cache_verify_reports_a_fifo_or_device_in_a_tampered_manifest_without_opening_it(
+    adapters_dir: Path, cache_dir: Path
+) -> None:
+    adapter(adapters_dir / "sql")
+    snapshot = cache_a(adapters_dir, cache_dir, "sql")
+    snapshot.chmod(0o755)
+    os.mkfifo(snapshot / "pipe")  # reading it would wait for a writer forever
+    (snapshot / "zeros").symlink_to("/dev/zero")  # reading it would never end
+    manifest_path = snapshot.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] += [
+        {"path": name, "size": 0, "crc32c": "00000000"} for name in ("pipe", "zeros")
+    ]
+    manifest_path.write_text(json.dumps(manifest))
+    result = subprocess.run(
+        [str(CLI), "cache", "--cache-dir", str(cache_dir), "verify"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "pipe: not a regular file" in result.stdout
+    assert "zeros: not a regular file" in result.stdout
+    assert "2 damaged files" in result.stdout
+
+
 # -- doctor ---------------------------------------------------------------------------------
 
 

@@ -576,7 +576,10 @@ def _damage(path: Path, expected: SnapshotFile) -> str | None:
     from vllm_lora_resolvers.transfer import RemoteFile, verify_file  # transfer imports us
 
     try:
-        size = path.stat().st_size
+        status = path.lstat()  # a link, FIFO or device is never opened: reading could block
+        if not stat.S_ISREG(status.st_mode):
+            return "not a regular file"
+        size = status.st_size
         if size != expected.size:
             return f"{size} bytes, the manifest says {expected.size}"
         found = verify_file(path, RemoteFile(expected.path, size))
