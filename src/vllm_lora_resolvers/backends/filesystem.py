@@ -110,59 +110,121 @@ class FilesystemResolver(BaseStorageResolver):
         return path, False
 
     def _stat_adapter_files(self, name: str, folder: str) -> tuple[tuple[RemoteFile, ...], str]:
-        files, fingerprint = [], hashlib.sha256()
-        for file_name in ADAPTER_FILES:
-            path = f"{folder}/{file_name}"
-            try:
-                status = os.lstat(path)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as error:
-                raise StoreUnavailableError(
-                    f"cannot stat {file_name} of {name!r}: {error.strerror}"
-                ) from None
+        """The adapter's files, all seen through one open handle on the folder (so a folder
+        swapped meanwhile cannot mix two versions), each with its identity as its etag."""
+        try:
+            directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return (), ""
+        except OSError as error:
+            raise StoreUnavailableError(
+                f"cannot read adapter folder {name!r}: {error.strerror}"
+            ) from None
+        try:
+            folder_identity = _identity(os.fstat(directory))
+            files, fingerprint = [], hashlib.sha256()
+            for file_name in ADAPTER_FILES:
+                status = self._stat_file(name, folder, directory, file_name)
+                if status is None:
+                    continue
+                identity = f"{folder_identity}/{_identity(status)}"
+                files.append(RemoteFile(file_name, status.st_size, etag=identity))
+                fingerprint.update(f"{file_name}\0{identity}\n".encode())
+                if file_name != CONFIG_FILE:
+                    break  # vLLM loads the first weights file present; the others do not matter
+        finally:
+            os.close(directory)
+        return tuple(files), fingerprint.hexdigest()[:32]
+
+    @staticmethod
+    def _stat_file(name: str, folder: str, directory: int, file_name: str) -> os.stat_result | None:
+        try:
+            status = os.stat(file_name, dir_fd=directory, follow_symlinks=False)
             if stat.S_ISLNK(status.st_mode):
-                target = os.path.realpath(path)
+                target = os.path.realpath(f"{folder}/{file_name}")
                 if not target.startswith(folder + os.sep):
                     raise InvalidAdapterError(
                         f"adapter {name!r}: {file_name} is a link to a file outside the adapter "
                         "folder; replace it with the file itself"
                     )
-                status = os.stat(target)
-            if not stat.S_ISREG(status.st_mode):
-                raise InvalidAdapterError(f"adapter {name!r}: {file_name} is not a regular file")
-            identity = _identity(status)
-            files.append(RemoteFile(file_name, status.st_size, etag=identity))
-            fingerprint.update(f"{file_name}\0{identity}\n".encode())
-            if file_name != CONFIG_FILE:
-                break  # vLLM loads the first weights file present; the others do not matter
-        return tuple(files), fingerprint.hexdigest()[:32]
+                status = os.stat(file_name, dir_fd=directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as error:
+            raise StoreUnavailableError(
+                f"cannot stat {file_name} of {name!r}: {error.strerror}"
+            ) from None
+        if not stat.S_ISREG(status.st_mode):
+            raise InvalidAdapterError(f"adapter {name!r}: {file_name} is not a regular file")
+        return status
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """Copy the file as `locate` saw it: a file replaced or changed since (or during the
-        copy) is a new version, which the pipeline looks up again."""
-        source = Path(adapter.location) / file.path
+        """Copy the file exactly as `locate` saw it, through one open handle on the folder.
+
+        The file is opened without blocking (a FIFO swapped in cannot hang us) and must be the
+        very file looked up, before and after the copy; afterwards every other file of the
+        adapter must still be as looked up too. Anything else is a new version, which the
+        pipeline looks up again: a snapshot is always exactly one version of the folder.
+        """
         try:
-            reader = source.open("rb")
+            directory = os.open(adapter.location, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise VersionChangedError(f"adapter {adapter.name!r} vanished") from None
+        except OSError as error:
+            raise StoreUnavailableError(
+                f"cannot read adapter folder {adapter.name!r}: {error.strerror}"
+            ) from None
+        try:
+            folder_identity = _identity(os.fstat(directory))
+            self._copy_as_looked_up(adapter, file, directory, folder_identity, destination)
+            for other in adapter.files:
+                try:
+                    current = (
+                        f"{folder_identity}/{_identity(os.stat(other.path, dir_fd=directory))}"
+                    )
+                except FileNotFoundError:
+                    current = ""
+                if current != other.etag:
+                    raise VersionChangedError(f"{other.path} of {adapter.name!r} changed")
+        finally:
+            os.close(directory)
+        return {}
+
+    @staticmethod
+    def _copy_as_looked_up(
+        adapter: RemoteAdapter,
+        file: RemoteFile,
+        directory: int,
+        folder_identity: str,
+        destination: Path,
+    ) -> None:
+        changed = VersionChangedError(f"{file.path} of {adapter.name!r} changed")
+        try:
+            reader = os.open(
+                file.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
+            )
         except FileNotFoundError:
-            raise VersionChangedError(f"{file.path} of {adapter.name!r} vanished") from None
+            raise changed from None
         except OSError as error:
             raise StoreUnavailableError(
                 f"cannot read {file.path} of {adapter.name!r}: {error.strerror}"
             ) from None
-        with reader, destination.open("wb") as writer:
-            if _identity(os.fstat(reader.fileno())) != file.etag:
-                raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
-            copied = 0
-            while sent := os.sendfile(writer.fileno(), reader.fileno(), copied, _COPY_CHUNK):
-                copied += sent
-            if _identity(os.fstat(reader.fileno())) != file.etag:
-                raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
-        return {}
+        try:
+            if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
+                raise changed
+            with destination.open("wb") as writer:
+                copied = 0
+                while sent := os.sendfile(writer.fileno(), reader, copied, _COPY_CHUNK):
+                    copied += sent
+            if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
+                raise changed
+        finally:
+            os.close(reader)
 
 
 def _identity(status: os.stat_result) -> str:
-    """What changes whenever a file is replaced or rewritten: inode, size, modification time."""
-    return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
+    """What changes whenever a file is replaced or rewritten: device and inode, size,
+    modification time."""
+    return f"{status.st_dev}:{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"

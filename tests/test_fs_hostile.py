@@ -1,0 +1,156 @@
+"""A writer of the adapter folder racing the filesystem resolver: swapping a file for a link to
+a private file, swapping whole folders, rewriting files in place. Every snapshot handed out is
+exactly one version of the folder, and nothing outside the folder is ever read."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import BASE_MODEL, snapshot_dirs
+
+from devtools.models import write_lora_adapter
+from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import ResolverError
+
+WEIGHTS = "adapter_model.safetensors"
+MARKER = b"PRIVATE-MARKER-7f3a"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@contextmanager
+def running(action: Callable[[int], None]) -> Iterator[None]:
+    """Run ``action(0)``, ``action(1)``, ... on a thread until the block ends."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        count = 0
+        while not stop.is_set():
+            action(count)
+            count += 1
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _resolver(
+    adapters: Path, cache: Path, make_settings: Callable[..., Settings]
+) -> FilesystemResolver:
+    settings = make_settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0")
+    return FilesystemResolver(adapters, settings, NodeCache(cache))
+
+
+def _pair(folder: Path) -> tuple[bytes, bytes]:
+    return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS).read_bytes()
+
+
+def test_a_config_swapped_for_a_link_to_a_private_file_never_leaks_it(
+    adapters_dir: Path, cache_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    good = (folder / CONFIG_FILE).read_bytes()
+    private = tmp_path / "private.json"  # as long as the real config: no size mismatch to trip
+    secret = b'{"peft_type": "' + MARKER + b'"}'
+    private.write_bytes(secret + b" " * (len(good) - len(secret)))
+    resolver = _resolver(adapters_dir, cache_dir, make_settings)
+
+    def swap(count: int) -> None:
+        fresh, link = folder / f".new-{count}", folder / f".link-{count}"
+        fresh.write_bytes(good)  # a new file each time: a new version to fetch
+        fresh.replace(folder / CONFIG_FILE)
+        link.symlink_to(private)
+        link.replace(folder / CONFIG_FILE)
+
+    messages, served = [], 0
+    with running(swap):
+        for _ in range(300):
+            try:
+                resolved = resolver.resolve(BASE_MODEL, "sql")
+            except ResolverError as error:
+                messages.append(str(error))
+                continue
+            if resolved is not None:
+                served += 1
+                assert (resolved.path / CONFIG_FILE).read_bytes() == good
+    assert not [m for m in messages if MARKER.decode() in m or str(private) in m]
+    for snapshot in snapshot_dirs(cache_dir):
+        assert (snapshot / "adapter" / CONFIG_FILE).read_bytes() == good
+    assert served + len(messages) == 300
+
+
+def _exchange(first: Path, second: Path) -> None:
+    """Swap two folders atomically (renameat2 with RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = libc.renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if done != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+
+
+async def _resolve_concurrently(resolver: FilesystemResolver, times: int) -> list[Path]:
+    async def one() -> Path | None:
+        try:
+            request = await resolver.resolve_lora(BASE_MODEL, "sql")
+        except ResolverError:
+            return None  # changed twice under one resolution: an honest error
+        return None if request is None else Path(request.lora_path)
+
+    paths = await asyncio.gather(*(one() for _ in range(times)))
+    return [path for path in paths if path is not None]
+
+
+def test_folders_swapped_atomically_never_give_one_versions_config_with_the_others_weights(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    one = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1, alpha=16)
+    other = write_lora_adapter(adapters_dir / "other", base_model=BASE_MODEL, seed=2, alpha=32)
+    versions = {_pair(one), _pair(other)}
+    resolver = _resolver(adapters_dir, cache_dir, make_settings)
+
+    with running(lambda _: _exchange(one, other)):
+        paths = [
+            path for _ in range(5) for path in asyncio.run(_resolve_concurrently(resolver, 50))
+        ]
+    assert paths
+    assert all(_pair(path) in versions for path in paths)
+
+
+def test_files_rewritten_in_place_never_give_a_torn_snapshot(
+    adapters_dir: Path, cache_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
+    versions = [
+        write_lora_adapter(tmp_path / f"v{seed}", base_model=BASE_MODEL, seed=seed)
+        for seed in (1, 2)
+    ]
+    weights = [(version / WEIGHTS).read_bytes() for version in versions]
+    resolver = _resolver(adapters_dir, cache_dir, make_settings)
+
+    def rewrite(count: int) -> None:
+        with (folder / WEIGHTS).open("r+b") as stream:  # in place: same file, chunk by chunk
+            content = weights[count % 2]
+            for start in range(0, len(content), 4096):
+                stream.write(content[start : start + 4096])
+                stream.flush()
+
+    with running(rewrite):
+        paths = [
+            path for _ in range(5) for path in asyncio.run(_resolve_concurrently(resolver, 50))
+        ]
+    for path in paths:
+        assert (path / WEIGHTS).read_bytes() in weights
