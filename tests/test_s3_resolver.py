@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,32 @@ def test_cache_hit_costs_one_listing_and_no_download(
     assert resolver.resolve(BASE_MODEL, "sql") == first
     assert [method for method, _ in bucket.requests()] == ["GET"]
     assert "list-type=2" in bucket.requests()[0][1]
+
+
+def put_empty_objects(bucket: Bucket, keys: list[str]) -> None:
+    """Create ``keys`` straight on the server (not through the relay, whose counts stay clean)."""
+    client = bucket.endpoint.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket.name, Key=key, Body=b""), keys))
+
+
+def test_an_adapter_folder_cluttered_with_thousands_of_entries_is_found_in_two_listings(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    source = write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL)
+    bucket.upload("sql", source)
+    folder = "adapters/sql"
+    # Numbered checkpoints sort before adapter_config.json and filled the first listing page;
+    # backups sort between the config and the weights, so a second page is needed for those.
+    put_empty_objects(
+        bucket, [f"{folder}/{step:04d}/adapter_model.safetensors" for step in range(1001)]
+    )
+    put_empty_objects(bucket, [f"{folder}/adapter_config.json.{step:04d}" for step in range(1001)])
+    resolved = bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
+    assert resolved is not None
+    assert files_of(resolved.path) == files_of(source)
+    listings = [path for _, path in bucket.requests("GET") if "list-type=2" in path]
+    assert len(listings) == 2
 
 
 def test_absent_adapter_and_absent_config_are_not_found(
@@ -411,7 +438,9 @@ def test_a_refused_version_is_remembered_and_a_new_upload_is_checked_again(
     for _ in range(3):
         with pytest.raises(InvalidAdapterError, match="rank 64"):
             resolver.resolve(BASE_MODEL, "sql")
-    config_reads = [path for _, path in bucket.requests("GET") if "adapter_config" in path]
+    config_reads = [
+        path for _, path in bucket.requests("GET") if path.endswith("/adapter_config.json")
+    ]
     assert len(config_reads) == 1  # later refusals cost one listing each, no download
     bucket.upload("sql", write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, rank=8))
     assert resolver.resolve(BASE_MODEL, "sql") is not None

@@ -1,14 +1,16 @@
 """Adapters from S3 or any S3-compatible store (MinIO, R2, Ceph, SeaweedFS, ...).
 
 Adapter ``NAME`` is the folder ``s3://bucket/prefix/NAME/``. Its version is the set of
-(key, ETag, size) of its adapter files, read with one ``ListObjectsV2`` limited to that folder, so a
-resolve costs the same in a bucket of ten adapters or ten thousand. Endpoints, regions and
-credentials come from the standard AWS chain (``AWS_ENDPOINT_URL_S3``, profiles, IRSA, ...).
+(key, ETag, size) of its adapter files, read with one ``ListObjectsV2`` of the part of that folder
+where those files sort, so a resolve costs the same in a bucket of ten adapters or ten thousand,
+and in a folder that also holds thousands of checkpoints. Endpoints, regions and credentials come
+from the standard AWS chain (``AWS_ENDPOINT_URL_S3``, profiles, IRSA, ...).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,10 +21,12 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import S3_URI, Settings
 from vllm_lora_resolvers.errors import (
+    InvalidAdapterError,
     StoreUnavailableError,
     TransientStoreError,
     VersionChangedError,
@@ -33,8 +37,14 @@ from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ListObjectsV2OutputTypeDef
 
 _CHUNK = 1 << 20
+#: The adapter's file names all start with this stem and sort between the first and the last.
+_ADAPTER_FILES_STEM = os.path.commonprefix(ADAPTER_FILES)  # noqa: RUF071 - a key prefix, not a path
+_FIRST_ADAPTER_FILE, _LAST_ADAPTER_FILE = min(ADAPTER_FILES), max(ADAPTER_FILES)
+#: Listing pages (1,000 entries each) read at most to find one adapter's files.
+_MAX_LOOKUP_PAGES = 10
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 _AWS_ENDPOINT = re.compile(r"^https://s3[.-]([a-z0-9-]+[.-])?amazonaws\.com(\.cn)?/?$")
@@ -116,18 +126,33 @@ class S3Resolver(BaseStorageResolver):
         return folder_key(self.prefix, name)
 
     def locate(self, name: str) -> RemoteAdapter | None:
-        """One ``ListObjectsV2`` of the adapter's own folder (``Delimiter="/"``)."""
+        """``ListObjectsV2`` of the adapter's folder from its config to its last weights name.
+
+        Keys sort byte-wise, so listing only keys that start with ``adapter_`` and come after
+        ``adapter_config.jso`` skips whatever else the folder holds (checkpoints, logs): one
+        request, and one more per 1,000 entries sorting among the adapter's own files.
+        """
         folder = self.folder_prefix(name)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket,
+            Prefix=folder + _ADAPTER_FILES_STEM,
+            StartAfter=folder + _FIRST_ADAPTER_FILE[:-1],
+            Delimiter="/",
+        )
+        listed = {}
         with store_errors(f"listing s3://{self.bucket}/{folder}"):
-            page = self.client.list_objects_v2(
-                Bucket=self.bucket, Prefix=folder, Delimiter="/", MaxKeys=1000
-            )
-        listed = {
-            item["Key"][len(folder) :]: RemoteFile(
-                item["Key"][len(folder) :], item.get("Size", 0), etag=item.get("ETag", "")
-            )
-            for item in page.get("Contents", [])
-        }
+            for number, page in enumerate(pages, start=1):
+                for item in page.get("Contents", []):
+                    path = item["Key"][len(folder) :]
+                    listed[path] = RemoteFile(path, item.get("Size", 0), etag=item.get("ETag", ""))
+                if not page.get("IsTruncated") or _listed_past(page, folder + _LAST_ADAPTER_FILE):
+                    break
+                if number == _MAX_LOOKUP_PAGES:
+                    raise InvalidAdapterError(
+                        f"adapter {name!r}: {number} listing pages did not reach all of "
+                        f"{', '.join(ADAPTER_FILES)}: too many other entries of its folder sort "
+                        "among them; move those elsewhere"
+                    )
         return adapter_from_listing(name, f"s3://{self.bucket}/{folder}", listed)
 
     def list_names(self) -> Iterator[str]:
@@ -187,6 +212,13 @@ class S3Resolver(BaseStorageResolver):
 
         self.download_ranges(destination, file.size, fetch_range)
         return head_checksums(head)
+
+
+def _listed_past(page: ListObjectsV2OutputTypeDef, key: str) -> bool:
+    """Whether a listing page reached ``key`` (entries come in key order)."""
+    entries = [item["Key"] for item in page.get("Contents", [])]
+    entries += [folder["Prefix"] for folder in page.get("CommonPrefixes", [])]
+    return max(entries, default="") >= key
 
 
 def head_checksums(head: Mapping[str, Any]) -> dict[str, str]:
