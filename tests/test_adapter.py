@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from devtools.models import write_broken_safetensors, write_lora_adapter
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     check_adapter_folder,
+    check_weights_header,
     parse_adapter_config,
 )
 from vllm_lora_resolvers.errors import InvalidAdapterError
@@ -233,3 +237,261 @@ def test_pickle_naming_a_torch_function_beyond_tensor_rebuilding_is_refused(tmp_
     payload = b"\x80\x02ctorch.hub\nload\nq\x00."  # GLOBAL torch.hub load
     _torch_style_archive(folder / "adapter_model.bin", payload)
     assert "torch.hub.load, which is not allowed" in refusal(folder)
+
+
+# -- adapter_config.json as vLLM's PEFTHelper reads it -----------------------------------------
+
+
+def config_bytes(**fields: object) -> bytes:
+    document = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    return json.dumps({**document, **fields}).encode()
+
+
+def config_refusal(raw: bytes) -> str:
+    with pytest.raises(InvalidAdapterError) as raised:
+        parse_adapter_config("my-adapter", raw)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"lora_alpha": "16"}, "field 'lora_alpha' = '16': Input should be a valid number"),
+        ({"lora_alpha": float("nan")}, "field 'lora_alpha' = nan: Input should be a finite number"),
+        ({"lora_alpha": float("inf")}, "'lora_alpha' = inf"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, "'alpha_pattern.q_proj' = nan"),
+        ({"alpha_pattern": {"q_proj": "32"}}, "'alpha_pattern.q_proj' = '32'"),
+        ({"rank_pattern": {"q_proj": 0}}, "'rank_pattern.q_proj' = 0: Input should be greater"),
+        ({"rank_pattern": {"q_proj": -4}}, "'rank_pattern.q_proj' = -4"),
+        ({"use_rslora": "false"}, "'use_rslora' = 'false': Input should be a valid boolean"),
+    ],
+    ids=[
+        "string alpha",
+        "NaN alpha",
+        "infinite alpha",
+        "NaN in alpha_pattern",
+        "string in alpha_pattern",
+        "rank 0 in rank_pattern",
+        "negative rank in rank_pattern",
+        "string use_rslora",
+    ],
+)
+def test_config_vllm_would_refuse_or_misuse_is_refused(
+    fields: dict[str, object], expected: str
+) -> None:
+    assert expected in config_refusal(config_bytes(**fields))
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected"),
+    [
+        (b"\xef\xbb\xbf" + config_bytes(), "is not UTF-8 text without a byte-order mark"),
+        (config_bytes().decode().encode("utf-16"), "is not UTF-8 text without a byte-order mark"),
+        (config_bytes().decode().encode("utf-32"), "is not UTF-8 text without a byte-order mark"),
+        (config_bytes().decode().encode("utf-16-be"), "is not valid JSON"),  # NULs are UTF-8
+    ],
+    ids=["UTF-8 with BOM", "UTF-16", "UTF-32", "UTF-16 without BOM"],
+)
+def test_config_that_is_not_plain_utf8_is_refused(encoded: bytes, expected: str) -> None:
+    assert f"adapter_config.json {expected}" in config_refusal(encoded)
+
+
+@pytest.mark.parametrize("pattern", ["rank_pattern", "alpha_pattern"])
+def test_pattern_key_that_would_backtrack_in_the_engine_is_refused_at_once(pattern: str) -> None:
+    started = time.perf_counter()
+    message = config_refusal(config_bytes(**{pattern: {"(.*){1,32000}[bc]": 4}}))
+    assert time.perf_counter() - started < 0.5
+    assert f"field '{pattern}.(.*){{1,32000}}[bc].[key]'" in message
+    assert "is not a module name or name suffix" in message
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "q_proj",
+        "model.layers.0.self_attn.q_proj",
+        "layers\\.1\\.mlp\\.down_proj",
+        "^model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.q_proj$",
+        ".*\\.mlp\\.experts\\.gate_up_proj",  # what PEFT writes for fused MoE experts
+    ],
+)
+def test_pattern_keys_people_and_peft_write_are_accepted(key: str) -> None:
+    config = parse_adapter_config("my-adapter", config_bytes(rank_pattern={key: 4}))
+    assert config.rank_pattern == {key: 4}
+
+
+def test_more_pattern_keys_than_vllm_caches_are_refused() -> None:
+    keys = {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(200)}
+    alphas = {f"model.layers.{i}.mlp.up_proj": 4.0 for i in range(100)}
+    message = config_refusal(config_bytes(rank_pattern=keys, alpha_pattern=alphas))
+    assert "hold 300 distinct keys" in message
+
+
+def test_a_long_hostile_key_is_quoted_short() -> None:
+    message = config_refusal(config_bytes(rank_pattern={"(" * 5000: 4}))
+    assert len(message) < 600
+    assert "(" * 100 not in message
+
+
+# -- the weights as vLLM's loader reads them for the config -------------------------------------
+
+PREFIX = "base_model.model.model.layers"
+
+
+def with_tensors(folder: Path, shapes: dict[str, tuple[int, ...]], **config: object) -> Path:
+    """``folder``'s weights replaced by zero tensors of ``shapes``, its config updated."""
+    save_file(
+        {name: np.zeros(shape, np.float32) for name, shape in shapes.items()},
+        str(folder / "adapter_model.safetensors"),
+    )
+    document = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**document, **config}))
+    return folder
+
+
+def lora(
+    module: str, rank: int, fan_in: int = 128, fan_out: int = 128
+) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{PREFIX}.{module}.lora_A.weight": (rank, fan_in),
+        f"{PREFIX}.{module}.lora_B.weight": (fan_out, rank),
+    }
+
+
+def test_trainable_tokens_tensor_is_refused_by_name(tmp_path: Path) -> None:
+    delta = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    folder = with_tensors(adapter(tmp_path), {**lora("0.self_attn.q_proj", 8), delta: (3, 128)})
+    message = refusal(folder)
+    assert f"weights file adapter_model.safetensors holds tensor {delta!r}" in message
+    assert "trainable_token_indices" in message
+
+
+def test_weights_of_another_rank_than_r_are_refused(tmp_path: Path) -> None:
+    folder = with_tensors(adapter(tmp_path), lora("0.self_attn.q_proj", 8), r=4)
+    message = refusal(folder)
+    assert f"holds tensor '{PREFIX}.0.self_attn.q_proj.lora_A.weight' of shape [8, 128]" in message
+    assert "gives its module rank 4 (r)" in message
+
+
+def test_weights_of_another_rank_than_rank_pattern_says_are_refused(tmp_path: Path) -> None:
+    shapes = {**lora("0.self_attn.q_proj", 8), **lora("0.self_attn.v_proj", 8, fan_out=64)}
+    folder = with_tensors(adapter(tmp_path), shapes, rank_pattern={"v_proj": 4})
+    assert "module rank 4 (rank_pattern key 'v_proj')" in refusal(folder)
+
+
+def test_weights_matching_rank_pattern_pass(tmp_path: Path) -> None:
+    shapes = {
+        **lora("0.self_attn.q_proj", 8),
+        **lora("0.self_attn.v_proj", 4, fan_out=64),
+        **lora("1.self_attn.v_proj", 2, fan_out=64),
+    }
+    rank_pattern = {"model.layers.1.self_attn.v_proj": 2, "v_proj": 4}
+    folder = with_tensors(adapter(tmp_path), shapes, rank_pattern=rank_pattern)
+    check_adapter_folder("my-adapter", folder, POLICY)
+
+
+def test_fused_experts_hold_one_rank_per_expert(tmp_path: Path) -> None:
+    experts = "0.mlp.experts.base_layer"
+    folder = with_tensors(adapter(tmp_path), lora(experts, 8 * 4, fan_out=512))
+    check_adapter_folder("my-adapter", folder, POLICY)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        ({f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": (8, 128)}, "but no lora_B tensor"),
+        ({f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": (128, 8)}, "but no lora_A tensor"),
+        (
+            {**lora("0.self_attn.q_proj", 8), f"{PREFIX}.0.self_attn.q_proj.weight": (128, 128)},
+            "'base_model.model.model.layers.0.self_attn.q_proj.weight', which vLLM cannot load",
+        ),
+        (
+            {**lora("0.self_attn.q_proj", 8), f"{PREFIX}.0.self_attn.q_proj.lora_B.bias": (128,)},
+            "lora_B.bias', which vLLM cannot load",
+        ),
+        (
+            {
+                **lora("0.self_attn.q_proj", 8),
+                f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector": (128,),
+            },
+            "which vLLM cannot load",
+        ),
+        (
+            {**lora("0.self_attn.q_proj", 8), "base_model.model.lm_head.weight": (512, 128)},
+            "'base_model.model.lm_head.weight', which vLLM cannot load",
+        ),
+        (
+            {**lora("0.self_attn.q_proj", 8), "base_model.model.score.weight": (2, 128)},
+            "whose module 'score' modules_to_save does not list",
+        ),
+        (
+            {
+                f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": (8, 128, 1),
+                f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": (128, 8),
+            },
+            "of shape [8, 128, 1]; LoRA weights are 2-D",
+        ),
+        (lora("0.self-attn.q_proj", 8), "whose module is not a module path"),
+        (lora("0" + ".x" * 20, 8), "whose module is not a module path"),
+        (lora("0." + "x" * 300, 8), "whose name is longer than 256 characters"),
+        (
+            {
+                **lora("0.self_attn.q_proj", 8),
+                f"{PREFIX}.0.self_attn.q_proj.lora_embedding_A": (8, 512),
+            },
+            "holds two lora_A tensors for module 'model.layers.0.self_attn.q_proj'",
+        ),
+    ],
+    ids=[
+        "A without B",
+        "B without A",
+        "base weight",
+        "LoRA bias",
+        "DoRA magnitude",
+        "full lm_head",
+        "score not in modules_to_save",
+        "3-D lora_A",
+        "odd module name",
+        "deep module name",
+        "long name",
+        "two lora_A",
+    ],
+)
+def test_tensor_vllm_cannot_load_as_the_config_says_is_refused(
+    tmp_path: Path, shapes: dict[str, tuple[int, ...]], expected: str
+) -> None:
+    assert expected in refusal(with_tensors(adapter(tmp_path), shapes))
+
+
+def test_classification_head_listed_in_modules_to_save_passes(tmp_path: Path) -> None:
+    shapes = {**lora("0.self_attn.q_proj", 8), "base_model.model.score.weight": (2, 128)}
+    folder = with_tensors(adapter(tmp_path), shapes, modules_to_save=["score"])
+    check_adapter_folder("my-adapter", folder, POLICY)
+
+
+def test_pattern_keys_times_modules_beyond_the_engine_budget_are_refused(tmp_path: Path) -> None:
+    shapes = {
+        name: shape
+        for layer in range(1100)
+        for name, shape in lora(f"{layer}.self_attn.q_proj", 8, fan_in=2, fan_out=2).items()
+    }
+    keys = {f"model.layers.{layer}.mlp.up_proj": 4 for layer in range(250)}  # none matches
+    folder = with_tensors(adapter(tmp_path), shapes, rank_pattern=keys)
+    started = time.perf_counter()
+    assert "vLLM would test more than 262144 rank_pattern / alpha_pattern keys" in refusal(folder)
+    assert time.perf_counter() - started < 2
+
+
+def test_weights_header_is_checked_before_the_body_is_fetched(tmp_path: Path) -> None:
+    folder = adapter(tmp_path)
+    config = parse_adapter_config("my-adapter", (folder / "adapter_config.json").read_bytes())
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    needed = check_weights_header("my-adapter", config, weights[:8], len(weights))
+    assert 8 < needed < len(weights)
+    assert check_weights_header("my-adapter", config, weights[:needed], len(weights)) == needed
+    smaller = parse_adapter_config("my-adapter", config_bytes(r=4, base_model_name_or_path=BASE))
+    with pytest.raises(InvalidAdapterError, match="gives its module rank 4"):
+        check_weights_header("my-adapter", smaller, weights[:needed], len(weights))
+    with pytest.raises(InvalidAdapterError, match="does not fit"):
+        check_weights_header("my-adapter", config, weights[:needed], needed - 1)

@@ -16,7 +16,6 @@ import math
 from vllm_lora_resolvers.weights import (
     FLOAT_DTYPE_BYTES,
     MAX_TENSOR_DIMS,
-    MAX_TENSOR_NAME_CHARS,
     MAX_TENSORS,
     TensorSpec,
     WeightsError,
@@ -107,8 +106,8 @@ def _without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object
 
 def _placed_tensor(name: str, entry: object) -> tuple[tuple[int, int], str, TensorSpec]:
     """((begin, end), name, spec) of one header entry, checked on its own."""
-    if len(name) > MAX_TENSOR_NAME_CHARS or not _is_utf8(name):
-        raise malformed(f"tensor {shown_name(name)}: the name is not short UTF-8 text")
+    if not _is_utf8(name):
+        raise malformed(f"tensor {shown_name(name)}: the name is not UTF-8 text")
     if not isinstance(entry, dict):
         raise malformed(f"tensor {shown_name(name)}: its entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
