@@ -462,6 +462,27 @@ def test_doctor_reports_misconfigurations_with_fixes_and_never_a_secret(
     assert f"OK   lora_s3_resolver: {bucket.uri}" in output
 
 
+def test_credentials_in_a_store_endpoint_are_never_printed_nor_cached(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    bucket.upload("sql", adapter(tmp_path / "sql"))
+    configured = {
+        "AWS_ENDPOINT_URL_S3": bucket.relay.url.replace("http://", f"http://user:{SECRET}@"),
+        "AWS_ENDPOINT_URL": f"{bucket.relay.url}/?token={SECRET}",
+        "VLLM_LORA_RESOLVER_S3_URI": bucket.uri,
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir),
+    }
+    pulled = vllm_lora("--verbose", "pull", "sql", "--base-model", BASE_MODEL, **configured)
+    assert pulled.returncode == 0, pulled.stderr
+    listed = vllm_lora("cache", "ls", **configured)
+    diagnosed = vllm_lora("doctor", **configured)
+    assert f"OK   lora_s3_resolver: {bucket.uri}@{bucket.relay.url} answered" in diagnosed.stdout
+    for run in (pulled, listed, diagnosed):
+        assert SECRET not in run.stdout + run.stderr
+    manifests = (cache_dir / ".vllm-lora" / "snapshots").glob("*/manifest.json")
+    assert all(SECRET not in manifest.read_text() for manifest in manifests)
+
+
 def test_doctor_passes_a_healthy_setup_and_shows_the_try_order(
     bucket: Bucket, cache_dir: Path
 ) -> None:

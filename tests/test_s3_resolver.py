@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -371,6 +372,39 @@ def test_refused_credentials_are_explained_without_the_secret(
         bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
     assert "credential" in str(raised.value)
     assert "obviously-fake-wrong-secret" not in str(raised.value)
+
+
+def test_credentials_in_the_endpoint_url_never_reach_the_cache_the_logs_or_errors(
+    bucket: Bucket,
+    tmp_path: Path,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "endpoint-s3cret-never-shown"
+    endpoint = bucket.relay.url.replace("http://", f"http://user:{secret}@")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    bucket.upload("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
+    ours = logging.getLogger("vllm.lora_resolvers")
+    ours.addHandler(caplog.handler)  # vLLM, once imported, stops its loggers propagating
+    caplog.set_level(logging.DEBUG, logger=ours.name)
+    try:
+        resolver = bucket.resolver(cache_dir)
+        assert resolver.resolve(BASE_MODEL, "sql") is not None
+        bucket.relay.add_fault(Fault("status", times=10_000))
+        assert bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql") is not None  # stale
+        with pytest.raises(StoreUnavailableError) as raised:
+            bucket.resolver(tmp_path / "empty-cache").resolve(BASE_MODEL, "sql")
+    finally:
+        ours.removeHandler(caplog.handler)
+    assert resolver.source == f"{bucket.uri}@{bucket.relay.url}"
+    assert "serving cached version" in caplog.text
+    assert secret not in caplog.text
+    assert secret not in str(raised.value)
+    for directory, _, names in os.walk(cache_dir):
+        for name in names:
+            path = Path(directory, name)
+            assert path.is_symlink() or secret.encode() not in path.read_bytes(), path
 
 
 def test_missing_bucket_is_explained(

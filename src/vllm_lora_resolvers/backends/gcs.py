@@ -31,6 +31,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
+from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import GCS_URI, Settings
 from vllm_lora_resolvers.errors import (
@@ -85,7 +86,8 @@ class GcsResolver(BaseStorageResolver):
         source = f"gs://{self.bucket_name}{prefix}"
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
-            source += f"@{emulator}"  # an emulator's bucket is not the real one of that name
+            # An emulator's bucket is not the real one of that name; no credentials in it.
+            source += f"@{public_endpoint(emulator)}"
         super().__init__(
             source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
         )

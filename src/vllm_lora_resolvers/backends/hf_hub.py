@@ -48,6 +48,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazy export
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
+from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.config import HF_REPO_LIST, ConfigurationError, Settings
 from vllm_lora_resolvers.errors import IntegrityError, StoreUnavailableError, TransientStoreError
@@ -115,8 +116,10 @@ class HfHubResolver(BaseStorageResolver):
         endpoint = os.environ.get("HF_ENDPOINT", "").strip() or constants.ENDPOINT
         self.endpoint = endpoint.rstrip("/")
         self.api = HfApi(endpoint=self.endpoint, library_name=_LIBRARY)
+        #: The endpoint as locations and messages show it (no credentials).
+        self.public_endpoint = public_endpoint(self.endpoint)
         # The cache key's source: two Hubs (or mirrors) never share a snapshot.
-        source = "hf://" + self.endpoint.split("://", 1)[-1]
+        source = "hf://" + self.public_endpoint.split("://", 1)[-1]
         super().__init__(
             source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
         )
@@ -155,9 +158,8 @@ class HfHubResolver(BaseStorageResolver):
                 commit = target.revision
                 if not _COMMIT.fullmatch(commit):
                     commit = self._commit_of(target)
-                location = f"{self.endpoint}/{target.repo_id}/tree/{commit}/{target.folder}".rstrip(
-                    "/"
-                )
+                location = f"{self.public_endpoint}/{target.repo_id}/tree/{commit}/{target.folder}"
+                location = location.rstrip("/")
                 key = snapshot_key(self.source, name, commit)
                 if self.cache.contains(key):
                     return RemoteAdapter(name, commit, location, (), cached_snapshot=key)
@@ -195,8 +197,8 @@ class HfHubResolver(BaseStorageResolver):
         commit = metadata.commit_hash
         if commit is None or not _COMMIT.fullmatch(commit):
             raise StoreUnavailableError(
-                f"{self.endpoint} did not name the commit of {target.repo_id}@{target.revision}; "
-                "is HF_ENDPOINT a Hugging Face Hub?"
+                f"{self.public_endpoint} did not name the commit of "
+                f"{target.repo_id}@{target.revision}; is HF_ENDPOINT a Hugging Face Hub?"
             )
         return commit
 

@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
+from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import S3_URI, Settings
 from vllm_lora_resolvers.errors import (
@@ -116,7 +117,8 @@ class S3Resolver(BaseStorageResolver):
         source = f"s3://{self.bucket}{prefix}"
         endpoint = self.client.meta.endpoint_url
         if not _AWS_ENDPOINT.match(endpoint):
-            source += f"@{endpoint}"  # two stores never share cache entries for one bucket name
+            # Two stores never share cache entries for one bucket name; no credentials in it.
+            source += f"@{public_endpoint(endpoint)}"
         super().__init__(
             source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
         )

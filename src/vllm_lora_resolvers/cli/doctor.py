@@ -81,6 +81,7 @@ _STORE_FIX = {
     "fs": f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
 }
 _USERINFO = re.compile(r"//[^/@\s]*@")
+_URL_QUERY = re.compile(r"(://[^?#\s]*)[?#]\S*")
 
 
 @click.command()
@@ -129,13 +130,13 @@ def _diagnose(
 
 def shown_value(name: str, environ: Mapping[str, str]) -> str | None:
     """How ``doctor`` shows variable ``name``: ``None`` when unset, ``set`` for a secret, the
-    value otherwise (any ``user:password@`` of a URL masked)."""
+    value otherwise (any ``user:password@``, query or fragment of a URL masked)."""
     value = environ.get(name)
     if value is None:
         return None
     if name in SECRETS:
         return "set"
-    return _USERINFO.sub("//***@", value)
+    return _URL_QUERY.sub(r"\1?***", _USERINFO.sub("//***@", value))
 
 
 def _print_configuration(out: Console, environ: Mapping[str, str]) -> None:
