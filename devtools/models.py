@@ -259,6 +259,36 @@ def write_lora_adapter(
     return directory
 
 
+def write_peft_adapter(
+    directory: Path,
+    model_dir: Path,
+    lora_config: Mapping[str, object],
+    *,
+    safe_serialization: bool = True,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    seed: int = 0,
+) -> Path:
+    """Save a LoRA adapter of the tiny Llama at ``model_dir`` with the real PEFT library.
+
+    ``lora_config`` holds ``peft.LoraConfig`` arguments (``task_type`` is ``CAUSAL_LM``), for
+    example ``{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}``. The adapter is
+    made by ``get_peft_model`` on the model loaded in ``dtype`` (its LoRA weights too: PEFT's
+    float32 autocast is off) and written by ``save_pretrained`` into ``directory``, as
+    ``adapter_model.safetensors`` or, with ``safe_serialization=False``, ``adapter_model.bin``.
+    Returns ``directory``.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    config = LoraConfig(task_type="CAUSAL_LM", **lora_config)  # type: ignore[arg-type]
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    peft_model.save_pretrained(str(directory), safe_serialization=safe_serialization)
+    return directory
+
+
 def write_large_adapter(
     directory: Path, *, base_model: str, size_bytes: int, seed: int = 0
 ) -> Path:
