@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from conftest import BASE_MODEL, snapshot_dirs
 
 from devtools.models import write_lora_adapter
@@ -19,7 +20,7 @@ from vllm_lora_resolvers.adapter import CONFIG_FILE
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.errors import ResolverError
+from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError
 
 WEIGHTS = "adapter_model.safetensors"
 MARKER = b"PRIVATE-MARKER-7f3a"
@@ -154,3 +155,39 @@ def test_files_rewritten_in_place_never_give_a_torn_snapshot(
         ]
     for path in paths:
         assert (path / WEIGHTS).read_bytes() in weights
+
+
+def _cache_disk_bytes(cache_dir: Path) -> int:
+    """Bytes really allocated under the cache (holes of sparse files count nothing)."""
+    return sum(
+        Path(root, name).lstat().st_blocks * 512
+        for root, _, names in os.walk(cache_dir)
+        for name in names
+    )
+
+
+def test_an_adapter_above_the_size_limit_is_refused_before_any_byte_is_copied(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    with (folder / WEIGHTS).open("r+b") as weights:
+        weights.truncate(1 << 40)  # a sparse terabyte: costs the writer nothing
+    resolver = _resolver(adapters_dir, cache_dir, make_settings)
+    for _ in range(2):  # and again: remembered, not copied again
+        with pytest.raises(InvalidAdapterError, match="VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES"):
+            resolver.resolve(BASE_MODEL, "sql")
+    assert _cache_disk_bytes(cache_dir) < 1 << 20
+    assert snapshot_dirs(cache_dir) == []
+
+
+def test_a_weights_file_larger_than_its_header_declares_is_refused_before_its_copy(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    with (folder / WEIGHTS).open("r+b") as weights:
+        weights.truncate(100 << 30)  # under a raised limit, still far more than declared
+    settings = make_settings(VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES="1TiB")
+    resolver = FilesystemResolver(adapters_dir, settings, NodeCache(cache_dir))
+    with pytest.raises(InvalidAdapterError, match="bytes of data"):
+        resolver.resolve(BASE_MODEL, "sql")
+    assert _cache_disk_bytes(cache_dir) < 1 << 20

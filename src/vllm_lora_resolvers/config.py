@@ -67,6 +67,11 @@ CACHE_MAX_BYTES = Variable(
     "unlimited",
     "LRU cap of the cache: `20GiB`, `500MB` or a number of bytes.",
 )
+MAX_ADAPTER_BYTES = Variable(
+    "VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES",
+    "16GiB",
+    "Largest adapter (config and weights) fetched; a larger one is refused before any download.",
+)
 NEGATIVE_TTL = Variable(
     "VLLM_LORA_RESOLVER_NEGATIVE_TTL",
     "30",
@@ -87,11 +92,14 @@ ALL_VARIABLES: tuple[Variable, ...] = (
     MAX_RANK,
     BASE_MODEL_ALIASES,
     CACHE_MAX_BYTES,
+    MAX_ADAPTER_BYTES,
     NEGATIVE_TTL,
     VLLM_PLUGINS,
 )
 
 DEFAULT_MAX_RANK = 16
+# A rank-64 LoRA of every linear layer of a 405B model is about 8 GiB in float32.
+DEFAULT_MAX_ADAPTER_BYTES = 16 << 30
 DEFAULT_NEGATIVE_TTL_SECONDS = 30.0
 
 _SIZE_UNITS = {
@@ -176,6 +184,7 @@ class Settings:
     max_rank: int
     base_model_aliases: tuple[str, ...]
     cache_max_bytes: int | None
+    max_adapter_bytes: int
     negative_ttl_seconds: float
     plugin_order: tuple[str, ...] | None
 
@@ -188,6 +197,7 @@ class Settings:
         cache_dir = env.get(CACHE_DIR.name, "").strip()
         fs_dir = env.get(FS_DIR.name, "").strip()
         max_bytes = env.get(CACHE_MAX_BYTES.name, "").strip()
+        max_adapter = env.get(MAX_ADAPTER_BYTES.name, "").strip()
         plugins = env.get(VLLM_PLUGINS.name)
         max_rank = _positive_int(env, MAX_RANK) or max_rank_from_argv(
             sys.argv if argv is None else argv
@@ -201,6 +211,11 @@ class Settings:
             max_rank=max_rank or DEFAULT_MAX_RANK,
             base_model_aliases=_comma_list(env.get(BASE_MODEL_ALIASES.name)),
             cache_max_bytes=parse_byte_size(max_bytes) if max_bytes else None,
+            max_adapter_bytes=(
+                parse_byte_size(max_adapter, MAX_ADAPTER_BYTES.name)
+                if max_adapter
+                else DEFAULT_MAX_ADAPTER_BYTES
+            ),
             negative_ttl_seconds=_seconds(env, NEGATIVE_TTL, DEFAULT_NEGATIVE_TTL_SECONDS),
             # vLLM splits VLLM_PLUGINS on "," without stripping; so do we.
             plugin_order=tuple(plugins.split(",")) if plugins is not None else None,

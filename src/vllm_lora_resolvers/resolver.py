@@ -55,6 +55,11 @@ from vllm_lora_resolvers.transfer import (
     download_in_parts,
     fetch_files,
 )
+from vllm_lora_resolvers.weights import WeightsError
+from vllm_lora_resolvers.weights.safetensors_header import (
+    parse_safetensors_header,
+    safetensors_header_size,
+)
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -68,6 +73,8 @@ OUTAGE_MEMORY_SECONDS = 5.0
 #: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was
 #: evicted) between the lookup and the fetch, so the request gets the new version.
 LOOKUPS_PER_RESOLUTION = 2
+#: The first read of a safetensors header; a larger header costs a second, exact read.
+_HEAD_PROBE_BYTES = 64 << 10
 #: Free space asked for beyond an adapter's bytes when a full disk is cleared (manifest, inodes).
 _DISK_SLACK_BYTES = 1 << 20
 
@@ -181,6 +188,11 @@ class BaseStorageResolver(ABC):
             policy=self.retry_policy,
             on_retry=self._count_retry,
         )
+
+    def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
+        """The first ``length`` bytes of ``file`` as `locate` saw it, if the store can read a
+        range cheaply (``None``: it cannot, and the weights are checked once downloaded)."""
+        return None
 
     def accepts_name(self, name: str) -> bool:
         """Whether ``name`` is a name this backend could hold (checked before any store call)."""
@@ -332,6 +344,12 @@ class BaseStorageResolver(ABC):
                 return snapshot, 0
             files = self._adapter_files(remote)
             incoming_bytes = sum(file.size for file in files)
+            if incoming_bytes > self.settings.max_adapter_bytes:
+                raise InvalidAdapterError(
+                    f"adapter {remote.name!r} is {incoming_bytes} bytes, above this server's "
+                    f"limit of {self.settings.max_adapter_bytes} "
+                    "(VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES)"
+                )
             self._count_evictions(self.cache.evict(incoming_bytes))
             try:
                 published = self._fetch_into_cache(remote, key, policy, files)
@@ -365,8 +383,10 @@ class BaseStorageResolver(ABC):
             config = parse_adapter_config(
                 remote.name, (staging / "adapter" / CONFIG_FILE).read_bytes()
             )
-            # Refuse a wrong base model or rank before fetching the (large) weights.
+            # Refuse a wrong base model or rank, or a weights file whose header does not add up,
+            # before fetching the (large) weights.
             check_adapter_config(remote.name, config, policy)
+            self._check_weights_head(remote, weights)
             fetched += self._download(remote, (weights,), staging)
             check_adapter_folder(remote.name, staging / "adapter", policy)
             manifest = SnapshotManifest(
@@ -398,6 +418,24 @@ class BaseStorageResolver(ABC):
             if isinstance(error, CacheError) or error.errno not in CACHE_DISK_ERRNOS:
                 raise
             raise cache_write_error(error) from None
+
+    def _check_weights_head(self, remote: RemoteAdapter, weights: RemoteFile) -> None:
+        """Refuse a safetensors file whose header is malformed or does not account for its
+        exact size (a sparse terabyte behind a small header, say), from its first bytes."""
+        if not weights.path.endswith(".safetensors"):
+            return
+        head = self.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
+        if head is None:
+            return
+        try:
+            header_size = safetensors_header_size(head, weights.size)
+            if header_size > len(head):
+                head = self.read_head(remote, weights, header_size) or b""
+            parse_safetensors_header(head, weights.size)
+        except WeightsError as error:
+            raise InvalidAdapterError(
+                f"adapter {remote.name!r}: weights file {weights.path} {error}"
+            ) from None
 
     def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
         """The config and the one weights file vLLM would load, in vLLM's order of preference."""

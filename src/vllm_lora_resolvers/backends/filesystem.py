@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -168,6 +169,39 @@ class FilesystemResolver(BaseStorageResolver):
         adapter must still be as looked up too. Anything else is a new version, which the
         pipeline looks up again: a snapshot is always exactly one version of the folder.
         """
+        with self._folder(adapter) as (directory, folder_identity):
+            with (
+                self._file(adapter, file, directory, folder_identity) as reader,
+                destination.open("wb") as writer,
+            ):
+                copied = 0
+                while sent := os.sendfile(writer.fileno(), reader, copied, _COPY_CHUNK):
+                    copied += sent
+                if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
+                    raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
+            for other in adapter.files:
+                try:
+                    status = os.stat(other.path, dir_fd=directory)
+                except FileNotFoundError:
+                    raise VersionChangedError(
+                        f"{other.path} of {adapter.name!r} vanished"
+                    ) from None
+                if f"{folder_identity}/{_identity(status)}" != other.etag:
+                    raise VersionChangedError(f"{other.path} of {adapter.name!r} changed")
+        return {}
+
+    def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
+        """The first ``length`` bytes of the file looked up (a new version if it changed)."""
+        with (
+            self._folder(adapter) as (directory, folder_identity),
+            self._file(adapter, file, directory, folder_identity) as reader,
+        ):
+            return os.pread(reader, length, 0)
+
+    @staticmethod
+    @contextmanager
+    def _folder(adapter: RemoteAdapter) -> Iterator[tuple[int, str]]:
+        """An open handle on the adapter's folder, and the folder's identity."""
         try:
             directory = os.open(adapter.location, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -177,49 +211,30 @@ class FilesystemResolver(BaseStorageResolver):
                 f"cannot read adapter folder {adapter.name!r}: {error.strerror}"
             ) from None
         try:
-            folder_identity = _identity(os.fstat(directory))
-            self._copy_as_looked_up(adapter, file, directory, folder_identity, destination)
-            for other in adapter.files:
-                try:
-                    current = (
-                        f"{folder_identity}/{_identity(os.stat(other.path, dir_fd=directory))}"
-                    )
-                except FileNotFoundError:
-                    current = ""
-                if current != other.etag:
-                    raise VersionChangedError(f"{other.path} of {adapter.name!r} changed")
+            yield directory, _identity(os.fstat(directory))
         finally:
             os.close(directory)
-        return {}
 
     @staticmethod
-    def _copy_as_looked_up(
-        adapter: RemoteAdapter,
-        file: RemoteFile,
-        directory: int,
-        folder_identity: str,
-        destination: Path,
-    ) -> None:
-        changed = VersionChangedError(f"{file.path} of {adapter.name!r} changed")
+    @contextmanager
+    def _file(
+        adapter: RemoteAdapter, file: RemoteFile, directory: int, folder_identity: str
+    ) -> Iterator[int]:
+        """``file`` opened in ``directory`` without blocking, if it is the very file looked up."""
         try:
             reader = os.open(
                 file.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
             )
         except FileNotFoundError:
-            raise changed from None
+            raise VersionChangedError(f"{file.path} of {adapter.name!r} vanished") from None
         except OSError as error:
             raise StoreUnavailableError(
                 f"cannot read {file.path} of {adapter.name!r}: {error.strerror}"
             ) from None
         try:
             if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
-                raise changed
-            with destination.open("wb") as writer:
-                copied = 0
-                while sent := os.sendfile(writer.fileno(), reader, copied, _COPY_CHUNK):
-                    copied += sent
-            if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
-                raise changed
+                raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
+            yield reader
         finally:
             os.close(reader)
 
