@@ -143,14 +143,14 @@ def _json_object(adapter: str, raw: bytes) -> dict[str, Any]:
     # vLLM reads the file as UTF-8 text, where a BOM is an error; json.loads(bytes) would
     # silently accept one, and UTF-16 or UTF-32 too.
     try:
-        if raw.startswith(b"\xef\xbb\xbf"):
-            raise UnicodeError("byte-order mark")
-        text = raw.decode("utf-8")
-    except UnicodeError:
+        text: str | None = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or text.startswith("\ufeff"):
         raise InvalidAdapterError(
             f"adapter {adapter!r}: {CONFIG_FILE} is not UTF-8 text without a byte-order mark, "
             "which is how vLLM reads it; save it as plain UTF-8"
-        ) from None
+        )
     try:
         document = json.loads(text)
     except (ValueError, RecursionError) as error:

@@ -8,7 +8,7 @@ adapter's config as vLLM's LoRA loader reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Two tensors per adapted module: a per-expert LoRA of Qwen3-30B-A3B (48 layers x 128 experts x
 # 3 projections, plus attention) holds about 37,000. Larger MoE adapters use PEFT's fused
@@ -30,8 +30,7 @@ def malformed(problem: str) -> WeightsError:
     return WeightsError(f"is malformed: {problem}")
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """A tensor's dtype (safetensors' names: ``F32``, ``BF16``...) and shape."""
 
     dtype: str
