@@ -17,6 +17,7 @@ from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
 
 from devtools.models import write_broken_safetensors, write_lora_adapter
+from vllm_lora_resolvers.cache import snapshot_key
 from vllm_lora_resolvers.cli.system import filesystem_type, flock_holders, is_network_filesystem
 
 CLI = Path(sys.executable).with_name("vllm-lora")
@@ -251,6 +252,24 @@ def test_ls_lists_a_local_directory(adapters_dir: Path) -> None:
     assert "empty" not in rows
 
 
+def test_ls_escapes_store_names_that_would_drive_the_terminal_or_forge_rows(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.upload("sql", adapter(tmp_path / "sql"))
+    client = bucket.endpoint.client()
+    for name in ("evil\x1b[2J", "a\nforged-row"):
+        key = f"adapters/{name}/adapter_config.json"
+        client.put_object(Bucket=bucket.name, Key=key, Body=b"{}")
+    result = vllm_lora("ls", bucket.uri)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert not any(line.startswith("forged-row") for line in result.stdout.splitlines())
+    rows = listing_rows(result.stdout)
+    assert "not a name a client can ask for" in rows["evil\\x1b[2J"]
+    assert "not a name a client can ask for" in rows["a\\nforged-row"]
+    assert "3 folders, 1 valid" in result.stdout
+
+
 # -- pull ---------------------------------------------------------------------------------
 
 
@@ -432,6 +451,36 @@ def test_cache_verify_reports_a_fifo_or_device_in_a_tampered_manifest_without_op
     assert "pipe: not a regular file" in result.stdout
     assert "zeros: not a regular file" in result.stdout
     assert "2 damaged files" in result.stdout
+
+
+def test_validate_pull_and_cache_ls_escape_control_characters_they_print(
+    tmp_path: Path, adapters_dir: Path, cache_dir: Path
+) -> None:
+    forged = "\x1b[2J\nPASS forged"
+    config = {"base_model_name_or_path": f"/models/x{forged}"}
+    validated = vllm_lora("validate", str(adapter(tmp_path / "sql", extra_config=config)))
+    pulled = vllm_lora(
+        "pull",
+        f"evil{forged}",
+        "--base-model",
+        BASE_MODEL,
+        VLLM_LORA_RESOLVER_FS_DIR=str(adapters_dir),
+        VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
+    )
+    adapter(adapters_dir / "sql")
+    snapshot = cache_a(adapters_dir, cache_dir, "sql").parent
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    manifest.update(name=f"evil{forged}", source=f"file:///x{forged}")  # forged, key and all
+    (snapshot / "manifest.json").write_text(json.dumps(manifest))
+    key = snapshot_key(manifest["source"], manifest["name"], manifest["version"])
+    snapshot.rename(snapshot.with_name(key))
+    listed = vllm_lora("cache", "--cache-dir", str(cache_dir), "ls")
+    assert (validated.returncode, pulled.returncode, listed.returncode) == (0, 1, 0)
+    for run in (validated, pulled, listed):
+        printed = run.stdout + run.stderr
+        assert "\x1b" not in printed
+        assert not any(line.startswith("PASS forged") for line in printed.splitlines())
+        assert "\\x1b[2J\\nPASS forged" in printed
 
 
 # -- doctor ---------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import click
-from rich.text import Text
 
 from vllm_lora_resolvers.cache import LEASE, STATE_DIR, NodeCache, Snapshot
 from vllm_lora_resolvers.cli.output import (
@@ -16,6 +15,7 @@ from vllm_lora_resolvers.cli.output import (
     cannot_check,
     console,
     human_bytes,
+    line,
     local_time,
     plural,
     print_finding,
@@ -129,7 +129,7 @@ def prune(cache_dir: Path | None, max_bytes: int | None) -> None:
     for snapshot in evicted:
         manifest = snapshot.manifest
         out.print(
-            Text(
+            line(
                 f"evicted {manifest.name} version {short_version(manifest.version)} "
                 f"from {manifest.source} ({human_bytes(manifest.total_bytes)})"
             )
@@ -142,7 +142,7 @@ def prune(cache_dir: Path | None, max_bytes: int | None) -> None:
     if total > cap:
         in_use = ", ".join(sorted({snapshot.manifest.name for snapshot in kept}))
         out.print(
-            Text(f"above the cap: every snapshot left is leased by a live process ({in_use})")
+            line(f"above the cap: every snapshot left is leased by a live process ({in_use})")
         )
 
 

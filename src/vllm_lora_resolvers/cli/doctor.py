@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from vllm_lora_resolvers.cli.output import Finding, Level, console, plural, print_finding
+from vllm_lora_resolvers.cli.output import Finding, Level, console, line, plural, print_finding
 from vllm_lora_resolvers.cli.plugins import (
     PluginPlan,
     installed_plugins,
@@ -144,10 +144,10 @@ def _print_configuration(out: Console, environ: Mapping[str, str]) -> None:
     for variable in ALL_VARIABLES:
         value = shown_value(variable.name, environ)
         shown = f"(default) {variable.default}" if value is None else value
-        out.print(Text(f"  {variable.name:<40} {shown}"))
+        out.print(line(f"  {variable.name:<40} {shown}"))
     out.print(Text("\nStore and vLLM settings", style="bold"))
     for name in (RUNTIME_UPDATING, *STORE_VARIABLES):
-        out.print(Text(f"  {name:<40} {shown_value(name, environ) or 'unset'}"))
+        out.print(line(f"  {name:<40} {shown_value(name, environ) or 'unset'}"))
     vllm = "installed" if find_spec("vllm") is not None else "not installed in this environment"
     out.print(f"  {'vLLM':<40} {vllm}")
 
@@ -160,7 +160,7 @@ def _print_plans(out: Console, plans: list[PluginPlan]) -> None:
         position = f"{tried}." if plan.registers else "-"
         name = plan.plugin if plan.plugin.strip() == plan.plugin else repr(plan.plugin)
         detail = plan.detail if plan.error is None else f"{plan.detail}: {plan.error}"
-        out.print(Text(f"  {position:<3} {name:<26} {detail}"))
+        out.print(line(f"  {position:<3} {name:<26} {detail}"))
 
 
 def probe_store(plugin: str, resolver: BaseStorageResolver, timeout: float) -> Finding:

@@ -18,6 +18,7 @@ from vllm_lora_resolvers.cli.output import (
     cannot_check,
     console,
     human_bytes,
+    line,
     plural,
     print_table,
     short_version,
@@ -131,7 +132,7 @@ def _print_listing(
         if lint_policy.base_model
         else "each adapter's own base model (pass --base-model to check against your server's)"
     )
-    out.print(Text(f"Adapters in {uri}", style="bold"))
+    out.print(line(f"Adapters in {uri}", style="bold"))
     out.print(
         f"configs checked against {against} and max rank {lint_policy.max_rank}; "
         "weights not downloaded (vllm-lora validate URI/NAME checks them)"

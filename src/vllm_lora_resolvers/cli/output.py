@@ -1,5 +1,9 @@
 """What every command shares: consoles, sizes and times for people, status lines, exit codes.
 
+Text that comes from a store, a config, a cache or the environment is printed only through
+`printable` (`line`, `table`, `print_finding` and `CannotCheckError` apply it): a name or a message
+can never move the cursor, recolour or clear the terminal, or start a line of its own.
+
 Exit codes: 0 the answer is yes (valid, pulled, intact, healthy); 1 it is no (invalid, failed,
 damaged, a FAIL); 2 the question could not be answered (bad usage or configuration, a store
 that cannot be read).
@@ -13,10 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import click
 from rich import box
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -28,10 +33,30 @@ _PIPE_WIDTH = 240
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
+def printable(text: str) -> str:
+    r"""``text`` with every character a terminal acts on (controls, escapes, line and paragraph
+    breaks, bidirectional overrides) written as its Python escape.
+
+    >>> print(printable("evil\x1b[2J\nrow"))
+    evil\x1b[2J\nrow
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def line(text: str, style: str = "") -> Text:
+    """One line to print, whatever ``text`` holds."""
+    return Text(printable(text), style=style)
+
+
 class CannotCheckError(click.ClickException):
     """The command could not answer its question (configuration, store or cache trouble)."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
 @contextmanager
@@ -51,9 +76,18 @@ def console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=width, markup=False, highlight=False, soft_wrap=True)
 
 
+class PrintableTable(Table):
+    """A table whose text cells go through `printable`: one row is one line, whatever it holds."""
+
+    def add_row(self, *renderables: RenderableType | None, **options: Any) -> None:
+        """Add a row; `str` cells are made printable (`Text` cells are the command's own)."""
+        cells = (printable(cell) if isinstance(cell, str) else cell for cell in renderables)
+        super().add_row(*cells, **options)
+
+
 def table(*columns: str) -> Table:
     """A borderless table with these column headers; long cells fold rather than truncate."""
-    made = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    made = PrintableTable(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for column in columns:
         made.add_column(column, overflow="fold")
     return made
@@ -126,9 +160,9 @@ class Finding:
 def print_finding(out: Console, finding: Finding, indent: int = 0) -> None:
     """``LEVEL message`` and, under it, ``fix: ...``; user text is never read as markup."""
     pad = " " * indent
-    line = Text(pad)
-    line.append(f"{finding.level.value:<4}", style=_STYLES[finding.level])
-    line.append(f" {finding.message}")
-    out.print(line)
+    status = Text(pad)
+    status.append(f"{finding.level.value:<4}", style=_STYLES[finding.level])
+    status.append(f" {printable(finding.message)}")
+    out.print(status)
     if finding.fix:
-        out.print(Text(f"{pad}     fix: {finding.fix}", style="cyan"))
+        out.print(line(f"{pad}     fix: {finding.fix}", style="cyan"))

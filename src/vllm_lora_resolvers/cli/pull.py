@@ -37,6 +37,7 @@ from vllm_lora_resolvers.cli.output import (
     cannot_check,
     console,
     human_bytes,
+    line,
     short_version,
 )
 from vllm_lora_resolvers.config import FS_DIR, GCS_URI, HF_REPO_LIST, S3_URI, Settings
@@ -130,7 +131,7 @@ def pull(
         errors = console(stderr=True)
         errors.print(Text(f"{len(failures)} failed:", style="bold red"))
         for name, reason in failures.items():
-            errors.print(Text(f"  {name}: {reason}"))
+            errors.print(line(f"  {name}: {reason}"))
         sys.exit(1)
 
 
@@ -268,16 +269,16 @@ class LineReporter:
         self, name: str, source: str, total: int, cache: NodeCache, key: str
     ) -> Iterator[None]:
         """One line as the download starts."""
-        self.out.print(Text(f"fetching {name} from {source} ({human_bytes(total)})"))
+        self.out.print(line(f"fetching {name} from {source} ({human_bytes(total)})"))
         yield
 
     def done(self, pulled: Pulled) -> None:
         """One line per adapter in the cache."""
-        self.out.print(Text(_summary(pulled)))
+        self.out.print(line(_summary(pulled)))
 
     def failed(self, name: str, reason: str) -> None:
         """One line per failure."""
-        self.out.print(Text(f"FAILED {name}: {reason}"))
+        self.out.print(line(f"FAILED {name}: {reason}"))
 
 
 class BarReporter:
@@ -325,8 +326,8 @@ class BarReporter:
 
     def done(self, pulled: Pulled) -> None:
         """A line above the bars."""
-        self.progress.console.print(Text(_summary(pulled), style="green"))
+        self.progress.console.print(line(_summary(pulled), style="green"))
 
     def failed(self, name: str, reason: str) -> None:
         """A line above the bars."""
-        self.progress.console.print(Text(f"FAILED {name}: {reason}", style="bold red"))
+        self.progress.console.print(line(f"FAILED {name}: {reason}", style="bold red"))

@@ -25,8 +25,10 @@ from vllm_lora_resolvers.cli.output import (
     Level,
     cannot_check,
     console,
+    line,
     plural,
     print_finding,
+    printable,
 )
 from vllm_lora_resolvers.cli.stores import (
     fetch_adapter_files,
@@ -98,14 +100,16 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
 
 
 def _print_report(out: Console, report: LintReport) -> None:
-    out.print(Text.assemble((report.adapter, "bold"), f"  {report.location}"))
+    out.print(Text.assemble((printable(report.adapter), "bold"), printable(f"  {report.location}")))
     if report.base_model_source == CONFIG_FILE:
         out.print(
-            f"  base model: {report.base_model} (the adapter's own base_model_name_or_path; "
-            "pass --base-model to check it against your server's --model)"
+            line(
+                f"  base model: {report.base_model} (the adapter's own base_model_name_or_path; "
+                "pass --base-model to check it against your server's --model)"
+            )
         )
     elif report.base_model is not None:
-        out.print(f"  base model: {report.base_model} (--base-model)")
+        out.print(line(f"  base model: {report.base_model} (--base-model)"))
     out.print(f"  max rank: {report.lint_policy.max_rank}")
     for check in report.checks:
         finding = Finding(check.level, f"{check.check}: {check.detail}", check.fix)
