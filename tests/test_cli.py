@@ -17,8 +17,11 @@ from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
 
 from devtools.models import write_broken_safetensors, write_lora_adapter
-from vllm_lora_resolvers.cache import snapshot_key
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.cli.system import filesystem_type, flock_holders, is_network_filesystem
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import InvalidAdapterError
 
 CLI = Path(sys.executable).with_name("vllm-lora")
 SECRET = "s3cr3t-never-printed"
@@ -142,6 +145,25 @@ def test_validate_refuses_a_folder_name_clients_cannot_ask_for(tmp_path: Path) -
     result = vllm_lora("validate", str(adapter(tmp_path / "-sql")), "--json")
     assert result.returncode == 1
     assert list(failed_checks(result)) == ["name"]
+
+
+@pytest.mark.parametrize("linked", ["adapter_config.json", "adapter_model.safetensors"])
+def test_validate_refuses_a_file_linked_from_outside_the_folder_as_the_resolver_does(
+    tmp_path: Path, cache_dir: Path, linked: str
+) -> None:
+    folder = adapter(tmp_path / "adapters" / "sql")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / linked).rename(outside / linked)
+    (folder / linked).symlink_to(outside / linked)
+    settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}, argv=[])
+    resolver = FilesystemResolver(tmp_path / "adapters", settings, NodeCache(cache_dir))
+    with pytest.raises(InvalidAdapterError, match="outside the adapter folder"):
+        resolver.resolve(BASE_MODEL, "sql")
+    result = vllm_lora("validate", str(folder), "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert list(failed_checks(result)) == ["files"]
+    assert f"{linked} is a link to a file outside" in failed_checks(result)["files"]["problem"]
 
 
 def test_validate_fetches_an_s3_adapter_and_checks_it(bucket: Bucket, tmp_path: Path) -> None:

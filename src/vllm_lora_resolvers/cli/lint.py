@@ -31,6 +31,7 @@ CONFIG_CHECK = "config"
 COMPATIBILITY_CHECK = "compatibility"
 WEIGHTS_CHECK = "weights"
 DOWNLOAD_CHECK = "download"
+FILES_CHECK = "files"
 
 _NAME_FIX = (
     f"rename the folder: 1 to {MAX_SEGMENTS} segments of [A-Za-z0-9][A-Za-z0-9._-]* joined by '/', "
@@ -39,6 +40,10 @@ _NAME_FIX = (
 _CONFIG_FIX = (
     "save the adapter with PEFT (model.save_pretrained(DIR)): adapter_config.json must be a JSON "
     "object with PEFT's fields and types"
+)
+FILES_FIX = (
+    "make adapter_config.json and the weights regular files inside the adapter folder: the "
+    "resolvers refuse links that leave it"
 )
 _WEIGHTS_FIX = (
     "save the weights with PEFT as adapter_model.safetensors and upload the complete file "

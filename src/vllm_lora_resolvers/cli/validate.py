@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -11,9 +12,12 @@ from rich.console import Console
 from rich.text import Text
 
 from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.lint import (
     CONFIG_CHECK,
     DOWNLOAD_CHECK,
+    FILES_CHECK,
+    FILES_FIX,
     Check,
     LintPolicy,
     LintReport,
@@ -38,8 +42,7 @@ from vllm_lora_resolvers.cli.stores import (
     split_adapter_uri,
 )
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.errors import IntegrityError
-from vllm_lora_resolvers.names import is_safe_adapter_name
+from vllm_lora_resolvers.errors import IntegrityError, InvalidAdapterError
 
 _NOT_FOUND_FIX = "upload the adapter folder (adapter_config.json and its weights) there"
 
@@ -64,7 +67,7 @@ def validate(target: str, base_model: str | None, max_rank: int | None, as_json:
         report = (
             _validate_remote(target, lint_policy, settings)
             if is_remote(target)
-            else _validate_local(Path(target), lint_policy)
+            else _validate_local(Path(target), lint_policy, settings)
         )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -73,11 +76,18 @@ def validate(target: str, base_model: str | None, max_rank: int | None, as_json:
     sys.exit(0 if report.valid else 1)
 
 
-def _validate_local(folder: Path, lint_policy: LintPolicy) -> LintReport:
+def _validate_local(folder: Path, lint_policy: LintPolicy, settings: Settings) -> LintReport:
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is not a directory", param_hint="DIR|URI")
-    name = folder.resolve().name
-    return lint_folder(name, folder, str(folder), is_safe_adapter_name(name), lint_policy)
+    real = folder.resolve()
+    with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
+        resolver = open_store(str(real.parent), settings, NodeCache(Path(scratch)))
+        accepted = resolver.accepts_name(real.name)
+        try:
+            resolver.locate(real.name)  # the filesystem resolver's rules for the folder's files
+        except InvalidAdapterError as error:
+            return _refused(real.name, str(folder), lint_policy, accepted, error)
+    return lint_folder(real.name, folder, str(folder), accepted, lint_policy)
 
 
 def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> LintReport:
@@ -86,7 +96,10 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
         resolver = open_store(store_uri, settings, cache)
         if not resolver.accepts_name(name):
             return LintReport(name, uri, lint_policy, None, (check_name(name, False),))
-        remote = resolver.locate(name)
+        try:
+            remote = resolver.locate(name)
+        except InvalidAdapterError as error:
+            return _refused(name, uri, lint_policy, True, error)
         if remote is None:
             absent = Check(CONFIG_CHECK, Level.FAIL, f"no {CONFIG_FILE} at {uri}", _NOT_FOUND_FIX)
             return LintReport(name, uri, lint_policy, None, (absent,))
@@ -97,6 +110,14 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
             damaged = Check(DOWNLOAD_CHECK, Level.FAIL, str(error), "upload the adapter again")
             return LintReport(name, remote.location, lint_policy, None, (damaged,))
         return lint_folder(name, folder, remote.location, True, lint_policy)
+
+
+def _refused(
+    name: str, location: str, lint_policy: LintPolicy, name_accepted: bool, error: Exception
+) -> LintReport:
+    """The report of an adapter the resolver's lookup refuses before reading any of it."""
+    refused = Check(FILES_CHECK, Level.FAIL, str(error), FILES_FIX)
+    return LintReport(name, location, lint_policy, None, (check_name(name, name_accepted), refused))
 
 
 def _print_report(out: Console, report: LintReport) -> None:
