@@ -227,7 +227,7 @@ def test_unreachable_store_serves_the_cached_snapshot(
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     resolver = CountingResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
     first = resolver.resolve(BASE_MODEL, "sql")
-    resolver.failure = StoreUnavailableError("mount is gone")
+    resolver.failure = TransientStoreError("mount is gone")
     assert resolver.resolve(BASE_MODEL, "sql") == first
 
 

@@ -77,6 +77,18 @@ NEGATIVE_TTL = Variable(
     "30",
     "Seconds a missing adapter name is remembered as missing.",
 )
+SERVE_STALE = Variable(
+    "VLLM_LORA_RESOLVER_SERVE_STALE",
+    "unreachable",
+    "When cached copies of a store's adapters are served while it cannot answer: "
+    "`unreachable` (not when it refuses), `always`, or `never`.",
+)
+STORE_DOWN = Variable(
+    "VLLM_LORA_RESOLVER_STORE_DOWN",
+    "next",
+    "A store that cannot answer, with nothing cached to serve: `next` tries the next resolver, "
+    "`fail` fails the request.",
+)
 VLLM_PLUGINS = Variable(
     "VLLM_PLUGINS",
     "unset: every plugin, in the fixed order of `plugin.DEFAULT_ORDER`",
@@ -94,6 +106,8 @@ ALL_VARIABLES: tuple[Variable, ...] = (
     CACHE_MAX_BYTES,
     MAX_ADAPTER_BYTES,
     NEGATIVE_TTL,
+    SERVE_STALE,
+    STORE_DOWN,
     VLLM_PLUGINS,
 )
 
@@ -172,6 +186,16 @@ def _seconds(environ: Mapping[str, str], variable: Variable, default: float) -> 
     return value
 
 
+def _choice(environ: Mapping[str, str], variable: Variable, choices: tuple[str, ...]) -> str:
+    """The variable's value, one of ``choices`` (the first is the default)."""
+    text = environ.get(variable.name, "").strip().lower() or choices[0]
+    if text not in choices:
+        raise ConfigurationError(
+            f"{variable.name}={text!r} must be one of {', '.join(repr(c) for c in choices)}"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class Settings:
     """The resolvers' configuration, read once from the environment."""
@@ -186,6 +210,8 @@ class Settings:
     cache_max_bytes: int | None
     max_adapter_bytes: int
     negative_ttl_seconds: float
+    serve_stale: str
+    store_down: str
     plugin_order: tuple[str, ...] | None
 
     @classmethod
@@ -217,6 +243,8 @@ class Settings:
                 else DEFAULT_MAX_ADAPTER_BYTES
             ),
             negative_ttl_seconds=_seconds(env, NEGATIVE_TTL, DEFAULT_NEGATIVE_TTL_SECONDS),
+            serve_stale=_choice(env, SERVE_STALE, ("unreachable", "always", "never")),
+            store_down=_choice(env, STORE_DOWN, ("next", "fail")),
             # vLLM splits VLLM_PLUGINS on "," without stripping; so do we.
             plugin_order=tuple(plugins.split(",")) if plugins is not None else None,
         )

@@ -20,6 +20,11 @@ class StoreUnavailableError(ResolverError, RuntimeError):
     """The store could not be asked or read, and nothing usable is cached."""
 
 
+class StoreRefusedError(StoreUnavailableError):
+    """The store answered, and refused: credentials, permissions, a missing bucket or repo.
+    An answer, not an outage: cached copies of its adapters are not served meanwhile."""
+
+
 class TransientStoreError(StoreUnavailableError):
     """A failure worth retrying: throttling, 5xx, a broken connection, a bad transfer."""
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
+from vllm_lora_resolvers.errors import InvalidAdapterError, TransientStoreError
 
 
 class MissCache:
@@ -69,27 +69,31 @@ class RefusalMemory:
 
 class StoreOutage:
     """Remembers for a few seconds that the store could not be reached, so that during an outage
-    every request is answered at once (from the cache, or with the error) instead of each one
+    every request is answered at once (from the cache, or with an error) instead of each one
     waiting out its own retries."""
 
-    def __init__(self, memory_seconds: float) -> None:
+    def __init__(self, store: str, memory_seconds: float) -> None:
+        self.store = store
         self.memory_seconds = memory_seconds
-        self._error: StoreUnavailableError | None = None
         self._until = 0.0
 
-    def begin(self, error: StoreUnavailableError) -> None:
-        """The store just failed with ``error``."""
-        self._error, self._until = error, time.monotonic() + self.memory_seconds
+    def begin(self) -> None:
+        """The store just could not be reached."""
+        self._until = time.monotonic() + self.memory_seconds
 
     def end(self) -> None:
         """The store just answered."""
-        self._error = None
+        self._until = 0.0
 
     def raise_if_ongoing(self) -> None:
-        """Raise the remembered error while the outage is remembered."""
-        error = self._error
-        if error is not None and time.monotonic() < self._until:
-            raise error
+        """While the outage is remembered, raise an error that says so (naming no adapter: the
+        failure that started it may have been another name's)."""
+        left = self._until - time.monotonic()
+        if left > 0:
+            raise TransientStoreError(
+                f"the {self.store} store could not be reached a moment ago; it is asked again "
+                f"in {left:.1f} s"
+            )
 
 
 class KeyedLocks:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 #: How a resolution ended: served from the cache, fetched from the store, served from the cache
-#: while the store was unreachable, not in the store, name refused, adapter refused, failure.
-OUTCOMES = ("hit", "fetched", "stale", "missing", "rejected", "invalid", "error")
+#: while the store could not answer, not in the store, name refused, adapter refused, the store
+#: refused us (credentials, permissions, missing bucket), any other failure.
+OUTCOMES = ("hit", "fetched", "stale", "missing", "rejected", "invalid", "refused", "error")
 
 RESOLUTIONS = Counter(
     "vllm_lora_resolver_resolutions",

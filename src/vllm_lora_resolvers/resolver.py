@@ -42,6 +42,7 @@ from vllm_lora_resolvers.errors import (
     CacheFullError,
     InvalidAdapterError,
     ResolverError,
+    StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
     VersionChangedError,
@@ -137,7 +138,9 @@ class BaseStorageResolver(ABC):
         self.part_workers = part_workers
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._refusals = RefusalMemory()
-        self._outage = StoreOutage(min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS))
+        self._outage = StoreOutage(
+            self.backend, min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS)
+        )
         self._names = KeyedLocks()
         self._checked: set[tuple[str, str]] = set()
         self._outcome_metrics = {
@@ -209,9 +212,21 @@ class BaseStorageResolver(ABC):
         answered, resolved = self._answer_without_blocking(base_model_name, lora_name)
         if not answered:
             loop = asyncio.get_running_loop()
-            resolved = await loop.run_in_executor(
-                self._executor, self.resolve, base_model_name, lora_name
-            )
+            try:
+                resolved = await loop.run_in_executor(
+                    self._executor, self.resolve, base_model_name, lora_name
+                )
+            except StoreUnavailableError as error:
+                if self.settings.store_down == "fail":
+                    raise
+                logger.warning(
+                    "%s store cannot answer for %r (%s); trying the next resolver "
+                    "(VLLM_LORA_RESOLVER_STORE_DOWN=next)",
+                    self.backend,
+                    lora_name[:300],
+                    error,
+                )
+                return None
         return None if resolved is None else resolved.to_lora_request()
 
     def _answer_without_blocking(
@@ -293,6 +308,9 @@ class BaseStorageResolver(ABC):
         except InvalidAdapterError:
             outcome = "invalid"
             raise
+        except StoreRefusedError:
+            outcome = "refused"
+            raise
         finally:
             self._record(lora_name, outcome, version, fetched_bytes, started)
 
@@ -306,10 +324,10 @@ class BaseStorageResolver(ABC):
                 f"{self.backend} lookup of {name!r}",
                 self._count_retry,
             )
-        except TransientStoreError as error:
+        except TransientStoreError:
             # Only a store that cannot be reached is remembered as down: a refusal (credentials,
             # a missing bucket or repo) may concern this name alone.
-            self._outage.begin(error)
+            self._outage.begin()
             raise
         self._outage.end()
         return remote
@@ -463,14 +481,24 @@ class BaseStorageResolver(ABC):
     def _serve_stale(
         self, name: str, policy: AdapterPolicy, error: StoreUnavailableError
     ) -> ResolvedAdapter:
-        """The newest cached snapshot of ``name`` while the store is unreachable, or ``error``."""
-        cached = self.cache.latest_for(self.source, name)
+        """The newest cached snapshot of ``name`` when the store cannot answer, if
+        ``VLLM_LORA_RESOLVER_SERVE_STALE`` allows it for ``error``; else ``error``.
+
+        By default only a store that cannot be reached is served from the cache: one that
+        refuses (revoked credentials, a deleted bucket) has answered.
+        """
+        unreachable = isinstance(error, TransientStoreError)
+        allowed = self.settings.serve_stale == "always" or (
+            self.settings.serve_stale == "unreachable" and unreachable
+        )
+        cached = self.cache.latest_for(self.source, name) if allowed else None
         snapshot = self.cache.lease(cached.key) if cached is not None else None
         if snapshot is None:
             raise error
         logger.warning(
-            "%s store unreachable (%s); serving cached version %s of %r",
+            "%s store %s (%s); serving cached version %s of %r",
             self.backend,
+            "unreachable" if unreachable else "refused",
             error,
             snapshot.manifest.version,
             name,

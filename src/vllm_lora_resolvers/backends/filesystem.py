@@ -8,6 +8,7 @@ served as it is.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -21,7 +22,9 @@ from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
+    StoreRefusedError,
     StoreUnavailableError,
+    TransientStoreError,
     VersionChangedError,
 )
 from vllm_lora_resolvers.resolver import BaseStorageResolver
@@ -62,9 +65,7 @@ class FilesystemResolver(BaseStorageResolver):
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as error:
-            raise StoreUnavailableError(
-                f"cannot read adapter folder {name!r}: {error.strerror}"
-            ) from None
+            raise _read_error(f"cannot read adapter folder {name!r}", error) from None
         if through_link:
             cached = self.cache.snapshot_containing(folder)
             if cached is not None:
@@ -92,7 +93,7 @@ class FilesystemResolver(BaseStorageResolver):
         try:
             entries = sorted(entry.name for entry in os.scandir(self._root))
         except OSError as error:
-            raise StoreUnavailableError(f"cannot list {self.root}: {error.strerror}") from None
+            raise _read_error(f"cannot list {self.root}", error) from None
         for name in entries:
             if os.path.isfile(f"{self._root}/{name}/{CONFIG_FILE}"):
                 yield name
@@ -118,9 +119,7 @@ class FilesystemResolver(BaseStorageResolver):
         except (FileNotFoundError, NotADirectoryError):
             return (), ""
         except OSError as error:
-            raise StoreUnavailableError(
-                f"cannot read adapter folder {name!r}: {error.strerror}"
-            ) from None
+            raise _read_error(f"cannot read adapter folder {name!r}", error) from None
         try:
             folder_identity = _identity(os.fstat(directory))
             files, fingerprint = [], hashlib.sha256()
@@ -152,9 +151,7 @@ class FilesystemResolver(BaseStorageResolver):
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as error:
-            raise StoreUnavailableError(
-                f"cannot stat {file_name} of {name!r}: {error.strerror}"
-            ) from None
+            raise _read_error(f"cannot stat {file_name} of {name!r}", error) from None
         if not stat.S_ISREG(status.st_mode):
             raise InvalidAdapterError(f"adapter {name!r}: {file_name} is not a regular file")
         return status
@@ -207,9 +204,7 @@ class FilesystemResolver(BaseStorageResolver):
         except (FileNotFoundError, NotADirectoryError):
             raise VersionChangedError(f"adapter {adapter.name!r} vanished") from None
         except OSError as error:
-            raise StoreUnavailableError(
-                f"cannot read adapter folder {adapter.name!r}: {error.strerror}"
-            ) from None
+            raise _read_error(f"cannot read adapter folder {adapter.name!r}", error) from None
         try:
             yield directory, _identity(os.fstat(directory))
         finally:
@@ -228,9 +223,7 @@ class FilesystemResolver(BaseStorageResolver):
         except FileNotFoundError:
             raise VersionChangedError(f"{file.path} of {adapter.name!r} vanished") from None
         except OSError as error:
-            raise StoreUnavailableError(
-                f"cannot read {file.path} of {adapter.name!r}: {error.strerror}"
-            ) from None
+            raise _read_error(f"cannot read {file.path} of {adapter.name!r}", error) from None
         try:
             if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
                 raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
@@ -243,3 +236,11 @@ def _identity(status: os.stat_result) -> str:
     """What changes whenever a file is replaced or rewritten: device and inode, size,
     modification time."""
     return f"{status.st_dev}:{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
+
+
+def _read_error(what: str, error: OSError) -> StoreUnavailableError:
+    """Permissions refuse us; anything else (a mount gone, I/O errors) may pass: retried, and
+    the cached copy served meanwhile."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return StoreRefusedError(f"{what}: {error.strerror}")
+    return TransientStoreError(f"{what}: {error.strerror}")

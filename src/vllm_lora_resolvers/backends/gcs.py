@@ -35,6 +35,7 @@ from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import GCS_URI, Settings
 from vllm_lora_resolvers.errors import (
+    StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
     VersionChangedError,
@@ -196,12 +197,12 @@ def store_errors(doing: str) -> Iterator[None]:
     try:
         yield
     except google.auth.exceptions.DefaultCredentialsError:
-        raise StoreUnavailableError(
+        raise StoreRefusedError(
             f"{doing} failed: no Google credentials found; configure application default "
             "credentials (workload identity, GOOGLE_APPLICATION_CREDENTIALS)"
         ) from None
     except (google_errors.Unauthorized, google_errors.Forbidden) as error:
-        raise StoreUnavailableError(
+        raise StoreRefusedError(
             f"{doing} failed: HTTP {error.code}: the store refused our credentials; check the "
             "service account and its access to the bucket"
         ) from None

@@ -51,7 +51,12 @@ from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.config import HF_REPO_LIST, ConfigurationError, Settings
-from vllm_lora_resolvers.errors import IntegrityError, StoreUnavailableError, TransientStoreError
+from vllm_lora_resolvers.errors import (
+    IntegrityError,
+    StoreRefusedError,
+    StoreUnavailableError,
+    TransientStoreError,
+)
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
@@ -288,12 +293,12 @@ def hub_errors(doing: str, repo_id: str) -> Iterator[None]:
     except (RevisionNotFoundError, EntryNotFoundError):
         raise _NotOnHubError(f"{doing} failed: not on the Hub") from None
     except GatedRepoError:
-        raise StoreUnavailableError(
+        raise StoreRefusedError(
             f"{doing} failed: {repo_id} is a gated repo and {_whose_token()} has not been "
             "granted access; request access on the Hub, or set HF_TOKEN to a token that has it"
         ) from None
     except RepositoryNotFoundError:
-        raise StoreUnavailableError(
+        raise StoreRefusedError(
             f"{doing} failed: repo {repo_id} does not exist or is private and {_whose_token()} "
             f"cannot read it; check {HF_REPO_LIST.name} and HF_TOKEN"
         ) from None
@@ -303,7 +308,7 @@ def hub_errors(doing: str, repo_id: str) -> Iterator[None]:
         if status in (429, 408) or status >= 500:
             raise TransientStoreError(message) from None
         if status in (401, 403):
-            raise StoreUnavailableError(
+            raise StoreRefusedError(
                 f"{message}: the Hub refused {_whose_token()}; check HF_TOKEN"
             ) from None
         raise StoreUnavailableError(message) from None

@@ -28,6 +28,7 @@ from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import S3_URI, Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
+    StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
     VersionChangedError,
@@ -277,7 +278,7 @@ def store_errors(doing: str) -> Iterator[None]:
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             raise TransientStoreError(message) from None
         if code in _CREDENTIAL_CODES:
-            raise StoreUnavailableError(
+            raise StoreRefusedError(
                 f"{message}: the store refused our credentials; check the AWS credential chain "
                 "(AWS_PROFILE, web identity / IRSA, instance role) and the bucket policy"
             ) from None
@@ -286,12 +287,12 @@ def store_errors(doing: str) -> Iterator[None]:
                 f"{message}: the object changed while it was being fetched"
             ) from None
         if code == "NoSuchBucket":
-            raise StoreUnavailableError(
+            raise StoreRefusedError(
                 f"{message}: the bucket does not exist; check {S3_URI.name}"
             ) from None
         raise StoreUnavailableError(message) from None
     except NoCredentialsError:
-        raise StoreUnavailableError(
+        raise StoreRefusedError(
             f"{doing} failed: no AWS credentials found; configure the AWS credential chain"
         ) from None
     except (BotoCoreError, ConnectionError) as error:
