@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import pytest
 
@@ -81,12 +81,19 @@ PEFT_ADAPTERS: dict[str, tuple[dict[str, object], bool]] = {
     "pissa": ({"r": 4, "lora_alpha": 8, "target_modules": QV, "init_lora_weights": "pissa"}, False),
 }
 FORMATS = {"safetensors": True, "bin": False}
-# Adapters edited after saving, as people do: (PEFT adapter, config fields to drop).
-EDITED = {"trainable tokens, field dropped": ("trainable tokens", ("trainable_token_indices",))}
-CASES = [
-    *(f"{name} ({fmt})" for name in PEFT_ADAPTERS for fmt in FORMATS),
-    *(f"{name} ({fmt})" for name in EDITED for fmt in FORMATS),
-]
+# Variants of those: (adapter, dtype of the model and so of its LoRA weights, config fields
+# dropped after saving, as people edit them). Each is served if its adapter is.
+Variant = tuple[str, Literal["float32", "bfloat16"], tuple[str, ...]]
+VARIANTS: dict[str, Variant] = {
+    "plain, bf16 weights": ("plain", "bfloat16", ()),
+    "lm_head, bf16 weights": ("lm_head", "bfloat16", ()),
+    "trainable tokens, field dropped": (
+        "trainable tokens",
+        "float32",
+        ("trainable_token_indices",),
+    ),
+}
+CASES = [f"{name} ({fmt})" for name in [*PEFT_ADAPTERS, *VARIANTS] for fmt in FORMATS]
 
 
 @pytest.fixture(scope="module")
@@ -98,22 +105,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def saved(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every case of `CASES`, saved once for the module."""
     root = tmp_path_factory.mktemp("peft")
+    variants: dict[str, Variant] = {name: (name, "float32", ()) for name in PEFT_ADAPTERS}
     folders: dict[str, Path] = {}
     for fmt, safe in FORMATS.items():
-        for name, (config, _) in PEFT_ADAPTERS.items():
-            folder = root / fmt / name
-            folders[f"{name} ({fmt})"] = write_peft_adapter(
-                folder, model_dir, config, safe_serialization=safe
-            )
-        for name, (original, dropped) in EDITED.items():
+        for name, (adapter, dtype, dropped) in (variants | VARIANTS).items():
             folder = write_peft_adapter(
-                root / fmt / name, model_dir, PEFT_ADAPTERS[original][0], safe_serialization=safe
+                root / fmt / name,
+                model_dir,
+                PEFT_ADAPTERS[adapter][0],
+                safe_serialization=safe,
+                dtype=dtype,
             )
             config_path = folder / "adapter_config.json"
             document = json.loads(config_path.read_text())
-            config_path.write_text(
-                json.dumps({k: v for k, v in document.items() if k not in dropped})
-            )
+            edited = {key: value for key, value in document.items() if key not in dropped}
+            config_path.write_text(json.dumps(edited))
             folders[f"{name} ({fmt})"] = folder
     return folders
 
@@ -171,7 +177,7 @@ def test_we_refuse_exactly_what_vllm_refuses(
 ) -> None:
     folder = saved[case]
     name = case.rsplit(" (", 1)[0]
-    served = PEFT_ADAPTERS[name][1] if name in PEFT_ADAPTERS else False
+    served = PEFT_ADAPTERS[VARIANTS[name][0] if name in VARIANTS else name][1]
     assert (vllm_refusal(folder) is None) == served, vllm_refusal(folder)
     policy = AdapterPolicy(base_model=str(model_dir), max_rank=MAX_RANK)
     if served:

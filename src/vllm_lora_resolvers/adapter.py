@@ -141,11 +141,12 @@ def check_weights_header(
 
     Returns how many leading bytes the check needs. When ``first_bytes`` holds fewer (at least 8
     are needed to tell), nothing but the header's length was checked: call again with that many.
+    For example, with ``fetch(start, end)`` reading a byte range of the stored file::
 
-    >>> header = b'{"a.lora_A.weight": ...}'  # doctest: +SKIP
-    >>> needed = check_weights_header("sql", config, first_64_kib, size)  # doctest: +SKIP
-    >>> if needed > len(first_64_kib):  # doctest: +SKIP
-    ...     check_weights_header("sql", config, fetch(0, needed), size)
+        first = fetch(0, min(size, 64 << 10))
+        needed = check_weights_header("sql-expert", config, first, size)
+        if needed > len(first):
+            check_weights_header("sql-expert", config, fetch(0, needed), size)
     """
     try:
         needed = safetensors_header_size(first_bytes, total_size)
