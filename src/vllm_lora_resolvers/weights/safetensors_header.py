@@ -42,10 +42,11 @@ def safetensors_header_size(first_bytes: bytes, total_size: int) -> int:
 
 
 def parse_safetensors_header(first_bytes: bytes, total_size: int) -> dict[str, TensorSpec]:
-    """The tensors of a safetensors file, from its first bytes (at least the whole header)."""
+    """The tensors of a safetensors file of ``total_size`` bytes, from its first bytes (a read
+    that ends before the header does is refused as a file cut short)."""
     header_size = safetensors_header_size(first_bytes, total_size)
     if len(first_bytes) < header_size:
-        raise ValueError(f"the header needs the first {header_size} bytes of the file")
+        raise malformed(f"the file ends inside its {header_size}-byte header")
     header = _json_header(first_bytes, header_size)
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (
