@@ -67,8 +67,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.lora_resolvers")
 
-#: Store lookups are retried briefly: each client library already retries single requests.
-LOOKUP_RETRY_POLICY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.5, budget_seconds=10)
+#: A store request's time limits, (connect, read) in seconds. A healthy store answers a lookup in
+#: milliseconds; a transfer's read limit is the longest stall tolerated in the middle of a body.
+LOOKUP_TIMEOUT = (1.5, 1.5)
+TRANSFER_TIMEOUT = (2.0, 10.0)
+#: Lookups are tried up to 3 times (the clients' own retries are off for them), a retry only if
+#: it starts within 2 s: quick failures (503, resets) get three tries, while a store that accepts
+#: connections and never answers costs one resolution two timeouts, about 3 s (`bench outage`
+#: measures it), and the outage memory spares the requests after it.
+LOOKUP_RETRY_POLICY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, budget_seconds=2.0)
 #: How long an unreachable store is remembered as such (at most the miss TTL).
 OUTAGE_MEMORY_SECONDS = 5.0
 #: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was

@@ -24,7 +24,7 @@ class RetryPolicy:
     attempts: int = 6
     base_delay: float = 0.2
     max_delay: float = 5.0
-    budget_seconds: float = 60.0
+    budget_seconds: float = 20.0
 
     def delay(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number ``attempt`` (0-based)."""

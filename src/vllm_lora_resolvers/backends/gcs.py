@@ -40,12 +40,11 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT, BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-_TIMEOUT = (5.0, 60.0)  # connect, read
 _CHUNK = 1 << 20
 
 
@@ -121,8 +120,8 @@ class GcsResolver(BaseStorageResolver):
                     prefix=folder,
                     delimiter="/",
                     max_results=1000,
-                    retry=self.request_retry,
-                    timeout=_TIMEOUT,
+                    retry=None,  # the pipeline's lookup retry is the only one
+                    timeout=LOOKUP_TIMEOUT,
                 )
             )
         listed = {
@@ -146,7 +145,7 @@ class GcsResolver(BaseStorageResolver):
         prefix = f"{self.prefix}/" if self.prefix else ""
         with store_errors(f"listing gs://{self.bucket_name}/{prefix}"):
             blobs = self.bucket.list_blobs(
-                prefix=prefix, delimiter="/", retry=self.request_retry, timeout=_TIMEOUT
+                prefix=prefix, delimiter="/", retry=self.request_retry, timeout=TRANSFER_TIMEOUT
             )
             for page in blobs.pages:
                 for folder in sorted(page.prefixes):
@@ -171,7 +170,7 @@ class GcsResolver(BaseStorageResolver):
             with store_errors(f"reading bytes {start}-{end} of {where}"):
                 headers = {"Range": f"bytes={start}-{end - 1}"}
                 with self.client._http.get(
-                    url, headers=headers, stream=True, timeout=_TIMEOUT
+                    url, headers=headers, stream=True, timeout=TRANSFER_TIMEOUT
                 ) as response:
                     if response.status_code not in (200, 206):
                         raise google_errors.from_http_response(response)  # type: ignore[no-untyped-call]

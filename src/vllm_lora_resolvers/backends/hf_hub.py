@@ -12,8 +12,9 @@ a cache hit), then one ``paths-info`` of the adapter's own files at that commit 
 sha256), then one ``GET`` per file (ranged ``GET``s in parallel for large ones). The repo is never
 listed, so a resolve costs the same in a repo of one adapter or of thousands, and an adapter
 pushed later is found as soon as its miss is forgotten. Endpoint and token are huggingface_hub's
-own: ``HF_ENDPOINT``, ``HF_TOKEN`` or the stored login, ``HF_HUB_ETAG_TIMEOUT``,
-``HF_HUB_DOWNLOAD_TIMEOUT``, ``HF_HUB_OFFLINE``.
+own: ``HF_ENDPOINT``, ``HF_TOKEN`` or the stored login, ``HF_HUB_DOWNLOAD_TIMEOUT``,
+``HF_HUB_OFFLINE``; lookups use the pipeline's short `LOOKUP_TIMEOUT` (not ``HF_HUB_ETAG_TIMEOUT``)
+so that a Hub that does not answer costs a request seconds.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
 )
 from vllm_lora_resolvers.names import is_safe_adapter_name
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 
@@ -198,7 +199,7 @@ class HfHubResolver(BaseStorageResolver):
             revision=target.revision,
             endpoint=self.endpoint,
         )
-        metadata = self.api.get_hf_file_metadata(url=url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        metadata = self.api.get_hf_file_metadata(url=url, timeout=LOOKUP_TIMEOUT[1])
         commit = metadata.commit_hash
         if commit is None or not _COMMIT.fullmatch(commit):
             raise StoreUnavailableError(
@@ -214,7 +215,7 @@ class HfHubResolver(BaseStorageResolver):
             f"{self.endpoint}/api/models/{target.repo_id}/paths-info/{commit}",
             data={"paths": [target.path(name) for name in ADAPTER_FILES], "expand": False},
             headers=build_hf_headers(library_name=_LIBRARY),
-            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            timeout=LOOKUP_TIMEOUT[1],
         )
         hf_raise_for_status(response)
         listed = {entry["path"]: entry for entry in response.json() if entry["type"] == "file"}

@@ -33,7 +33,7 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT, BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
@@ -114,6 +114,7 @@ class S3Resolver(BaseStorageResolver):
         self.bucket, self.prefix = parse_s3_uri(uri)
         # Making a client does no network I/O; credentials are resolved on the first request.
         self.client = make_s3_client()
+        self.lookup_client = make_s3_client(for_lookups=True)
         prefix = f"/{self.prefix}" if self.prefix else ""
         source = f"s3://{self.bucket}{prefix}"
         endpoint = self.client.meta.endpoint_url
@@ -136,7 +137,7 @@ class S3Resolver(BaseStorageResolver):
         request, and one more per 1,000 entries sorting among the adapter's own files.
         """
         folder = self.folder_prefix(name)
-        pages = self.client.get_paginator("list_objects_v2").paginate(
+        pages = self.lookup_client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket,
             Prefix=folder + _ADAPTER_FILES_STEM,
             StartAfter=folder + _FIRST_ADAPTER_FILE[:-1],
@@ -245,19 +246,23 @@ def head_checksums(head: Mapping[str, Any]) -> dict[str, str]:
     return checksums
 
 
-def make_s3_client() -> S3Client:
+def make_s3_client(*, for_lookups: bool = False) -> S3Client:
     """A boto3 S3 client from the standard AWS configuration chain.
 
     Path-style addressing for any endpoint that is not AWS's own: S3-compatible stores rarely
-    have wildcard DNS for virtual-hosted buckets.
+    have wildcard DNS for virtual-hosted buckets. A client for lookups has the pipeline's short
+    time limits and no retries of its own (the pipeline's lookup retry is the only one).
     """
-    # Retries per request follow the AWS configuration (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE; default
-    # "standard", 3 attempts); the pipeline adds its own, bounded, around whole operations.
+    # Transfers retry per request as the AWS configuration says (AWS_MAX_ATTEMPTS,
+    # AWS_RETRY_MODE; default "standard", 3 attempts); the pipeline adds its own, bounded, around
+    # whole files and parts.
+    connect, read = LOOKUP_TIMEOUT if for_lookups else TRANSFER_TIMEOUT
     config = Config(
         max_pool_connections=32,
-        connect_timeout=5,
-        read_timeout=30,
+        connect_timeout=connect,
+        read_timeout=read,
         tcp_keepalive=True,
+        retries={"total_max_attempts": 1} if for_lookups else None,
     )
     session = boto3.session.Session()
     client = session.client("s3", config=config)
