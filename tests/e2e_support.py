@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO
+from conftest import REPO, start_worker, worker_result
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.relay import FaultRelay
@@ -144,6 +144,16 @@ def pull_elsewhere(store: Store, cache: Path, name: str, model: Path) -> Path:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return Path(completed.stdout.strip())
+
+
+def fetched_earlier(cache: Path, folder: Path, model: Path) -> Path:
+    """Snapshot the adapter ``folder`` into ``cache`` under the folder's name, as an earlier server
+    on this node would have (from a folder this server does not read), in a process that then
+    exits. Snapshots are what vLLM's built-in resolver serves from the cache root."""
+    worker = start_worker(str(folder.parent), str(cache), folder.name, "--base", str(model))
+    path = Path(worker_result(worker)["path"])
+    worker.wait()
+    return path
 
 
 def client_sees(message: str) -> str:

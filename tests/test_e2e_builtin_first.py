@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_support import Store, listed_models, module_store, running_server, text
+from e2e_support import (
+    Store,
+    fetched_earlier,
+    listed_models,
+    module_store,
+    running_server,
+    text,
+)
 
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.stores import S3Endpoint
@@ -51,17 +58,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
 
 def _place(store: Store, model: Path, cache: Path, fs_dir: Path) -> None:
     """``three`` in all three sources, ``two`` in the folder and the bucket, and each seed's
-    weights once more under a name found in one source only (``ref-SEED``)."""
+    weights once more under a name found in one source only (``ref-SEED``). The cache holds its
+    adapters as snapshots an earlier server fetched: the built-in resolver serves nothing else."""
 
     def write(folder: Path, seed: int) -> Path:
         return write_lora_adapter(folder, base_model=str(model), seed=seed)
 
-    write(cache / "three", IN_CACHE)  # a plain folder: only the built-in resolver reads it
+    elsewhere = model.parent / "elsewhere"  # a folder the server does not read
+    fetched_earlier(cache, write(elsewhere / "three", IN_CACHE), model)
     write(fs_dir / "three", IN_FOLDER)
     store.upload("three", write(model.parent / "upload" / "three", IN_BUCKET))
     write(fs_dir / "two", IN_FOLDER)
     store.upload("two", write(model.parent / "upload" / "two", IN_BUCKET))
-    write(cache / f"ref-{IN_CACHE}", IN_CACHE)
+    fetched_earlier(cache, write(elsewhere / f"ref-{IN_CACHE}", IN_CACHE), model)
     write(fs_dir / f"ref-{IN_FOLDER}", IN_FOLDER)
     store.upload(f"ref-{IN_BUCKET}", write(model.parent / "upload" / "ref", IN_BUCKET))
 
@@ -73,6 +82,6 @@ def test_resolvers_are_tried_in_vllm_plugins_order_builtin_first(setup: Setup) -
     assert text(setup.server, "three") == references[IN_CACHE]  # the built-in, listed first
     assert text(setup.server, "two") == references[IN_FOLDER]  # lora_fs_resolver before S3
     models = listed_models(setup.server)
-    assert models["three"]["root"] == str(setup.cache / "three")
+    assert Path(str(models["three"]["root"])) == (setup.cache / "three").resolve()
     assert "/.vllm-lora/snapshots/" in str(models["two"]["root"])
     assert "/.vllm-lora/snapshots/" in str(models[f"ref-{IN_BUCKET}"]["root"])

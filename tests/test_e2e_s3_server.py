@@ -21,6 +21,7 @@ from e2e_support import (
     Store,
     complete,
     error_message,
+    fetched_earlier,
     listed_models,
     metric,
     module_store,
@@ -108,22 +109,24 @@ def test_adapter_in_the_fs_dir_is_served_and_then_listed(setup: Setup) -> None:
 
 def test_resolvers_are_tried_in_vllm_plugins_order_ours_before_the_builtin(setup: Setup) -> None:
     # One name in three sources, each with different weights; references under unique names.
-    in_cache = setup.cache / "three"  # a plain folder: only vLLM's built-in resolver reads it
-    write_lora_adapter(in_cache, base_model=str(setup.model), seed=11)
+    # In the cache: snapshots an earlier server fetched (what vLLM's built-in resolver serves).
+    elsewhere = setup.work / "elsewhere"
+    for name in ("three", "ref-11", "two"):
+        folder = write_lora_adapter(elsewhere / name, base_model=str(setup.model), seed=11)
+        fetched_earlier(setup.cache, folder, setup.model)
     write_lora_adapter(setup.fs_dir / "three", base_model=str(setup.model), seed=12)
     setup.upload("three", seed=13)
-    write_lora_adapter(setup.cache / "ref-11", base_model=str(setup.model), seed=11)
     write_lora_adapter(setup.fs_dir / "ref-12", base_model=str(setup.model), seed=12)
     setup.upload("ref-13", seed=13)
     write_lora_adapter(setup.fs_dir / "two", base_model=str(setup.model), seed=12)
-    write_lora_adapter(setup.cache / "two", base_model=str(setup.model), seed=11)
     references = {seed: text(setup.server, f"ref-{seed}") for seed in (11, 12, 13)}
     assert len(set(references.values())) == 3, references  # the weights tell sources apart
 
     assert text(setup.server, "three") == references[13]  # lora_s3_resolver, listed first
     assert text(setup.server, "two") == references[12]  # lora_fs_resolver before the built-in
-    # ref-11 exists only as a plain folder in the cache: the built-in, tried last, served it.
-    assert listed_models(setup.server)["ref-11"]["root"] == str(setup.cache / "ref-11")
+    # ref-11 exists only as a snapshot in the cache: the built-in, tried last, served it.
+    served = Path(str(listed_models(setup.server)["ref-11"]["root"]))
+    assert served == (setup.cache / "ref-11").resolve()
 
 
 def _expected_reason(setup: Setup, name: str, folder: Path) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_MODEL, REPO
+from conftest import BASE_MODEL, REPO, start_worker, worker_result
+from s3_fixtures import Bucket
 
 from devtools.models import write_lora_adapter
 
@@ -22,7 +23,8 @@ VLLM_FILESYSTEM = "Filesystem Resolver"
 
 
 def load_and_resolve(environment: dict[str, str], *names: str) -> dict[str, Any]:
-    """Run a fresh process that loads plugins like a vLLM server and resolves ``names``."""
+    """Run a fresh process that loads plugins like a vLLM server and resolves ``names``; its
+    output (vLLM's log included) is under ``log``."""
     command = [sys.executable, str(REPO / "tests" / "workers" / "vllm_plugins.py"), BASE_MODEL]
     completed = subprocess.run(
         [*command, *names],
@@ -34,16 +36,21 @@ def load_and_resolve(environment: dict[str, str], *names: str) -> dict[str, Any]
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["log"] = completed.stdout + completed.stderr
     return result
 
 
 @pytest.fixture
 def two_sources(tmp_path: Path) -> dict[str, str]:
-    """One name in both our source folder and, as a plain folder, vLLM's cache directory."""
-    adapters, cache = tmp_path / "adapters", tmp_path / "cache"
+    """One name in both our source folder and, as a snapshot an earlier server fetched from
+    elsewhere, in vLLM's cache directory."""
+    adapters, cache, elsewhere = tmp_path / "adapters", tmp_path / "cache", tmp_path / "elsewhere"
     write_lora_adapter(adapters / "both", base_model=BASE_MODEL, seed=1)
     write_lora_adapter(adapters / "ours-only", base_model=BASE_MODEL, seed=2)
-    write_lora_adapter(cache / "both", base_model=BASE_MODEL, seed=3)
+    write_lora_adapter(elsewhere / "both", base_model=BASE_MODEL, seed=3)
+    earlier_server = start_worker(str(elsewhere), str(cache), "both")
+    worker_result(earlier_server)
+    earlier_server.wait()
     return {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache), "VLLM_LORA_RESOLVER_FS_DIR": str(adapters)}
 
 
@@ -62,11 +69,32 @@ def test_vllm_builtin_listed_first_is_tried_first(two_sources: dict[str, str]) -
     environment = {**two_sources, "VLLM_PLUGINS": f"lora_filesystem_resolver,{OURS}"}
     result = load_and_resolve(environment, "both", "ours-only")
     assert result["order"] == [VLLM_FILESYSTEM, OURS]
-    assert result["answers"]["both"]["resolver"] == VLLM_FILESYSTEM
-    assert (
-        result["answers"]["both"]["path"] == two_sources["VLLM_LORA_RESOLVER_CACHE_DIR"] + "/both"
-    )
+    both = result["answers"]["both"]
+    assert both["resolver"] == VLLM_FILESYSTEM
+    snapshot = Path(two_sources["VLLM_LORA_RESOLVER_CACHE_DIR"], "both").resolve()
+    assert Path(both["path"]).resolve() == snapshot  # the snapshot itself, not the name's link
+    assert both["vllm_accepts"] is True
     assert result["answers"]["ours-only"]["resolver"] == OURS  # the next one is tried on None
+
+
+def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    write_lora_adapter(outside / "evil", base_model=BASE_MODEL)
+    write_lora_adapter(cache / "placed", base_model=BASE_MODEL)  # a real folder in the root
+    (cache / "evil").symlink_to(outside / "evil")
+    environment = {
+        "VLLM_PLUGINS": "lora_s3_resolver,lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_S3_URI": bucket.uri,
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
+    }
+    result = load_and_resolve(environment, "evil", "placed")
+    assert result["order"] == ["lora_s3_resolver", VLLM_FILESYSTEM]
+    assert result["answers"] == {"evil": {"resolver": None}, "placed": {"resolver": None}}
+    for name in ("evil", "placed"):
+        assert f"lora_filesystem_resolver will not serve {name!r}" in result["log"]
+    assert "VLLM_LORA_RESOLVER_FS_DIR" in result["log"]
 
 
 def test_without_vllm_plugins_the_documented_default_order_holds(

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import (
     FS_DIR,
     GCS_URI,
@@ -70,10 +71,14 @@ def resolver_rank(registry_name: str, plugin_order: tuple[str, ...] | None) -> i
 class GuardedFilesystemResolver:
     """vLLM's built-in filesystem resolver, made safe to run over our cache directory.
 
-    The built-in joins any name to its directory (``../x`` and absolute names escape it) and hands
-    vLLM the ``CACHE_DIR/NAME`` link itself, whose target may be re-pointed or evicted while the
-    engine still reads it. Wrapped, it refuses unsafe names, and an answer that is one of our
-    snapshots is leased for this process and handed over by its immutable path.
+    The built-in joins any name to its directory (``../x`` and absolute names escape it), follows
+    any link, and hands vLLM the ``CACHE_DIR/NAME`` path itself, whose target may be re-pointed or
+    evicted while the engine still reads it. Wrapped, it is asked only about safe names that lead
+    to one of our complete snapshots (which our resolvers fetched and checked), and its answer is
+    that snapshot, leased for this process and handed over by its immutable path. Anything else
+    in the cache root (a link leading elsewhere, a folder put there by hand) is refused and the
+    refusal logged: adapter folders belong in ``VLLM_LORA_RESOLVER_FS_DIR``, where
+    ``lora_fs_resolver`` checks and snapshots them.
     """
 
     def __init__(self, builtin: Any, cache: NodeCache) -> None:
@@ -81,23 +86,39 @@ class GuardedFilesystemResolver:
         self.cache = cache
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
-        """The built-in's answer for a safe name, pinned to its snapshot when it is one."""
+        """The built-in's answer for a name that leads to one of our snapshots, pinned to it."""
         if not is_safe_adapter_name(lora_name):
+            return None
+        snapshot = self._leased_snapshot(lora_name)
+        if snapshot is None:
             return None
         request = await self.builtin.resolve_lora(base_model_name, lora_name)
         if request is None:
             return None
-        key = self.cache.snapshot_containing(os.path.realpath(request.lora_path))
-        if key is None:
-            return request  # a real folder someone placed in the cache root
-        snapshot = self.cache.lease(key)
-        if snapshot is None:
-            return None  # evicted in the meantime
         return type(request)(
             lora_name=request.lora_name,
             lora_int_id=request.lora_int_id,
             lora_path=str(snapshot.adapter_dir),
         )
+
+    def _leased_snapshot(self, lora_name: str) -> Snapshot | None:
+        """The snapshot ``CACHE_DIR/NAME`` leads to, leased; ``None`` when it leads to none (or
+        the snapshot was just evicted)."""
+        path = self.cache.root / lora_name
+        key = self.cache.snapshot_containing(os.path.realpath(path))
+        if key is not None:
+            return self.cache.lease(key)
+        if os.path.lexists(path / CONFIG_FILE):
+            logger.warning(
+                "%s will not serve %r: %s is not an adapter snapshot of this cache (only those "
+                "are served from it); put adapter folders in %s and list %s in VLLM_PLUGINS",
+                VLLM_FS_PLUGIN,
+                lora_name,
+                path,
+                FS_DIR.name,
+                FS_PLUGIN,
+            )
+        return None
 
 
 class PluginOrderedResolvers(dict[str, Any]):
