@@ -272,8 +272,10 @@ def test_a_cached_snapshot_evicted_between_lookup_and_lease_is_never_refused(
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     _resolve_in_processes_that_exit(adapters_dir, cache_dir, "sql")  # CACHE_DIR/sql -> snapshot
     settings = make_settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0")
+    cache = NodeCache(cache_dir)
+    FilesystemResolver(adapters_dir, settings, cache)  # this process serves that store too
     # The default layout: the filesystem resolver reads the cache dir, links included.
-    resolver = EvictedAfterLookupResolver(cache_dir, settings, NodeCache(cache_dir))
+    resolver = EvictedAfterLookupResolver(cache_dir, settings, cache)
 
     assert resolver.resolve(BASE_MODEL, "sql") is None  # evicted, so no longer here
 

@@ -1,6 +1,11 @@
 """A writer of the adapter folder racing the filesystem resolver: swapping a file for a link to
-a private file, swapping whole folders, rewriting files in place. Every snapshot handed out is
-exactly one version of the folder, and nothing outside the folder is ever read."""
+a private file, swapping whole folders, rewriting files in place. Every snapshot handed out is the
+folder as it was at one moment (a file that changes while it is copied, or a folder swapped
+meanwhile, makes the resolver look again), and nothing outside the folder is ever read.
+
+A writer rewriting a file in place passes through torn states that are on disk for real: one that
+stalls half way leaves a torn file, which is what the folder then holds. Atomic replacement
+(write elsewhere, then rename) is the way to update a folder (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError
+from vllm_lora_resolvers.transfer import RemoteAdapter
 
 WEIGHTS = "adapter_model.safetensors"
 MARKER = b"PRIVATE-MARKER-7f3a"
@@ -131,30 +137,37 @@ def test_folders_swapped_atomically_never_give_one_versions_config_with_the_othe
     assert all(_pair(path) in versions for path in paths)
 
 
-def test_files_rewritten_in_place_never_give_a_torn_snapshot(
+class RewrittenInPlaceAfterLookup(FilesystemResolver):
+    """Rewrites the weights file in place (same file, new content) right after each of its first
+    ``rewrites`` lookups, as a writer racing the resolver would."""
+
+    rewrites = 1
+    content = b""
+
+    def locate(self, name: str) -> RemoteAdapter | None:
+        found = super().locate(name)
+        if self.rewrites > 0:
+            self.rewrites -= 1
+            with (self.root / name / WEIGHTS).open("r+b") as stream:
+                stream.write(self.content)
+        return found
+
+
+def test_a_file_rewritten_in_place_after_its_lookup_is_looked_up_again(
     adapters_dir: Path, cache_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
-    versions = [
-        write_lora_adapter(tmp_path / f"v{seed}", base_model=BASE_MODEL, seed=seed)
-        for seed in (1, 2)
-    ]
-    weights = [(version / WEIGHTS).read_bytes() for version in versions]
-    resolver = _resolver(adapters_dir, cache_dir, make_settings)
+    new = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
+    resolver = RewrittenInPlaceAfterLookup(adapters_dir, make_settings(), NodeCache(cache_dir))
+    resolver.content = (new / WEIGHTS).read_bytes()
+    inode = (folder / WEIGHTS).stat().st_ino
 
-    def rewrite(count: int) -> None:
-        with (folder / WEIGHTS).open("r+b") as stream:  # in place: same file, chunk by chunk
-            content = weights[count % 2]
-            for start in range(0, len(content), 4096):
-                stream.write(content[start : start + 4096])
-                stream.flush()
-
-    with running(rewrite):
-        paths = [
-            path for _ in range(5) for path in asyncio.run(_resolve_concurrently(resolver, 50))
-        ]
-    for path in paths:
-        assert (path / WEIGHTS).read_bytes() in weights
+    resolved = resolver.resolve(BASE_MODEL, "sql")
+    assert resolved is not None
+    assert (folder / WEIGHTS).stat().st_ino == inode  # the very same file, rewritten
+    assert _pair(resolved.path) == _pair(folder)  # the new content, under the new version
+    current = resolver.locate("sql")
+    assert current is not None and resolved.snapshot.manifest.version == current.version
 
 
 def _cache_disk_bytes(cache_dir: Path) -> int:

@@ -42,7 +42,7 @@ def _store(adapters: Path, cache: Path, settings: Settings) -> FailingStore:
 
 
 def _outcomes(outcome: str) -> float:
-    return metrics.RESOLUTIONS.labels("fs", outcome)._value.get()
+    return float(metrics.RESOLUTIONS.labels("fs", outcome)._value.get())
 
 
 def test_a_store_that_refuses_us_is_not_served_from_the_cache(
@@ -114,3 +114,22 @@ def test_the_policies_refuse_unknown_values(make_settings: Callable[..., Setting
         make_settings(VLLM_LORA_RESOLVER_SERVE_STALE="sometimes")
     with pytest.raises(ConfigurationError, match="VLLM_LORA_RESOLVER_STORE_DOWN"):
         make_settings(VLLM_LORA_RESOLVER_STORE_DOWN="retry")
+
+
+def test_a_cache_link_made_for_another_store_is_not_served(
+    tmp_path: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    prod, staging = tmp_path / "prod", tmp_path / "staging"
+    staging.mkdir()
+    write_lora_adapter(prod / "sql", base_model=BASE_MODEL)
+    prod_pod = FilesystemResolver(prod, make_settings(), NodeCache(cache_dir))
+    assert prod_pod.resolve(BASE_MODEL, "sql") is not None
+    assert (cache_dir / "sql").is_symlink()  # the node-wide link the prod pod made
+
+    # A pod of the staging store on the same node: its own store, and the cache dir (the
+    # default layout of lora_fs_resolver, as vLLM's built-in resolver reads it).
+    staging_cache = NodeCache(cache_dir)
+    staging_pod = FilesystemResolver(staging, make_settings(), staging_cache)
+    over_cache = FilesystemResolver(cache_dir, make_settings(), staging_cache)
+    assert staging_pod.resolve(BASE_MODEL, "sql") is None
+    assert over_cache.resolve(BASE_MODEL, "sql") is None

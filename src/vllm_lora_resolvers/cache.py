@@ -129,6 +129,7 @@ class NodeCache:
         self._leases_guard = threading.Lock()
         self._key_guards: dict[str, threading.Lock] = {}
         self._process_dir: Path | None = None
+        self._served_sources: set[str] = set()
         self._reported_damage: set[str] = set()
         try:
             self._make_layout()
@@ -225,6 +226,17 @@ class NodeCache:
         parent, leaf = os.path.split(real_path)
         snapshots, key = os.path.split(parent)
         return key if leaf == ADAPTER_DIR and snapshots == self._real_snapshots else None
+
+    # -- whose snapshots this process serves ------------------------------------------------
+
+    def serve_source(self, source: str) -> None:
+        """Declare that this process resolves adapters from ``source`` (a store's identity)."""
+        self._served_sources.add(source)
+
+    def serves(self, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot`` comes from a store this process resolves from: pods of other
+        stores share the node cache, and their snapshots (and ``NAME`` links) are not ours."""
+        return snapshot.manifest.source in self._served_sources
 
     # -- leases --------------------------------------------------------------------------
 

@@ -23,8 +23,10 @@ from vllm_lora_resolvers.adapter import (
     CONFIG_FILE,
     WEIGHTS_FILES,
     AdapterPolicy,
+    LoraAdapterConfig,
     check_adapter_config,
     check_adapter_folder,
+    check_weights_header,
     parse_adapter_config,
 )
 from vllm_lora_resolvers.cache import (
@@ -55,11 +57,6 @@ from vllm_lora_resolvers.transfer import (
     RemoteFile,
     download_in_parts,
     fetch_files,
-)
-from vllm_lora_resolvers.weights import WeightsError
-from vllm_lora_resolvers.weights.safetensors_header import (
-    parse_safetensors_header,
-    safetensors_header_size,
 )
 
 if TYPE_CHECKING:
@@ -140,6 +137,7 @@ class BaseStorageResolver(ABC):
         self.source = source
         self.settings = settings
         self.cache = cache
+        cache.serve_source(source)
         self.retry_policy = retry_policy or RetryPolicy()
         self.part_size = part_size
         self.part_workers = part_workers
@@ -390,6 +388,7 @@ class BaseStorageResolver(ABC):
                     remote.name,
                 )
                 published = self._fetch_into_cache(remote, key, policy, files)
+        self._checked.add((published.key, policy.base_model))  # checked as it was fetched
         self.cache.point_name(remote.name, published)
         self._after_fetch(published.manifest.total_bytes)
         return published, published.manifest.total_bytes
@@ -411,7 +410,7 @@ class BaseStorageResolver(ABC):
             # Refuse a wrong base model or rank, or a weights file whose header does not add up,
             # before fetching the (large) weights.
             check_adapter_config(remote.name, config, policy)
-            self._check_weights_head(remote, weights)
+            self._check_weights_head(remote, weights, config)
             fetched += self._download(remote, (weights,), staging)
             check_adapter_folder(remote.name, staging / "adapter", policy)
             manifest = SnapshotManifest(
@@ -444,23 +443,22 @@ class BaseStorageResolver(ABC):
                 raise
             raise cache_write_error(error) from None
 
-    def _check_weights_head(self, remote: RemoteAdapter, weights: RemoteFile) -> None:
-        """Refuse a safetensors file whose header is malformed or does not account for its
-        exact size (a sparse terabyte behind a small header, say), from its first bytes."""
+    def _check_weights_head(
+        self, remote: RemoteAdapter, weights: RemoteFile, config: LoraAdapterConfig
+    ) -> None:
+        """Refuse a safetensors file whose header is malformed, does not account for its exact
+        size (a sparse terabyte behind a small header, say) or holds tensors vLLM would refuse,
+        from its first bytes, before its body is fetched."""
         if not weights.path.endswith(".safetensors"):
             return
         head = self.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
         if head is None:
             return
-        try:
-            header_size = safetensors_header_size(head, weights.size)
-            if header_size > len(head):
-                head = self.read_head(remote, weights, header_size) or b""
-            parse_safetensors_header(head, weights.size)
-        except WeightsError as error:
-            raise InvalidAdapterError(
-                f"adapter {remote.name!r}: weights file {weights.path} {error}"
-            ) from None
+        needed = check_weights_header(remote.name, config, head, weights.size)
+        if needed > len(head):
+            check_weights_header(
+                remote.name, config, self.read_head(remote, weights, needed) or b"", weights.size
+            )
 
     def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
         """The config and the one weights file vLLM would load, in vLLM's order of preference."""

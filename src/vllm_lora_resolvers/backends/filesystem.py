@@ -3,7 +3,8 @@
 Adapter ``NAME`` is the folder ``ROOT/NAME``. It is copied into an immutable snapshot, so editing
 or deleting the folder later never changes what a running server was handed. A folder that is
 already a snapshot of the node cache (``CACHE_DIR/NAME`` links made by the other resolvers) is
-served as it is.
+served as it is, if it comes from a store this process resolves from: pods of other stores share
+the node cache and its links, and their adapters are not this server's to serve.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class FilesystemResolver(BaseStorageResolver):
             cached = self.cache.snapshot_containing(folder)
             if cached is not None:
                 snapshot = self.cache.held(cached) or self.cache.find(cached)
-                if snapshot is None:
-                    return None
+                if snapshot is None or not self.cache.serves(snapshot):
+                    return None  # gone, or another store's (a pod of another store linked it)
                 version = snapshot.manifest.version
                 return RemoteAdapter(name, version, folder, (), cached_snapshot=cached)
             if not folder.startswith(self._root + os.sep):
