@@ -16,6 +16,7 @@ from e2e_support import (
     fetched_earlier,
     listed_models,
     module_store,
+    pull_elsewhere,
     running_server,
     text,
 )
@@ -58,21 +59,26 @@ def setup(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
 
 def _place(store: Store, model: Path, cache: Path, fs_dir: Path) -> None:
     """``three`` in all three sources, ``two`` in the folder and the bucket, and each seed's
-    weights once more under a name found in one source only (``ref-SEED``). The cache holds its
-    adapters as snapshots an earlier server fetched: the built-in resolver serves nothing else."""
+    weights once more under a name found in one source only (``ref-SEED``). The cache holds
+    snapshots an earlier pod of the same bucket fetched (the built-in resolver serves nothing
+    else): ``three`` at the version before the bucket's current one. ``elsewhere`` is a snapshot
+    another store's pod left on this node: never served here."""
 
     def write(folder: Path, seed: int) -> Path:
         return write_lora_adapter(folder, base_model=str(model), seed=seed)
 
-    elsewhere = model.parent / "elsewhere"  # a folder the server does not read
-    fetched_earlier(cache, write(elsewhere / "three", IN_CACHE), model)
+    upload = model.parent / "upload"
+    store.upload("three", write(upload / "three-before", IN_CACHE))
+    pull_elsewhere(store, cache, "three", model)
+    store.upload(f"ref-{IN_CACHE}", write(upload / "ref-before", IN_CACHE))
+    pull_elsewhere(store, cache, f"ref-{IN_CACHE}", model)
+    fetched_earlier(cache, write(model.parent / "other-store" / "elsewhere", IN_CACHE), model)
     write(fs_dir / "three", IN_FOLDER)
-    store.upload("three", write(model.parent / "upload" / "three", IN_BUCKET))
+    store.upload("three", write(upload / "three", IN_BUCKET))
     write(fs_dir / "two", IN_FOLDER)
-    store.upload("two", write(model.parent / "upload" / "two", IN_BUCKET))
-    fetched_earlier(cache, write(elsewhere / f"ref-{IN_CACHE}", IN_CACHE), model)
+    store.upload("two", write(upload / "two", IN_BUCKET))
     write(fs_dir / f"ref-{IN_FOLDER}", IN_FOLDER)
-    store.upload(f"ref-{IN_BUCKET}", write(model.parent / "upload" / "ref", IN_BUCKET))
+    store.upload(f"ref-{IN_BUCKET}", write(upload / "ref", IN_BUCKET))
 
 
 def test_resolvers_are_tried_in_vllm_plugins_order_builtin_first(setup: Setup) -> None:
@@ -85,3 +91,9 @@ def test_resolvers_are_tried_in_vllm_plugins_order_builtin_first(setup: Setup) -
     assert Path(str(models["three"]["root"])) == (setup.cache / "three").resolve()
     assert "/.vllm-lora/snapshots/" in str(models["two"]["root"])
     assert "/.vllm-lora/snapshots/" in str(models[f"ref-{IN_BUCKET}"]["root"])
+
+
+def test_another_stores_snapshot_in_the_node_cache_is_never_served(setup: Setup) -> None:
+    assert (setup.cache / "elsewhere").is_symlink()  # linked by a pod of another store
+    response = setup.server.completions("elsewhere", "Hello")
+    assert response.status_code == 404, response.text

@@ -42,15 +42,17 @@ def load_and_resolve(environment: dict[str, str], *names: str) -> dict[str, Any]
 
 @pytest.fixture
 def two_sources(tmp_path: Path) -> dict[str, str]:
-    """One name in both our source folder and, as a snapshot an earlier server fetched from
-    elsewhere, in vLLM's cache directory."""
+    """One name in our source folder and, at the version an earlier server of the same folder
+    fetched, as a snapshot in vLLM's cache directory; and another store's snapshot there."""
     adapters, cache, elsewhere = tmp_path / "adapters", tmp_path / "cache", tmp_path / "elsewhere"
-    write_lora_adapter(adapters / "both", base_model=BASE_MODEL, seed=1)
+    write_lora_adapter(adapters / "both", base_model=BASE_MODEL, seed=3)
+    write_lora_adapter(elsewhere / "foreign", base_model=BASE_MODEL, seed=4)
+    for source, name in ((adapters, "both"), (elsewhere, "foreign")):
+        earlier_server = start_worker(str(source), str(cache), name)
+        worker_result(earlier_server)
+        earlier_server.wait()
+    write_lora_adapter(adapters / "both", base_model=BASE_MODEL, seed=1)  # the folder moves on
     write_lora_adapter(adapters / "ours-only", base_model=BASE_MODEL, seed=2)
-    write_lora_adapter(elsewhere / "both", base_model=BASE_MODEL, seed=3)
-    earlier_server = start_worker(str(elsewhere), str(cache), "both")
-    worker_result(earlier_server)
-    earlier_server.wait()
     return {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache), "VLLM_LORA_RESOLVER_FS_DIR": str(adapters)}
 
 
@@ -75,6 +77,16 @@ def test_vllm_builtin_listed_first_is_tried_first(two_sources: dict[str, str]) -
     assert Path(both["path"]).resolve() == snapshot  # the snapshot itself, not the name's link
     assert both["vllm_accepts"] is True
     assert result["answers"]["ours-only"]["resolver"] == OURS  # the next one is tried on None
+
+
+def test_another_stores_snapshot_in_the_cache_is_never_handed_to_vllm(
+    two_sources: dict[str, str],
+) -> None:
+    # "foreign" was fetched by a pod of another store on this node; its link is in the cache.
+    assert Path(two_sources["VLLM_LORA_RESOLVER_CACHE_DIR"], "foreign").is_symlink()
+    for plugins in (f"lora_filesystem_resolver,{OURS}", f"{OURS},lora_filesystem_resolver"):
+        result = load_and_resolve({**two_sources, "VLLM_PLUGINS": plugins}, "foreign")
+        assert result["answers"]["foreign"] == {"resolver": None}
 
 
 def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(

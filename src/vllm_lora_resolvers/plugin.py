@@ -12,6 +12,7 @@ but unusable raises `ConfigurationError`, which stops the server with the reason
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.adapter import CONFIG_FILE, AdapterPolicy, check_adapter_folder
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import (
     FS_DIR,
@@ -78,12 +79,16 @@ class GuardedFilesystemResolver:
     that snapshot, leased for this process and handed over by its immutable path. Anything else
     in the cache root (a link leading elsewhere, a folder put there by hand) is refused and the
     refusal logged: adapter folders belong in ``VLLM_LORA_RESOLVER_FS_DIR``, where
-    ``lora_fs_resolver`` checks and snapshots them.
+    ``lora_fs_resolver`` checks and snapshots them. So is a snapshot of a store this server does
+    not resolve from (pods of other stores share the node cache and its links), and one checked
+    for another server is checked against this server's model and rank limit first.
     """
 
-    def __init__(self, builtin: Any, cache: NodeCache) -> None:
+    def __init__(self, builtin: Any, cache: NodeCache, settings: Settings) -> None:
         self.builtin = builtin
         self.cache = cache
+        self.settings = settings
+        self._checked: set[tuple[str, str]] = set()
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         """The built-in's answer for a name that leads to one of our snapshots, pinned to it."""
@@ -92,6 +97,12 @@ class GuardedFilesystemResolver:
         snapshot = self._leased_snapshot(lora_name)
         if snapshot is None:
             return None
+        if (snapshot.key, base_model_name) not in self._checked:
+            policy = AdapterPolicy(
+                base_model_name, self.settings.max_rank, self.settings.base_model_aliases
+            )
+            await asyncio.to_thread(check_adapter_folder, lora_name, snapshot.adapter_dir, policy)
+            self._checked.add((snapshot.key, base_model_name))
         request = await self.builtin.resolve_lora(base_model_name, lora_name)
         if request is None:
             return None
@@ -107,6 +118,10 @@ class GuardedFilesystemResolver:
         path = self.cache.root / lora_name
         key = self.cache.snapshot_containing(os.path.realpath(path))
         if key is not None:
+            snapshot = self.cache.find(key)
+            if snapshot is None or not self.cache.serves(snapshot):
+                logger.debug("%s: %r is another store's snapshot here", VLLM_FS_PLUGIN, lora_name)
+                return None
             return self.cache.lease(key)
         if os.path.lexists(path / CONFIG_FILE):
             logger.warning(
@@ -129,20 +144,19 @@ class PluginOrderedResolvers(dict[str, Any]):
 
     def __init__(
         self,
-        plugin_order: tuple[str, ...] | None,
-        cache_max_bytes: int | None,
+        settings: Settings,
         items: Iterable[tuple[str, Any]],
     ):
         super().__init__()
-        self.plugin_order = plugin_order
-        self.cache_max_bytes = cache_max_bytes
+        self.settings = settings
+        self.plugin_order = settings.plugin_order
         for key, value in items:
             self[key] = value
 
     def __setitem__(self, key: str, value: Any) -> None:
         if plugin_of(key) == VLLM_FS_PLUGIN and hasattr(value, "lora_cache_dir"):
-            cache = shared_cache(Path(value.lora_cache_dir), self.cache_max_bytes)
-            value = GuardedFilesystemResolver(value, cache)
+            cache = shared_cache(Path(value.lora_cache_dir), self.settings.cache_max_bytes)
+            value = GuardedFilesystemResolver(value, cache, self.settings)
         super().__setitem__(key, value)
         ordered = sorted(self.items(), key=lambda item: resolver_rank(item[0], self.plugin_order))
         super().clear()
@@ -171,7 +185,7 @@ def _register(plugin: str, build: Callable[[Settings], BaseStorageResolver | Non
     LoRAResolver.register(GuardedFilesystemResolver)
     if not isinstance(LoRAResolverRegistry.resolvers, PluginOrderedResolvers):
         LoRAResolverRegistry.resolvers = PluginOrderedResolvers(
-            settings.plugin_order, settings.cache_max_bytes, LoRAResolverRegistry.resolvers.items()
+            settings, LoRAResolverRegistry.resolvers.items()
         )
     if plugin in LoRAResolverRegistry.resolvers:
         return
