@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from e2e_support import (
     Store,
+    complete,
+    error_message,
     fetched_earlier,
     listed_models,
     module_store,
@@ -21,7 +23,7 @@ from e2e_support import (
     text,
 )
 
-from devtools.models import build_tiny_llama, write_lora_adapter
+from devtools.models import build_tiny_llama, write_lora_adapter, write_peft_adapter
 from devtools.stores import S3Endpoint
 from devtools.vllm_server import VllmServer
 
@@ -37,6 +39,7 @@ class Setup:
     server: VllmServer
     model: Path
     cache: Path
+    fs_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             "VLLM_LORA_RESOLVER_FS_DIR": str(fs_dir),
         }
         with running_server(model, work / "server", env) as server:
-            yield Setup(server, model, cache)
+            yield Setup(server, model, cache, fs_dir)
 
 
 def _place(store: Store, model: Path, cache: Path, fs_dir: Path) -> None:
@@ -97,3 +100,52 @@ def test_another_stores_snapshot_in_the_node_cache_is_never_served(setup: Setup)
     assert (setup.cache / "elsewhere").is_symlink()  # linked by a pod of another store
     response = setup.server.completions("elsewhere", "Hello")
     assert response.status_code == 404, response.text
+
+
+QV = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+#: Saved by the real PEFT library, with random A and B (PEFT's default B = 0 would change nothing).
+PEFT_SERVED = {
+    "peft-qv": QV,
+    "peft-all-linear": {"r": 8, "lora_alpha": 8, "target_modules": "all-linear"},
+    "peft-patterns": {**QV, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 32}},
+    "peft-rslora": {**QV, "use_rslora": True},
+}
+PEFT_REFUSED = {
+    "peft-dora": ({**QV, "use_dora": True}, "DoRA"),
+    "peft-trainable-tokens": ({**QV, "trainable_token_indices": [1, 2, 3]}, "trainable"),
+}
+
+
+def test_peft_adapters_vllm_loads_are_served_identically_and_the_rest_get_our_reason(
+    setup: Setup,
+) -> None:
+    base = text(setup.server, str(setup.model))
+    formats = {"peft-qv": (True, False)}  # safetensors and .bin
+    for name, config in PEFT_SERVED.items():
+        for safe in formats.get(name, (True,)):
+            served_as = name if safe else f"{name}-bin"
+            folder = write_peft_adapter(
+                setup.fs_dir / served_as,
+                setup.model,
+                {**config, "init_lora_weights": False},
+                safe_serialization=safe,
+            )
+            static = setup.server.post(
+                "/v1/load_lora_adapter",
+                {"lora_name": f"static-{served_as}", "lora_path": str(folder)},
+            )
+            assert static.status_code == 200, static.text  # vLLM's own loader takes it
+            ours = text(setup.server, served_as)  # resolved by lora_fs_resolver
+            assert ours == text(setup.server, f"static-{served_as}"), served_as
+            assert ours != base, served_as
+    for name, (config, reason) in PEFT_REFUSED.items():
+        folder = write_peft_adapter(
+            setup.fs_dir / name, setup.model, {**config, "init_lora_weights": False}
+        )
+        static = setup.server.post(
+            "/v1/load_lora_adapter", {"lora_name": f"static-{name}", "lora_path": str(folder)}
+        )
+        assert static.status_code != 200, name  # vLLM's own loader refuses it...
+        response = complete(setup.server, name)
+        assert response.status_code == 400, response.text
+        assert reason in error_message(response), response.text  # ...and we say why
