@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 from conftest import BASE_MODEL, REPO, start_worker, worker_result
+from gcs_fixtures import GcsBucket
+from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
 
 from devtools.models import write_lora_adapter
+from devtools.relay import Fault
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -86,7 +89,7 @@ def test_another_stores_snapshot_in_the_cache_is_never_handed_to_vllm(
     assert Path(two_sources["VLLM_LORA_RESOLVER_CACHE_DIR"], "foreign").is_symlink()
     for plugins in (f"lora_filesystem_resolver,{OURS}", f"{OURS},lora_filesystem_resolver"):
         result = load_and_resolve({**two_sources, "VLLM_PLUGINS": plugins}, "foreign")
-        assert result["answers"]["foreign"] == {"resolver": None}
+        assert result["answers"]["foreign"]["resolver"] is None
 
 
 def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(
@@ -103,7 +106,7 @@ def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(
     }
     result = load_and_resolve(environment, "evil", "placed")
     assert result["order"] == ["lora_s3_resolver", VLLM_FILESYSTEM]
-    assert result["answers"] == {"evil": {"resolver": None}, "placed": {"resolver": None}}
+    assert [result["answers"][name]["resolver"] for name in ("evil", "placed")] == [None, None]
     for name in ("evil", "placed"):
         assert f"lora_filesystem_resolver will not serve {name!r}" in result["log"]
     assert "VLLM_LORA_RESOLVER_FS_DIR" in result["log"]
@@ -167,3 +170,33 @@ def test_unusable_cache_dir_stops_startup_with_the_reason(tmp_path: Path) -> Non
     )
     assert completed.returncode != 0
     assert "VLLM_LORA_RESOLVER_CACHE_DIR" in completed.stderr
+
+
+def test_a_chain_with_one_store_black_holed_serves_the_others_in_seconds(
+    bucket: Bucket, gcs_bucket: GcsBucket, hub: Hub, tmp_path: Path
+) -> None:
+    # Four stores in one server's chain; GCS accepts connections and never answers.
+    bucket.upload("in-s3", write_lora_adapter(tmp_path / "s3", base_model=BASE_MODEL, seed=1))
+    gcs_bucket.upload("in-gcs", write_lora_adapter(tmp_path / "gcs", base_model=BASE_MODEL))
+    hub.server.push(REPO_ID, {"sql": write_lora_adapter(tmp_path / "hub", base_model=BASE_MODEL)})
+    write_lora_adapter(tmp_path / "fs" / "in-fs", base_model=BASE_MODEL, seed=2)
+    gcs_bucket.relay.add_fault(Fault("delay", seconds=3600, times=1_000_000))
+    environment = {
+        "VLLM_PLUGINS": "lora_s3_resolver,lora_gcs_resolver,lora_hf_resolver,lora_fs_resolver",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path / "cache"),
+        "VLLM_LORA_RESOLVER_S3_URI": bucket.uri,
+        "VLLM_LORA_RESOLVER_GCS_URI": gcs_bucket.uri,
+        "VLLM_LORA_RESOLVER_HF_REPO_LIST": REPO_ID,
+        "VLLM_LORA_RESOLVER_FS_DIR": str(tmp_path / "fs"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    names = ("in-s3", f"{REPO_ID}/sql", "in-fs", "brand-new", "in-gcs")
+    answers = load_and_resolve(environment, *names)["answers"]
+    assert answers["in-s3"]["resolver"] == "lora_s3_resolver"  # before the dead store
+    assert answers[f"{REPO_ID}/sql"]["resolver"] == "lora_hf_resolver"  # past it
+    assert answers["in-fs"]["resolver"] == "lora_fs_resolver"
+    assert answers["brand-new"]["resolver"] is None  # 404, not another name's error
+    assert answers["in-gcs"]["resolver"] is None  # the dead store's own adapter: not servable
+    # The first request past the dead store waits for it once (about 3 s); later ones do not.
+    assert max(answers[name]["seconds"] for name in names) < 10
+    assert answers["in-fs"]["seconds"] < 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.resolver import LoRAResolverRegistry
@@ -32,20 +33,22 @@ def vllm_accepts(path: str, lora_int_id: int) -> bool:
 
 
 async def resolve(base_model: str, name: str) -> dict[str, object]:
+    started = time.monotonic()
     for registry_name in LoRAResolverRegistry.get_supported_resolvers():
         resolver = LoRAResolverRegistry.get_resolver(registry_name)
         try:
             request = await resolver.resolve_lora(base_model, name)
-        except ValueError as error:
-            return {"resolver": registry_name, "error": str(error)}
+        except Exception as error:  # vLLM answers 400 for a ValueError, 500 for the rest
+            return {"resolver": registry_name, "error": str(error), "type": type(error).__name__}
         if request is not None:
             return {
                 "resolver": registry_name,
                 "path": request.lora_path,
                 "lora_int_id": request.lora_int_id,
                 "vllm_accepts": vllm_accepts(request.lora_path, request.lora_int_id),
+                "seconds": time.monotonic() - started,
             }
-    return {"resolver": None}
+    return {"resolver": None, "seconds": time.monotonic() - started}
 
 
 def main() -> None:
