@@ -390,3 +390,16 @@ def test_a_cache_folder_removed_under_a_running_server_is_recreated(
     assert again is not None and (again.path / CONFIG_FILE).is_file()
     other = resolver.resolve(BASE_MODEL, "b")
     assert other is not None and (other.path / CONFIG_FILE).is_file()
+
+
+def test_lock_files_do_not_pile_up(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    for seed in range(5):
+        write_lora_adapter(adapters_dir / f"a{seed}", base_model=BASE_MODEL, seed=seed)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a0", "a1")
+    resolver = FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    for seed in range(2, 5):
+        assert resolver.resolve(BASE_MODEL, f"a{seed}") is not None
+    locks = cache_dir / ".vllm-lora" / "locks"
+    assert sorted(path.name for path in locks.iterdir() if path.name != "evict.lock") == []

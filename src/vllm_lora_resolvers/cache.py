@@ -47,6 +47,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
+from vllm_lora_resolvers.memory import KeyedLocks
 
 logger = logging.getLogger("vllm.lora_resolvers.cache")
 
@@ -127,7 +128,7 @@ class NodeCache:
         self.quarantine = self.state / "quarantine"
         self._leases: dict[str, tuple[int, Snapshot]] = {}
         self._leases_guard = threading.Lock()
-        self._key_guards: dict[str, threading.Lock] = {}
+        self._key_guards = KeyedLocks()
         self._process_dir: Path | None = None
         self._served_sources: set[str] = set()
         self._reported_damage: set[str] = set()
@@ -288,26 +289,19 @@ class NodeCache:
 
         Holding it, leftovers of an earlier fetch of ``key`` that crashed are removed.
         """
-        with self._leases_guard:
-            guard = self._key_guards.setdefault(key, threading.Lock())
-        with guard, self._file_lock(self.locks / f"{key}.lock"):
-            for leftover in self.staging.glob(f"{key}.*"):
-                _remove_tree(leftover)
-            yield
-
-    @contextlib.contextmanager
-    def _file_lock(self, path: Path) -> Iterator[None]:
-        """A cross-process lock in ``locks/``; the cache's folders are recreated if removed."""
-        try:
-            self._make_layout()
-            lock = FileLock(path)
-            lock.acquire()
-        except OSError as error:
-            raise cache_write_error(error) from None
-        try:
-            yield
-        finally:
-            lock.release()
+        with self._key_guards.hold(key):
+            try:
+                self._make_layout()  # again, if someone removed the cache folder under us
+                descriptor = _lock_file(self.locks / f"{key}.lock", wait=True)
+            except OSError as error:
+                raise cache_write_error(error) from None
+            assert descriptor is not None
+            try:
+                for leftover in self.staging.glob(f"{key}.*"):
+                    _remove_tree(leftover)
+                yield
+            finally:
+                _unlock_and_remove(self.locks / f"{key}.lock", descriptor)
 
     def new_staging(self, key: str) -> Path:
         """An empty staging directory for ``key``, with its ``adapter/`` folder created.
@@ -537,12 +531,12 @@ class NodeCache:
             if entry.name.startswith(PROCESS_DIR_PREFIX):
                 _remove_unless_locked(entry)
                 continue
-            key = entry.name.split(".")[0]
-            try:
-                with FileLock(self.locks / f"{key}.lock", timeout=0):
-                    _remove_tree(entry)
-            except Timeout:
+            lock = self.locks / f"{entry.name.split('.')[0]}.lock"
+            descriptor = _lock_file(lock, wait=False)
+            if descriptor is None:
                 continue  # a live process is fetching this key
+            _remove_tree(entry)
+            _unlock_and_remove(lock, descriptor)
         for entry in self.trash.iterdir():
             _remove_tree(entry)
 
@@ -600,6 +594,34 @@ def _damage(path: Path, expected: SnapshotFile) -> str | None:
     if found.crc32c != expected.crc32c:
         return f"CRC32C {found.crc32c}, the manifest says {expected.crc32c}"
     return None
+
+
+def _lock_file(path: Path, *, wait: bool) -> int | None:
+    """An exclusive ``flock`` on the lock file ``path`` (created if need be), as a descriptor to
+    keep open while it is held; ``None`` if ``wait`` is false and a live process holds it.
+
+    Lock files are removed by their holder when done (`_unlock_and_remove`), so one locked after
+    waiting may be gone from the folder: then it is taken again, on the file now at ``path``.
+    """
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(descriptor), path.stat()):
+                return descriptor
+        os.close(descriptor)  # removed (or replaced) by its last holder meanwhile
+
+
+def _unlock_and_remove(path: Path, descriptor: int) -> None:
+    """Remove the lock file while still holding it, then release it: a waiter holding the old
+    file sees it removed and takes the new one, so ``locks/`` never grows."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(descriptor)
 
 
 def _remove_unless_locked(directory: Path) -> None:
