@@ -186,6 +186,23 @@ def test_validate_cannot_check_an_unreadable_store(bucket: Bucket) -> None:
     assert "NoSuchBucket" in result.stderr
 
 
+def test_validate_names_an_adapter_in_a_nested_folder_as_clients_ask_for_it(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.upload("team-a/sql", adapter(tmp_path / "sql"))
+    uri = f"{bucket.uri}/team-a/sql"
+    configured = vllm_lora("validate", uri, "--json", VLLM_LORA_RESOLVER_S3_URI=bucket.uri)
+    assert configured.returncode == 0, configured.stdout + configured.stderr
+    report = json.loads(configured.stdout)
+    assert report["adapter"] == "team-a/sql"
+    assert report["checks"][0] == {"check": "name", "status": "pass", "problem": None, "fix": None}
+    guessed = vllm_lora("validate", uri)
+    assert guessed.returncode == 0, guessed.stdout + guessed.stderr
+    assert f"WARN name: 'sql', taking {bucket.uri}/team-a as the store" in guessed.stdout
+    assert "(the URI is not below VLLM_LORA_RESOLVER_S3_URI)" in guessed.stdout
+    assert "fix: set VLLM_LORA_RESOLVER_S3_URI to the server's store" in guessed.stdout
+
+
 # -- ls -----------------------------------------------------------------------------------
 
 
@@ -230,13 +247,36 @@ def test_ls_lists_a_bucket_with_each_adapter_valid_or_why_not(
     assert all(path.endswith("/adapter_config.json") for path in downloads)
 
 
+def test_ls_lists_the_adapters_in_nested_folders_by_the_names_clients_ask_for(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket.upload("sql", adapter(tmp_path / "sql"))
+    bucket.upload("team-a/sql", adapter(tmp_path / "team-sql"))
+    bucket.upload("team-a/big", adapter(tmp_path / "big", rank=32))
+    bucket.upload("team-a/deep/er/chat", adapter(tmp_path / "chat"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("not an adapter")
+    bucket.upload("team-a/notes", notes)
+    result = vllm_lora("ls", bucket.uri, "--base-model", BASE_MODEL)
+    assert result.returncode == 0, result.stderr
+    rows = listing_rows(result.stdout)
+    assert "team-a" not in rows  # a folder of adapters: its adapters are listed instead
+    assert verdict(rows["team-a/sql"]) == verdict(rows["team-a/deep/er/chat"]) == "yes"
+    assert verdict(rows["team-a/big"]) == "no" and "rank 32" in rows["team-a/big"]
+    assert "no adapter_config.json" in rows["team-a/notes"]
+    assert "5 folders, 3 valid" in result.stdout
+
+
 def test_ls_lists_a_gcs_bucket_and_validate_reads_it(gcs_bucket: GcsBucket, tmp_path: Path) -> None:
     gcs_bucket.upload("sql", adapter(tmp_path / "sql"))
     gcs_bucket.upload("big", adapter(tmp_path / "big", rank=64))
+    gcs_bucket.upload("team/sql", adapter(tmp_path / "team-sql"))
     listed = vllm_lora("ls", gcs_bucket.uri)
     assert listed.returncode == 0, listed.stderr
     rows = listing_rows(listed.stdout)
-    assert verdict(rows["sql"]) == "yes"
+    assert verdict(rows["sql"]) == verdict(rows["team/sql"]) == "yes"
+    assert "team" not in rows
     assert verdict(rows["big"]) == "no" and "rank 64" in rows["big"]
     assert vllm_lora("validate", f"{gcs_bucket.uri}/sql").returncode == 0
 
@@ -267,11 +307,13 @@ def test_ls_lists_the_adapter_folders_of_a_hub_repo_and_validate_reads_one(
 def test_ls_lists_a_local_directory(adapters_dir: Path) -> None:
     adapter(adapters_dir / "sql")
     adapter(adapters_dir / "big", rank=32)
+    adapter(adapters_dir / "team" / "sql")
     (adapters_dir / "empty").mkdir()
     result = vllm_lora("ls", str(adapters_dir), "--max-rank", "64")
     rows = listing_rows(result.stdout)
-    assert verdict(rows["sql"]) == verdict(rows["big"]) == "yes"
-    assert "empty" not in rows
+    assert verdict(rows["sql"]) == verdict(rows["big"]) == verdict(rows["team/sql"]) == "yes"
+    assert "team" not in rows
+    assert "no adapter_config.json" in rows["empty"]
 
 
 def test_ls_escapes_store_names_that_would_drive_the_terminal_or_forge_rows(

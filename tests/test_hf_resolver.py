@@ -18,6 +18,7 @@ from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
+from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.backends.hf_hub import HfHubResolver, parse_repo_list
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import (
@@ -37,6 +38,10 @@ def adapter(tmp_path: Path, label: str, seed: int = 0) -> Path:
 
 def weights_gets(hub: Hub) -> list[str]:
     return [path for _, path in hub.requests("GET") if "adapter_model" in path]
+
+
+def resolutions(outcome: str) -> float:
+    return float(metrics.RESOLUTIONS.labels("hf", outcome)._value.get())
 
 
 # -- finding adapters -------------------------------------------------------------------------
@@ -134,6 +139,37 @@ def test_branch_tag_and_commit_pins_each_serve_their_own_content(
         assert files_of(resolved.path) == files_of(source), suffix
 
 
+def test_every_spelling_of_one_commit_shares_one_snapshot(
+    hub: Hub, tmp_path: Path, cache_dir: Path
+) -> None:
+    commit = hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "sql")})
+    hub.server.tag(REPO_ID, "v1", commit)
+    resolver = hub.resolver(cache_dir)
+    spellings = ["", "@main", "@v1", f"@{commit}"]
+    resolved = [resolver.resolve(BASE_MODEL, f"{REPO_ID}/sql{suffix}") for suffix in spellings]
+    (path,) = {adapter.path for adapter in resolved if adapter is not None}
+    assert None not in resolved
+    assert len(weights_gets(hub)) == 1
+    assert len(snapshot_dirs(cache_dir)) == 1
+    for suffix in spellings:  # each name vLLM's built-in resolver may be asked finds it
+        assert (cache_dir / f"{REPO_ID}/sql{suffix}").resolve() == path.resolve()
+
+
+def test_a_pinned_name_never_moves_the_link_of_the_unpinned_one(
+    hub: Hub, tmp_path: Path, cache_dir: Path
+) -> None:
+    first = hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "v1", 1)})
+    hub.server.tag(REPO_ID, "v1", first)
+    assert hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql") is not None
+    hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "v2", 2)})
+    latest = hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")  # another process
+    pinned = hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql@v1")  # and another
+    assert latest is not None and pinned is not None
+    assert pinned.snapshot.manifest.version == first != latest.snapshot.manifest.version
+    assert (cache_dir / REPO_ID / "sql").resolve() == latest.path.resolve()
+    assert (cache_dir / f"{REPO_ID}/sql@v1").resolve() == pinned.path.resolve()
+
+
 def test_an_adapter_pushed_after_the_first_resolve_is_found(
     hub: Hub, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -216,6 +252,20 @@ def test_names_outside_the_listed_repos_are_refused_without_a_request(
         "x/org/adapters",
     ):
         assert resolver.resolve(BASE_MODEL, name) is None, name
+    assert hub.requests() == []
+
+
+def test_names_of_other_stores_are_missing_here_and_only_hostile_names_rejected(
+    hub: Hub, cache_dir: Path
+) -> None:
+    resolver = hub.resolver(cache_dir)
+    before = {outcome: resolutions(outcome) for outcome in ("missing", "rejected")}
+    others = ["sql-expert", "team-a/sql", "org/other/sql", f"{REPO_ID}2/x@v1", "sql-expert@v1"]
+    hostile = [f"{REPO_ID}/../x", f"{REPO_ID}@..", "sql@a@b", "../x"]
+    for name in others + hostile:
+        assert resolver.resolve(BASE_MODEL, name) is None, name
+    assert resolutions("missing") - before["missing"] == len(others)
+    assert resolutions("rejected") - before["rejected"] == len(hostile)
     assert hub.requests() == []
 
 
@@ -422,6 +472,22 @@ def test_unreachable_hub_serves_the_cached_snapshot(
     again = hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")  # a new server process
     assert again is not None and first is not None
     assert again.path == first.path
+
+
+def test_unreachable_hub_serves_each_spelling_the_snapshot_it_last_resolved_to(
+    hub: Hub, tmp_path: Path, cache_dir: Path
+) -> None:
+    first = hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "v1", 1)})
+    hub.server.tag(REPO_ID, "v1", first)
+    hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
+    pinned = hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql@v1")  # a cache hit
+    hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "v2", 2)})
+    latest = hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
+    hub.relay.add_fault(Fault("status", times=10_000))
+    for name, expected in ((f"{REPO_ID}/sql@v1", pinned), (f"{REPO_ID}/sql", latest)):
+        served = hub.resolver(cache_dir).resolve(BASE_MODEL, name)  # a new server process
+        assert served is not None and expected is not None
+        assert served.path == expected.path, name
 
 
 # -- load -------------------------------------------------------------------------------------

@@ -165,6 +165,19 @@ def test_hostile_names_never_reach_the_store(
     assert bucket.requests() == []
 
 
+def test_names_of_other_stores_are_missing_here_not_rejected(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    resolver = bucket.resolver(cache_dir)
+    missing = metrics.RESOLUTIONS.labels("s3", "missing")._value.get()
+    rejected = metrics.RESOLUTIONS.labels("s3", "rejected")._value.get()
+    for name in ("acme/adapters/sql@v2", "acme/adapters@main"):  # the Hub's pinned names
+        assert resolver.resolve(BASE_MODEL, name) is None
+    assert metrics.RESOLUTIONS.labels("s3", "missing")._value.get() == missing + 2
+    assert metrics.RESOLUTIONS.labels("s3", "rejected")._value.get() == rejected
+    assert bucket.requests() == []
+
+
 def test_miss_storm_costs_one_listing_per_ttl(
     bucket: Bucket, tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -13,6 +13,9 @@ MAX_SEGMENTS = 8
 #: A segment becomes a file name (``CACHE_DIR/NAME``, ``FS_DIR/NAME``): at most NAME_MAX bytes.
 MAX_SEGMENT_LENGTH = 255
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: A revision after ``@`` (the Hub's branches and tags): up to 4 segments, 128 characters in all.
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*){0,3}")
+MAX_REVISION_LENGTH = 128
 
 
 def adapter_name_segments(name: str) -> tuple[str, ...] | None:
@@ -42,3 +45,18 @@ def adapter_name_segments(name: str) -> tuple[str, ...] | None:
 def is_safe_adapter_name(name: str) -> bool:
     """Whether ``name`` passes `adapter_name_segments`."""
     return adapter_name_segments(name) is not None
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether ``name`` is safe to ask any of our resolvers about: a safe adapter name, optionally
+    pinned with ``@REVISION`` (the Hub's syntax). Anything else is hostile, for every store.
+
+    >>> is_safe_name("acme/adapters/sql@v2"), is_safe_name("sql@..")
+    (True, False)
+    """
+    path, pinned, revision = name.partition("@")
+    if pinned and (
+        len(revision) > MAX_REVISION_LENGTH or ".." in revision or not _REVISION.fullmatch(revision)
+    ):
+        return False
+    return is_safe_adapter_name(path)

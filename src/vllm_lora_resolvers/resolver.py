@@ -50,7 +50,7 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, StoreOutage
-from vllm_lora_resolvers.names import is_safe_adapter_name
+from vllm_lora_resolvers.names import is_safe_adapter_name, is_safe_name
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
 from vllm_lora_resolvers.transfer import (
     RemoteAdapter,
@@ -147,7 +147,8 @@ class BaseStorageResolver(ABC):
             self.backend, min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS)
         )
         self._names = KeyedLocks()
-        self._checked: set[tuple[str, str]] = set()
+        #: (snapshot key, base model, name): checked for this server, and ``name`` pointed at it.
+        self._checked: set[tuple[str, str, str]] = set()
         self._outcome_metrics = {
             outcome: (
                 metrics.RESOLUTIONS.labels(self.backend, outcome),
@@ -203,8 +204,20 @@ class BaseStorageResolver(ABC):
         return None
 
     def accepts_name(self, name: str) -> bool:
-        """Whether ``name`` is a name this backend could hold (checked before any store call)."""
+        """Whether ``name``, a safe name (`is_safe_name`), is one this backend could hold: checked
+        before any store call; a safe name of another form (another store's) is ``missing`` here.
+        """
         return is_safe_adapter_name(name)
+
+    def snapshot_name(self, name: str) -> str:
+        """The name the snapshots of adapter ``name`` are kept under, in their manifest and key:
+        ``name`` itself, unless the store has several names for one adapter (the Hub's
+        ``@revision``), which then share snapshots."""
+        return name
+
+    def snapshot_key_for(self, name: str, version: str) -> str:
+        """The cache key of version ``version`` of adapter ``name`` of this store."""
+        return snapshot_key(self.source, self.snapshot_name(name), version)
 
     # -- the pipeline ---------------------------------------------------------------------
 
@@ -240,10 +253,10 @@ class BaseStorageResolver(ABC):
         """``(True, answer)`` for refused names, remembered misses and — when `locate` is local
         and cheap — snapshots this process already serves; ``(False, None)`` otherwise."""
         started = time.perf_counter()
-        if not self.accepts_name(lora_name):
+        if not is_safe_name(lora_name):
             self._record(lora_name, "rejected", "-", 0, started)
             return True, None
-        if self._misses.is_missing(lora_name):
+        if not self.accepts_name(lora_name) or self._misses.is_missing(lora_name):
             self._record(lora_name, "missing", "-", 0, started)
             return True, None
         if not self.locate_is_local:
@@ -254,9 +267,9 @@ class BaseStorageResolver(ABC):
             return False, None  # the full pipeline retries, serves stale or explains
         if remote is None:
             return False, None
-        key = remote.cached_snapshot or snapshot_key(self.source, lora_name, remote.version)
+        key = remote.cached_snapshot or self.snapshot_key_for(lora_name, remote.version)
         snapshot = self.cache.held(key)
-        if snapshot is None or (key, base_model_name) not in self._checked:
+        if snapshot is None or (key, base_model_name, lora_name) not in self._checked:
             return False, None
         self._record(lora_name, "hit", remote.version, 0, started)
         return True, ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
@@ -271,8 +284,11 @@ class BaseStorageResolver(ABC):
         started = time.perf_counter()
         outcome, version, fetched_bytes = "error", "-", 0
         try:
-            if not self.accepts_name(lora_name):
+            if not is_safe_name(lora_name):
                 outcome = "rejected"
+                return None
+            if not self.accepts_name(lora_name):
+                outcome = "missing"
                 return None
             policy = AdapterPolicy(
                 base_model=base_model_name,
@@ -296,13 +312,13 @@ class BaseStorageResolver(ABC):
                         outcome = "missing"
                         return None
                     version = remote.version
-                    key = remote.cached_snapshot or snapshot_key(self.source, lora_name, version)
+                    key = remote.cached_snapshot or self.snapshot_key_for(lora_name, version)
                     try:
                         with self._refusals.remembered((key, base_model_name)):
                             snapshot, outcome, fetched_bytes = self._lease_or_fetch(
                                 remote, key, policy
                             )
-                            self._check_once(snapshot, policy)
+                            self._check_once(lora_name, snapshot, policy)
                     except _LookAgainError as error:
                         if lookup == LOOKUPS_PER_RESOLUTION - 1:
                             raise StoreUnavailableError(str(error)) from None
@@ -388,7 +404,7 @@ class BaseStorageResolver(ABC):
                     remote.name,
                 )
                 published = self._fetch_into_cache(remote, key, policy, files)
-        self._checked.add((published.key, policy.base_model))  # checked as it was fetched
+        self._checked.add((published.key, policy.base_model, remote.name))  # checked as fetched
         self.cache.point_name(remote.name, published)
         self._after_fetch(published.manifest.total_bytes)
         return published, published.manifest.total_bytes
@@ -415,7 +431,7 @@ class BaseStorageResolver(ABC):
             check_adapter_folder(remote.name, staging / "adapter", policy)
             manifest = SnapshotManifest(
                 source=self.source,
-                name=remote.name,
+                name=self.snapshot_name(remote.name),
                 version=remote.version,
                 files=tuple(fetched),
                 created_at=time.time(),
@@ -474,19 +490,21 @@ class BaseStorageResolver(ABC):
             f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
         )
 
-    def _check_once(self, snapshot: Snapshot, policy: AdapterPolicy) -> None:
-        """Check a snapshot against this server's policy, once per process (it is immutable)."""
-        marker = (snapshot.key, policy.base_model)
+    def _check_once(self, name: str, snapshot: Snapshot, policy: AdapterPolicy) -> None:
+        """Check a snapshot ``name`` resolved to against this server's policy and point ``name``
+        at it, once per process and name (it is immutable; it may have several names)."""
+        marker = (snapshot.key, policy.base_model, name)
         if marker in self._checked:
             return
-        check_adapter_folder(snapshot.manifest.name, snapshot.adapter_dir, policy)
+        check_adapter_folder(name, snapshot.adapter_dir, policy)
         self._checked.add(marker)
-        self.cache.point_name(snapshot.manifest.name, snapshot)
+        self.cache.point_name(name, snapshot)
 
     def _serve_stale(
         self, name: str, policy: AdapterPolicy, error: StoreUnavailableError
     ) -> ResolvedAdapter:
-        """The newest cached snapshot of ``name`` when the store cannot answer, if
+        """The snapshot ``name`` last resolved to on this node (its ``NAME`` link), else the
+        newest cached one of that name, when the store cannot answer, if
         ``VLLM_LORA_RESOLVER_SERVE_STALE`` allows it for ``error``; else ``error``.
 
         By default only a store that cannot be reached is served from the cache: one that
@@ -496,7 +514,9 @@ class BaseStorageResolver(ABC):
         allowed = self.settings.serve_stale == "always" or (
             self.settings.serve_stale == "unreachable" and unreachable
         )
-        cached = self.cache.latest_for(self.source, name) if allowed else None
+        cached = None
+        if allowed:
+            cached = self._linked_snapshot(name) or self.cache.latest_for(self.source, name)
         snapshot = self.cache.lease(cached.key) if cached is not None else None
         if snapshot is None:
             raise error
@@ -508,17 +528,24 @@ class BaseStorageResolver(ABC):
             snapshot.manifest.version,
             name,
         )
-        self._check_once(snapshot, policy)
+        self._check_once(name, snapshot, policy)
         return ResolvedAdapter(name, _lora_int_id(snapshot.key), snapshot)
+
+    def _linked_snapshot(self, name: str) -> Snapshot | None:
+        """The snapshot of this store the ``CACHE_DIR/NAME`` link points at, if any."""
+        link = self.cache.root / name
+        if not link.is_symlink():
+            return None
+        key = self.cache.snapshot_containing(str(link.resolve()))
+        snapshot = self.cache.find(key) if key else None
+        return (
+            snapshot if snapshot is not None and snapshot.manifest.source == self.source else None
+        )
 
     def _unpoint_if_ours(self, name: str) -> None:
         """The store no longer has ``name``: stop vLLM's filesystem resolver finding it by name."""
-        link = self.cache.root / name
-        if not link.is_symlink():
-            return
-        key = self.cache.snapshot_containing(str(link.resolve()))
-        snapshot = self.cache.find(key) if key else None
-        if snapshot is not None and snapshot.manifest.source == self.source:
+        snapshot = self._linked_snapshot(name)
+        if snapshot is not None:
             self.cache.unpoint_name(name, only_if_key=snapshot.key)
 
     def _after_fetch(self, fetched_bytes: int) -> None:

@@ -24,6 +24,10 @@ def parse_bucket_uri(
 
 
 def folder_key(prefix: str, name: str) -> str:
-    """The key prefix of adapter ``name`` under ``prefix`` (names are safe: no ``..``, no
-    leading ``/``, so the key can never leave the prefix)."""
-    return f"{prefix}/{name}/" if prefix else f"{name}/"
+    """The key prefix of folder ``name`` under ``prefix`` (``""``: the prefix itself). Names are
+    safe (no ``..``, no leading ``/``), so the key can never leave the prefix.
+
+    >>> folder_key("prod", "team/sql"), folder_key("prod", ""), folder_key("", "")
+    ('prod/team/sql/', 'prod/', '')
+    """
+    return "".join(f"{part}/" for part in (prefix, name) if part)

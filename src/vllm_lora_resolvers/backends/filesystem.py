@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
-from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
@@ -84,20 +84,23 @@ class FilesystemResolver(BaseStorageResolver):
             return None
         return RemoteAdapter(name, fingerprint, folder, files)
 
-    def list_names(self) -> Iterator[str]:
-        """Names of the folders (or links to folders) directly under the root that hold an
-        ``adapter_config.json``: one directory listing.
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        """Names of the folders (or links to folders) directly in ``folder`` (``""``: the root),
+        the node cache's own state folder aside: the candidate adapters (`locate` tells which
+        hold one). One directory listing.
 
-        >>> list(resolver.list_names())  # doctest: +SKIP
-        ['chat', 'sql']
+        >>> list(resolver.list_names("team-a"))  # doctest: +SKIP
+        ['team-a/chat', 'team-a/sql']
         """
+        directory = f"{self._root}/{folder}" if folder else self._root
         try:
-            entries = sorted(entry.name for entry in os.scandir(self._root))
+            with os.scandir(directory) as entries:
+                names = sorted(entry.name for entry in entries if entry.is_dir())
         except OSError as error:
-            raise _read_error(f"cannot list {self.root}", error) from None
-        for name in entries:
-            if os.path.isfile(f"{self._root}/{name}/{CONFIG_FILE}"):
-                yield name
+            raise _read_error(f"cannot list {directory}", error) from None
+        for name in names:
+            if folder or name != STATE_DIR:
+                yield f"{folder}/{name}" if folder else name
 
     def _find_folder(self, name: str) -> tuple[str, bool]:
         """The real path of ``root/name`` and whether a symlink led there.

@@ -135,21 +135,22 @@ class GcsResolver(BaseStorageResolver):
         }
         return adapter_from_listing(name, f"gs://{self.bucket_name}/{folder}", listed)
 
-    def list_names(self) -> Iterator[str]:
-        """Names of the folders directly under the prefix: the candidate adapters (`locate` tells
-        which hold one). One paginated listing with ``delimiter="/"``.
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
+        adapters (`locate` tells which hold one). One paginated listing with ``delimiter="/"``.
 
-        >>> list(resolver.list_names())  # doctest: +SKIP
-        ['chat', 'sql']
+        >>> list(resolver.list_names("team-a"))  # doctest: +SKIP
+        ['team-a/chat', 'team-a/sql']
         """
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        with store_errors(f"listing gs://{self.bucket_name}/{prefix}"):
+        top = folder_key(self.prefix, "")
+        listed = folder_key(self.prefix, folder)
+        with store_errors(f"listing gs://{self.bucket_name}/{listed}"):
             blobs = self.bucket.list_blobs(
-                prefix=prefix, delimiter="/", retry=self.request_retry, timeout=TRANSFER_TIMEOUT
+                prefix=listed, delimiter="/", retry=self.request_retry, timeout=TRANSFER_TIMEOUT
             )
             for page in blobs.pages:
-                for folder in sorted(page.prefixes):
-                    yield folder[len(prefix) :].rstrip("/")
+                for subfolder in sorted(page.prefixes):
+                    yield subfolder[len(top) :].rstrip("/")
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path

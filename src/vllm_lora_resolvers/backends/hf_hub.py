@@ -50,7 +50,7 @@ from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
-from vllm_lora_resolvers.cache import NodeCache, snapshot_key
+from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import HF_REPO_LIST, ConfigurationError, Settings
 from vllm_lora_resolvers.errors import (
     IntegrityError,
@@ -58,7 +58,7 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.names import is_safe_adapter_name
+from vllm_lora_resolvers.names import is_safe_name
 from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
@@ -66,9 +66,6 @@ from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 _CHUNK = 1 << 20
 _LIBRARY = "vllm-lora-resolvers"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-#: Branch and tag names: up to 4 segments of the adapter-name alphabet, 128 characters in all.
-_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*){0,3}")
-_MAX_REVISION_LENGTH = 128
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -132,15 +129,9 @@ class HfHubResolver(BaseStorageResolver):
 
     def parse_name(self, name: str) -> HubAdapter | None:
         """The repo, folder and revision ``name`` points to; ``None`` if it is not one of ours."""
+        if not is_safe_name(name):
+            return None
         path, pinned, revision = name.partition("@")
-        if pinned and (
-            len(revision) > _MAX_REVISION_LENGTH
-            or ".." in revision
-            or not _REVISION.fullmatch(revision)
-        ):
-            return None
-        if not is_safe_adapter_name(path):
-            return None
         for repo in self.repos:
             if path == repo or path.startswith(f"{repo}/"):
                 folder = path[len(repo) + 1 :]
@@ -148,8 +139,14 @@ class HfHubResolver(BaseStorageResolver):
         return None
 
     def accepts_name(self, name: str) -> bool:
-        """Names in listed repos only, with a well-formed revision if any (no request)."""
+        """Names in listed repos only (no request); any other is another store's."""
         return self.parse_name(name) is not None
+
+    def snapshot_name(self, name: str) -> str:
+        """``org/repo[/folder]``, without the ``@revision``: the version is the commit, so every
+        spelling of one commit (``sql``, ``sql@main``, ``sql@v1``, ``sql@COMMIT``) shares one
+        snapshot, fetched once."""
+        return name.partition("@")[0]
 
     def locate(self, name: str) -> RemoteAdapter | None:
         """``HEAD`` the config for the commit, then ``paths-info`` of the adapter's files.
@@ -166,7 +163,7 @@ class HfHubResolver(BaseStorageResolver):
                     commit = self._commit_of(target)
                 location = f"{self.public_endpoint}/{target.repo_id}/tree/{commit}/{target.folder}"
                 location = location.rstrip("/")
-                key = snapshot_key(self.source, name, commit)
+                key = self.snapshot_key_for(name, commit)
                 if self.cache.contains(key):
                     return RemoteAdapter(name, commit, location, (), cached_snapshot=key)
                 files = self._adapter_files_at(target, commit)
@@ -176,13 +173,16 @@ class HfHubResolver(BaseStorageResolver):
             return None
         return RemoteAdapter(name, commit, location, files)
 
-    def list_names(self) -> Iterator[str]:
+    def list_names(self, folder: str = "") -> Iterator[str]:
         """Every adapter of the listed repos at their default revision: each folder holding an
-        ``adapter_config.json``. One (paginated) recursive tree listing per repo.
+        ``adapter_config.json``. One (paginated) recursive tree listing per repo; none for a
+        ``folder``, whose adapters that listing named already.
 
         >>> list(resolver.list_names())  # doctest: +SKIP
         ['acme/adapters/chat', 'acme/adapters/sql']
         """
+        if folder:
+            return
         for repo in sorted(self.repos):
             with hub_errors(f"listing {repo}", repo):
                 paths = self.api.list_repo_files(repo)

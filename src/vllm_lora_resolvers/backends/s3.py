@@ -159,21 +159,23 @@ class S3Resolver(BaseStorageResolver):
                     )
         return adapter_from_listing(name, f"s3://{self.bucket}/{folder}", listed)
 
-    def list_names(self) -> Iterator[str]:
-        """Names of the folders directly under the prefix: the candidate adapters (`locate` tells
-        which hold one). One paginated ``ListObjectsV2`` with ``Delimiter="/"``.
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
+        adapters (`locate` tells which hold one). One paginated ``ListObjectsV2`` with
+        ``Delimiter="/"``.
 
-        >>> list(resolver.list_names())  # doctest: +SKIP
-        ['chat', 'sql']
+        >>> list(resolver.list_names("team-a"))  # doctest: +SKIP
+        ['team-a/chat', 'team-a/sql']
         """
-        prefix = f"{self.prefix}/" if self.prefix else ""
+        top = folder_key(self.prefix, "")
+        listed = folder_key(self.prefix, folder)
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            Bucket=self.bucket, Prefix=listed, Delimiter="/"
         )
-        with store_errors(f"listing s3://{self.bucket}/{prefix}"):
+        with store_errors(f"listing s3://{self.bucket}/{listed}"):
             for page in pages:
-                for folder in page.get("CommonPrefixes", []):
-                    yield folder.get("Prefix", "")[len(prefix) :].rstrip("/")
+                for subfolder in page.get("CommonPrefixes", []):
+                    yield subfolder.get("Prefix", "")[len(top) :].rstrip("/")
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path

@@ -205,14 +205,15 @@ def check_weights(adapter: str, folder: Path) -> Check:
 
 
 def lint_folder(
-    adapter: str, folder: Path, location: str, name_accepted: bool, lint_policy: LintPolicy
+    adapter: str, folder: Path, location: str, name_check: Check, lint_policy: LintPolicy
 ) -> LintReport:
-    """Every check of the local adapter folder ``folder`` (published as ``adapter``)."""
+    """Every check of the local adapter folder ``folder`` (published as ``adapter``, whose
+    `check_name` is ``name_check``)."""
     config_path = folder / CONFIG_FILE
     raw = None
     if config_path.is_file():
         with config_path.open("rb") as stream:
             raw = stream.read(MAX_CONFIG_BYTES + 1)
     config, config_checks = check_config(adapter, raw, lint_policy)
-    checks = (check_name(adapter, name_accepted), *config_checks, check_weights(adapter, folder))
+    checks = (name_check, *config_checks, check_weights(adapter, folder))
     return LintReport(adapter, location, lint_policy, config, checks)

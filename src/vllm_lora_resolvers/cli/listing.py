@@ -1,8 +1,12 @@
-"""``vllm-lora ls URI``: the adapters in a store, and whether each config would be accepted."""
+"""``vllm-lora ls URI``: the adapters in a store, and whether each config would be accepted.
+
+A folder without an ``adapter_config.json`` that holds folders is a folder of adapters: the
+adapters below it are listed, by the names clients ask for (``team-a/sql``), instead of it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -38,8 +42,8 @@ _LOOKUPS_IN_FLIGHT = 8
 class ListableStore(Protocol):
     """A resolver that can list the candidate adapter names of its store (every backend can)."""
 
-    def list_names(self) -> Iterator[str]:
-        """Names of the store's adapter folders."""
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        """Names of the candidate adapters in ``folder`` (``""``: the whole store)."""
         ...
 
 
@@ -61,6 +65,7 @@ def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> Non
     """The adapters in a store, with version, size, and whether each is valid and why not.
 
     URI is s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], hf://ORG/REPO or a local directory.
+    Adapters in folders of adapters are listed by the names clients ask for (team-a/sql).
     Only configs are checked (peft type, base model, rank, features, a weights file listed):
     weights are not downloaded; `vllm-lora validate URI/NAME` checks them too.
     """
@@ -72,26 +77,49 @@ def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> Non
         with scratch_cache(uri) as (cache, scratch):
             resolver = open_store(uri, settings, cache)
             assert isinstance(resolver, ListableStore)  # every backend lists its store
-            names = sorted(resolver.list_names())
-            rows = run_in_parallel(
-                lambda index: _describe(resolver, names[index], lint_policy, scratch / str(index)),
-                range(len(names)),
-                _LOOKUPS_IN_FLIGHT,
-            )
+            rows = _describe_store(resolver, resolver.list_names, lint_policy, scratch)
     _print_listing(console(), uri, lint_policy, rows)
 
 
+def _describe_store(
+    resolver: BaseStorageResolver,
+    list_names: Callable[[str], Iterator[str]],
+    lint_policy: LintPolicy,
+    scratch: Path,
+) -> list[ListedAdapter]:
+    """A row per adapter, by name; folders of adapters are looked into, a level at a time."""
+
+    def describe(numbered: tuple[int, str]) -> ListedAdapter | list[str]:
+        number, name = numbered
+        return _describe(resolver, list_names, name, lint_policy, scratch / str(number))
+
+    rows: list[ListedAdapter] = []
+    names, described = sorted(list_names("")), 0
+    while names:
+        found = run_in_parallel(
+            describe, list(enumerate(names, start=described)), _LOOKUPS_IN_FLIGHT
+        )
+        described += len(names)
+        rows += [row for row in found if isinstance(row, ListedAdapter)]
+        names = sorted(name for inside in found if isinstance(inside, list) for name in inside)
+    return sorted(rows, key=lambda row: row.name)
+
+
 def _describe(
-    resolver: BaseStorageResolver, name: str, lint_policy: LintPolicy, scratch: Path
-) -> ListedAdapter:
+    resolver: BaseStorageResolver,
+    list_names: Callable[[str], Iterator[str]],
+    name: str,
+    lint_policy: LintPolicy,
+    scratch: Path,
+) -> ListedAdapter | list[str]:
+    """The row of ``name``; for a folder of adapters (no config, folders in it), their names."""
     if not resolver.accepts_name(name):
         return ListedAdapter(name, problems=("not a name a client can ask for; rename it",))
     try:
         remote = resolver.locate(name)
         if remote is None:
-            return ListedAdapter(
-                name, problems=(f"no {CONFIG_FILE}: not an adapter (a folder of adapters?)",)
-            )
+            inside = list(list_names(name))
+            return inside or ListedAdapter(name, problems=(f"no {CONFIG_FILE}: not an adapter",))
         raw, size, file_names = _read_config(resolver, remote, scratch)
     except (InvalidAdapterError, StoreUnavailableError) as error:
         return ListedAdapter(name, problems=(str(error),))

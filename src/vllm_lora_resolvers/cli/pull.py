@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from vllm_lora_resolvers.cache import NodeCache, snapshot_key
+from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.output import (
     CannotCheckError,
     cannot_check,
@@ -221,7 +221,7 @@ def _pending_download(
     resolver: BaseStorageResolver, remote: RemoteAdapter
 ) -> tuple[str, int] | None:
     """The snapshot key and bytes resolving ``remote`` will fetch; ``None`` if it is cached."""
-    key = remote.cached_snapshot or snapshot_key(resolver.source, remote.name, remote.version)
+    key = remote.cached_snapshot or resolver.snapshot_key_for(remote.name, remote.version)
     if resolver.cache.find(key) is not None:
         return None
     return key, sum(file.size for file in remote.files)

@@ -4,6 +4,10 @@
 store; ``s3://bucket/prefix/NAME``, ``gs://...`` and ``hf://org/repo[/folder][@revision]`` name one
 adapter in one. Each is read by the same resolver class the server uses, over a node cache of the
 caller's choosing (usually a temporary one).
+
+Where an adapter's URI ends and its store begins, only the server's configuration says: an S3 or
+GCS adapter's name is its path below the configured store (``VLLM_LORA_RESOLVER_S3_URI``), and its
+last segment, said to be a guess, for a URI outside it.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
-from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.config import GCS_URI, S3_URI, Settings, Variable
 from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, fetch_files
@@ -30,24 +35,42 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(REMOTE_SCHEMES)
 
 
-def split_adapter_uri(uri: str) -> tuple[str, str]:
-    """An adapter's URI -> (its store's URI, its name in that store).
+@dataclass(frozen=True)
+class AdapterUri:
+    """An adapter's URI read as a store and the name a client asks that store for."""
 
-    >>> split_adapter_uri("s3://adapters/prod/sql")
-    ('s3://adapters/prod', 'sql')
-    >>> split_adapter_uri("hf://acme/adapters/sql@v2")
-    ('hf://acme/adapters', 'acme/adapters/sql@v2')
+    store: str
+    name: str
+    #: The variable naming the server's store, when ``uri`` is not below the store it names:
+    #: then ``store`` is a guess (the URI without its last segment).
+    guessed_without: Variable | None = None
+
+
+def split_adapter_uri(uri: str, settings: Settings) -> AdapterUri:
+    """An adapter's URI -> its store's URI and its name there (see the module's docstring).
+
+    >>> split_adapter_uri("s3://adapters/prod/team/sql", settings)  # doctest: +SKIP
+    AdapterUri(store='s3://adapters/prod', name='team/sql', guessed_without=None)
+    >>> split_adapter_uri("hf://acme/adapters/sql@v2", settings)  # doctest: +SKIP
+    AdapterUri(store='hf://acme/adapters', name='acme/adapters/sql@v2', guessed_without=None)
     """
     if uri.startswith("hf://"):
         name = uri.removeprefix("hf://").strip("/")
         path = name.partition("@")[0]
         if path.count("/") < 1:
             raise click.BadParameter(f"{uri!r} is not hf://ORG/REPO[/FOLDER][@REVISION]")
-        return "hf://" + "/".join(path.split("/")[:2]), name
+        return AdapterUri("hf://" + "/".join(path.split("/")[:2]), name)
+    variable, configured = (
+        (S3_URI, settings.s3_uri) if uri.startswith("s3://") else (GCS_URI, settings.gcs_uri)
+    )
+    store = (configured or "").rstrip("/")
+    name = uri[len(store) :].strip("/") if store and uri.startswith(f"{store}/") else ""
+    if name:
+        return AdapterUri(store, name)
     store, _, name = uri.rstrip("/").rpartition("/")
     if store.endswith(":/") or not name:
         raise click.BadParameter(f"{uri!r} names no adapter: write SCHEME://BUCKET[/PREFIX]/NAME")
-    return store, name
+    return AdapterUri(store, name, guessed_without=variable)
 
 
 def open_store(uri: str, settings: Settings, cache: NodeCache) -> BaseStorageResolver:

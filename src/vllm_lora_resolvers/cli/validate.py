@@ -18,6 +18,7 @@ from vllm_lora_resolvers.cli.lint import (
     DOWNLOAD_CHECK,
     FILES_CHECK,
     FILES_FIX,
+    NAME_CHECK,
     Check,
     LintPolicy,
     LintReport,
@@ -35,6 +36,7 @@ from vllm_lora_resolvers.cli.output import (
     printable,
 )
 from vllm_lora_resolvers.cli.stores import (
+    AdapterUri,
     fetch_adapter_files,
     is_remote,
     open_store,
@@ -82,24 +84,26 @@ def _validate_local(folder: Path, lint_policy: LintPolicy, settings: Settings) -
     real = folder.resolve()
     with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
         resolver = open_store(str(real.parent), settings, NodeCache(Path(scratch)))
-        accepted = resolver.accepts_name(real.name)
+        name_check = check_name(real.name, resolver.accepts_name(real.name))
         try:
             resolver.locate(real.name)  # the filesystem resolver's rules for the folder's files
         except InvalidAdapterError as error:
-            return _refused(real.name, str(folder), lint_policy, accepted, error)
-    return lint_folder(real.name, folder, str(folder), accepted, lint_policy)
+            return _refused(real.name, str(folder), lint_policy, name_check, error)
+    return lint_folder(real.name, folder, str(folder), name_check, lint_policy)
 
 
 def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> LintReport:
-    store_uri, name = split_adapter_uri(uri)
-    with scratch_cache(store_uri) as (cache, scratch):
-        resolver = open_store(store_uri, settings, cache)
-        if not resolver.accepts_name(name):
-            return LintReport(name, uri, lint_policy, None, (check_name(name, False),))
+    adapter = split_adapter_uri(uri, settings)
+    name = adapter.name
+    with scratch_cache(adapter.store) as (cache, scratch):
+        resolver = open_store(adapter.store, settings, cache)
+        name_check = _remote_name_check(adapter, resolver.accepts_name(name))
+        if name_check.level is Level.FAIL:
+            return LintReport(name, uri, lint_policy, None, (name_check,))
         try:
             remote = resolver.locate(name)
         except InvalidAdapterError as error:
-            return _refused(name, uri, lint_policy, True, error)
+            return _refused(name, uri, lint_policy, name_check, error)
         if remote is None:
             absent = Check(CONFIG_CHECK, Level.FAIL, f"no {CONFIG_FILE} at {uri}", _NOT_FOUND_FIX)
             return LintReport(name, uri, lint_policy, None, (absent,))
@@ -109,15 +113,29 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
         except IntegrityError as error:
             damaged = Check(DOWNLOAD_CHECK, Level.FAIL, str(error), "upload the adapter again")
             return LintReport(name, remote.location, lint_policy, None, (damaged,))
-        return lint_folder(name, folder, remote.location, True, lint_policy)
+        return lint_folder(name, folder, remote.location, name_check, lint_policy)
+
+
+def _remote_name_check(adapter: AdapterUri, accepted: bool) -> Check:
+    """The name check, a warning when the name is the URI's last segment for want of a store."""
+    variable = adapter.guessed_without
+    if not accepted or variable is None:
+        return check_name(adapter.name, accepted)
+    return Check(
+        NAME_CHECK,
+        Level.WARN,
+        f"{adapter.name!r}, taking {adapter.store} as the store (the URI is not below "
+        f"{variable.name})",
+        f"set {variable.name} to the server's store: the name clients ask for is the path below it",
+    )
 
 
 def _refused(
-    name: str, location: str, lint_policy: LintPolicy, name_accepted: bool, error: Exception
+    name: str, location: str, lint_policy: LintPolicy, name_check: Check, error: Exception
 ) -> LintReport:
     """The report of an adapter the resolver's lookup refuses before reading any of it."""
     refused = Check(FILES_CHECK, Level.FAIL, str(error), FILES_FIX)
-    return LintReport(name, location, lint_policy, None, (check_name(name, name_accepted), refused))
+    return LintReport(name, location, lint_policy, None, (name_check, refused))
 
 
 def _print_report(out: Console, report: LintReport) -> None:
