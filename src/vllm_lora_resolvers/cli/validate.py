@@ -59,7 +59,9 @@ def validate(target: str, base_model: str | None, max_rank: int | None, as_json:
 
     DIR is a local adapter folder. URI is s3://BUCKET/PREFIX/NAME, gs://BUCKET/PREFIX/NAME or
     hf://ORG/REPO[/FOLDER][@REVISION]: it is fetched (and its checksums verified) into a
-    temporary folder first. Exit 0 when valid, 1 when not, 2 when it cannot be checked.
+    temporary folder first. NAME is the path below VLLM_LORA_RESOLVER_S3_URI (or _GCS_URI) when
+    the URI is under it, else its last segment (with a warning). Exit 0 when valid, 1 when not,
+    2 when it cannot be checked.
     """
     with cannot_check():
         settings = Settings.from_environ(argv=[])
