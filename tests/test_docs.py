@@ -1,10 +1,15 @@
 """The documentation: its example backend works, and what it states matches the code.
 
 The example backend of ``docs/writing-a-resolver.md`` is resolved against a real HTTP server on
-127.0.0.1 into a real node cache; the configuration, metrics and troubleshooting pages are checked
-against the variables, metrics and error messages the package really has; the Kubernetes
-manifests pass the Kubernetes JSON schemas (kubernetes-validate ships them, so this runs offline);
-and the site builds with ``mkdocs build --strict``.
+127.0.0.1 into a real node cache, and its testing script runs as the page prints it; the
+configuration, metrics and troubleshooting pages are checked against the variables, metrics, error
+messages and log lines the package really has; the Kubernetes manifests pass the Kubernetes JSON
+schemas (kubernetes-validate ships them, so this runs offline), refer only to what they define or
+tell the reader to create, and hang together (selectors, ports, users, the node caches); the
+Prometheus Operator objects, which have no schema there, are checked for the operator's shape and
+for real metrics and outcomes; what the pages say of vLLM (the paths ``--api-key`` guards, its
+adapter routes, its warnings about our variables, its logging configuration) is checked against the
+installed vLLM; and the site builds with ``mkdocs build --strict``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import ast
 import errno
 import importlib.util
+import inspect
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -36,7 +43,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics
+from vllm_lora_resolvers import config, metrics, plugin
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -47,7 +54,12 @@ from vllm_lora_resolvers.adapter import (
 from vllm_lora_resolvers.backends import gcs, hf_hub, s3
 from vllm_lora_resolvers.cache import NodeCache, cache_write_error
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
+from vllm_lora_resolvers.errors import (
+    InvalidAdapterError,
+    StoreRefusedError,
+    StoreUnavailableError,
+)
+from vllm_lora_resolvers.resolver import BaseStorageResolver
 
 DOCS = REPO / "docs"
 EXAMPLE = DOCS / "examples" / "http_backend.py"
@@ -524,6 +536,10 @@ def test_troubleshooting_shows_a_path_as_the_client_sees_it() -> None:
 # -- Kubernetes manifests --------------------------------------------------------------------
 
 MANIFESTS = sorted((DOCS / "kubernetes").glob("*.yaml"))
+#: Prometheus Operator objects (CRDs): kubernetes-validate has no schema for them; their shape is
+#: checked by `test_prometheus_operator_objects_have_the_operators_shape`.
+OPERATOR_MANIFEST = DOCS / "kubernetes" / "monitoring.yaml"
+SCHEMA_MANIFESTS = [manifest for manifest in MANIFESTS if manifest != OPERATOR_MANIFEST]
 KUBERNETES_VERSION = "1.30"  # the oldest minor still in standard support on EKS and GKE
 
 
@@ -531,7 +547,29 @@ def documents(path: Path) -> list[dict[str, Any]]:
     return [document for document in yaml.safe_load_all(path.read_text()) if document]
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda path: path.name)
+def deployment_file() -> dict[str, dict[str, Any]]:
+    """The documents of ``deployment.yaml`` by kind (one of each)."""
+    found = documents(DOCS / "kubernetes" / "deployment.yaml")
+    kinds = {document["kind"]: document for document in found}
+    assert len(kinds) == len(found)
+    return kinds
+
+
+def pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = deployment_file()["Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(kind: str) -> dict[str, dict[str, Any]]:
+    """The pod's ``initContainers`` or ``containers`` by name."""
+    return {container["name"]: container for container in pod_spec()[kind]}
+
+
+def server() -> dict[str, Any]:
+    return containers("containers")["vllm"]
+
+
+@pytest.mark.parametrize("manifest", SCHEMA_MANIFESTS, ids=lambda path: path.name)
 def test_kubernetes_manifest_passes_the_schema_check(manifest: Path) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for document in documents(manifest):
@@ -541,12 +579,10 @@ def test_kubernetes_manifest_passes_the_schema_check(manifest: Path) -> None:
 
 def test_kubernetes_manifests_refer_only_to_what_they_define() -> None:
     defined: dict[str, set[str]] = {}
-    for manifest in MANIFESTS:
+    for manifest in SCHEMA_MANIFESTS:
         for document in documents(manifest):
             defined.setdefault(document["kind"], set()).add(document["metadata"]["name"])
-    (deployment,) = [
-        d for d in documents(DOCS / "kubernetes" / "deployment.yaml") if d["kind"] == "Deployment"
-    ]
+    deployment = deployment_file()["Deployment"]
     template = deployment["spec"]["template"]
     assert (
         deployment["spec"]["selector"]["matchLabels"].items()
@@ -557,21 +593,317 @@ def test_kubernetes_manifests_refer_only_to_what_they_define() -> None:
     volumes = {volume["name"] for volume in pod["volumes"]}
     for container in pod["initContainers"] + pod["containers"]:
         assert {mount["name"] for mount in container["volumeMounts"]} <= volumes
-        for source in container["envFrom"]:
+        for source in container.get("envFrom", []):
             if "configMapRef" in source:
                 assert source["configMapRef"]["name"] in defined["ConfigMap"]
-            else:
-                assert source["secretRef"]["optional"]  # created with kubectl, not a manifest
     for store in ("s3.yaml", "gcs.yaml", "hf.yaml"):  # each store file is complete
         kinds = {d["kind"]: d for d in documents(DOCS / "kubernetes" / store)}
         assert kinds["ServiceAccount"]["metadata"]["name"] == pod["serviceAccountName"]
         Settings.from_environ(kinds["ConfigMap"]["data"], argv=[])  # a usable configuration
 
 
+def secret_references() -> set[tuple[str, str | None]]:
+    """(Secret, key) pairs the pod reads; key ``None`` for a whole Secret (``secretRef``)."""
+    found: set[tuple[str, str | None]] = set()
+    for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                assert not source["secretRef"].get("optional"), "a missing Secret must show"
+                found.add((source["secretRef"]["name"], None))
+        for variable in container.get("env", []):
+            reference = variable.get("valueFrom", {}).get("secretKeyRef")
+            if reference is not None:
+                assert not reference.get("optional"), "a missing Secret must show"
+                found.add((reference["name"], reference["key"]))
+    return found
+
+
+def test_every_secret_the_pods_read_is_one_the_page_says_to_create() -> None:
+    created = dict(
+        re.findall(
+            r"^kubectl create secret generic ([\w-]+) --from-(?:file|literal)=(\w+)=",
+            page("kubernetes.md"),
+            re.M,
+        )
+    )
+    referenced = secret_references()
+    assert {name for name, _ in referenced} == set(created)  # none missing, none superfluous
+    for name, key in referenced:
+        assert key in (None, created[name])
+    assert created == {"hf-token": "HF_TOKEN", "vllm-api-key": "VLLM_API_KEY"}
+    for manifest in MANIFESTS:  # never a Secret with a value in a file
+        assert all(document["kind"] != "Secret" for document in documents(manifest))
+
+
+def test_the_server_reads_its_api_key_from_a_variable_vllm_knows() -> None:
+    envs = pytest.importorskip("vllm.envs")
+    keys = [v for v in server()["env"] if "valueFrom" in v]
+    assert [v["name"] for v in keys] == ["VLLM_API_KEY"]
+    assert "VLLM_API_KEY" in envs.environment_variables
+    assert not any(argument.startswith("--api-key") for argument in server()["args"])
+
+
+def test_the_manifests_start_vllm_serve_with_the_model_the_init_container_checks_against() -> None:
+    assert server()["command"] == ["vllm", "serve"]
+    model = server()["args"][0]
+    assert not model.startswith("-")  # positional: vllm serve MODEL
+    (warm_up,) = containers("initContainers")["warm-adapters"]["args"]
+    assert f"--base-model {model}" in " ".join(warm_up.split())
+    assert Settings.from_environ({}, argv=server()["args"]).max_rank == 16  # read from argv
+
+
+def test_the_network_policy_admits_only_the_gateway_and_prometheus_to_the_server_port() -> None:
+    kinds = deployment_file()
+    policy = kinds["NetworkPolicy"]["spec"]
+    pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    port = server()["ports"][0]["containerPort"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    peers = [
+        (peer["namespaceSelector"]["matchLabels"], peer["podSelector"]["matchLabels"])
+        for peer in rule["from"]
+    ]
+    assert [pods["app.kubernetes.io/name"] for _, pods in peers] == ["llm-gateway", "prometheus"]
+    assert all("kubernetes.io/metadata.name" in namespace for namespace, _ in peers)
+    service = kinds["Service"]["spec"]
+    assert service["selector"].items() <= pod_labels.items()
+    budget = kinds["PodDisruptionBudget"]["spec"]
+    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert budget["maxUnavailable"] == 1
+
+
+def test_the_pods_run_as_one_non_root_user_that_owns_the_node_caches() -> None:
+    pod = pod_spec()
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
+    owner = f"{context['runAsUser']}:{context['runAsGroup']}"
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert set(host_paths) == {"adapter-cache", "model-cache"}
+    prepare = containers("initContainers")["prepare-node-caches"]
+    assert list(containers("initContainers")) == ["prepare-node-caches", "warm-adapters"]
+    mounted = {m["name"]: m["mountPath"] for m in prepare["volumeMounts"]}
+    assert mounted == host_paths  # mounted where they are on the node
+    script = " ".join(prepare["args"][0].split())
+    assert f"chown {owner} {' '.join(host_paths.values())}" in script
+    root = prepare["securityContext"]
+    assert root["runAsUser"] == 0 and root["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["CHOWN", "FOWNER"],
+    }
+    for container in pod["initContainers"][1:] + pod["containers"]:  # everything else: not root
+        assert "runAsUser" not in container.get("securityContext", {})
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        home = {v["name"]: v.get("value") for v in container["env"]}["HOME"]
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {home}
+    env = {v["name"]: v.get("value") for v in server()["env"]}
+    assert env["HF_HOME"] == host_paths["model-cache"]
+
+
+def test_every_container_requests_and_limits_what_it_uses() -> None:
+    for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), container["name"]
+    for bound in ("requests", "limits"):
+        assert "ephemeral-storage" in server()["resources"][bound]
+    assert server()["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# Fields of the Prometheus Operator's monitoring.coreos.com/v1 kinds that the manifest may use.
+POD_MONITOR_ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "relabelings"}
+RELABELING_FIELDS = {"sourceLabels", "targetLabel", "action", "regex", "replacement"}
+RULE_FIELDS = {"alert", "expr", "for", "labels", "annotations"}
+DURATION = re.compile(r"^(\d+[smhd])+$")
+
+
+def test_prometheus_operator_objects_have_the_operators_shape() -> None:
+    kinds = {document["kind"]: document for document in documents(OPERATOR_MANIFEST)}
+    assert set(kinds) == {"PodMonitor", "PrometheusRule"}
+    for document in kinds.values():
+        assert document["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(document) == {"apiVersion", "kind", "metadata", "spec"}
+    monitor = kinds["PodMonitor"]["spec"]
+    assert set(monitor) == {"selector", "podMetricsEndpoints"}
+    pod_labels = deployment_file()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
+    port_names = {port["name"] for port in server()["ports"]}
+    for endpoint in monitor["podMetricsEndpoints"]:
+        assert set(endpoint) <= POD_MONITOR_ENDPOINT_FIELDS
+        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+        assert DURATION.match(endpoint["interval"])
+        for relabeling in endpoint.get("relabelings", []):
+            assert set(relabeling) <= RELABELING_FIELDS
+    (group,) = kinds["PrometheusRule"]["spec"]["groups"]
+    assert set(group) == {"name", "rules"}
+    for rule in group["rules"]:
+        assert set(rule) <= RULE_FIELDS and {"alert", "expr", "labels"} <= set(rule)
+        assert DURATION.match(rule.get("for", "1m"))
+        assert rule["labels"]["severity"] in ("page", "warning", "ticket")
+
+
+def alert_rules() -> dict[str, dict[str, Any]]:
+    (rule_file,) = [d for d in documents(OPERATOR_MANIFEST) if d["kind"] == "PrometheusRule"]
+    return {rule["alert"]: rule for rule in rule_file["spec"]["groups"][0]["rules"]}
+
+
+def test_the_alert_rules_use_real_metrics_and_outcomes_and_page_on_refused_stores() -> None:
+    real = set().union(*exposed_names().values())
+    alerted = {}
+    for name, rule in alert_rules().items():
+        assert set(METRIC_NAME.findall(rule["expr"])) <= real, name
+        for outcome in re.findall(r'outcome="(\w+)"', rule["expr"]):
+            assert outcome in metrics.OUTCOMES, name
+            alerted[outcome] = rule["labels"]["severity"]
+    failures = {"refused": "page", "error": "page", "stale": "warning", "invalid": "ticket"}
+    assert failures.items() <= alerted.items()
+
+
 def test_kubernetes_page_shows_every_manifest() -> None:
     text = page("kubernetes.md")
     for manifest in MANIFESTS:
         assert f'--8<-- "kubernetes/{manifest.name}"' in text
+    sections = re.findall(r'--8<-- "kubernetes/deployment.yaml:(\w+)"', text)
+    deployment = (DOCS / "kubernetes" / "deployment.yaml").read_text()
+    for section in sections:
+        assert f"# --8<-- [start:{section}]" in deployment
+        assert f"# --8<-- [end:{section}]" in deployment
+
+
+# -- what the pages say about vLLM itself ----------------------------------------------------
+
+
+def test_security_page_names_exactly_the_paths_vllms_api_key_guards() -> None:
+    authenticate = pytest.importorskip("vllm.entrypoints.serve.middleware.authenticate")
+    guarded = authenticate.GUARDED_PREFIX
+    assert guarded == ("/v1", "/v2", "/inference", "/cohere")
+    text = " ".join(page("security.md").split())
+    assert "every path that starts with `/v1`, `/v2`, `/inference` or `/cohere`" in text
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        assert path.startswith(guarded)
+    for path in ("/adapters", "/invocations", "/tokenize", "/health", "/metrics"):
+        assert not path.startswith(guarded)
+        assert f"`{path}`" in text
+
+
+def test_security_page_names_vllms_sagemaker_adapter_routes() -> None:
+    routes = pytest.importorskip("model_hosting_container_standards.sagemaker.lora.routes")
+    named = {(c.method, c.path) for c in routes.LORA_ROUTE_REGISTRY.values()}
+    assert named == {("POST", "/adapters"), ("DELETE", "/adapters/{adapter_name}")}
+    text = page("security.md")
+    assert "`POST /adapters`, `DELETE /adapters/{name}`" in text
+
+
+def test_unknown_variable_warnings_are_vllms_own_and_for_the_variables_it_does_not_know() -> None:
+    envs = pytest.importorskip("vllm.envs")
+    interface = pytest.importorskip("vllm.platforms.interface")
+    source = inspect.getsource(interface.Platform.validate_environ)
+    assert '"Unknown vLLM environment variable detected: %s"' in source
+    ours = {variable.name for variable in config.ALL_VARIABLES}
+    assert ours & set(envs.environment_variables) == {
+        config.CACHE_DIR.name,
+        config.HF_REPO_LIST.name,
+        config.VLLM_PLUGINS.name,
+    }
+    warned = re.findall(
+        r"\] Unknown vLLM environment variable detected: (\w+)$",
+        page("troubleshooting.md"),
+        re.M,
+    )
+    assert warned and all(name not in envs.environment_variables for name in warned)
+    for name in ("configuration.md", "troubleshooting.md"):
+        text = " ".join(page(name).split())
+        assert (
+            "all but `VLLM_LORA_RESOLVER_CACHE_DIR` and `VLLM_LORA_RESOLVER_HF_REPO_LIST`" in text
+        )
+
+
+def test_the_quoted_start_up_lines_are_the_plugins_own() -> None:
+    source = inspect.getsource(plugin)
+    assert '"%s registered for %s"' in source
+    assert '"%s not registered: %s is not set"' in source
+    text = page("troubleshooting.md")
+    registered = re.findall(r"\] (lora_\w+) registered for (\S+)$", text, re.M)
+    assert {name for name, _ in registered} == {"lora_fs_resolver", "lora_s3_resolver"}
+    skipped = re.findall(r"\] (lora_\w+) not registered: (\w+) is not set$", text, re.M)
+    assert skipped == [("lora_gcs_resolver", config.GCS_URI.name)]
+
+
+class RefusingStore(BaseStorageResolver):
+    """An S3-like store that refuses our credentials, as S3's AccessDenied does."""
+
+    backend = "s3"
+
+    def locate(self, name: str) -> None:
+        assert name == "sql-expert"
+        raise StoreRefusedError(_s3_refusal("AccessDenied", 403))
+
+    def download(self, adapter: Any, file: Any, destination: Path) -> dict[str, str]:
+        raise AssertionError("never reached")
+
+
+async def test_runbook_quotes_the_real_warning_of_a_store_that_cannot_answer(
+    cache_dir: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    resolver = RefusingStore("s3://my-adapters/prod", make_settings(), NodeCache(cache_dir))
+    with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers"):
+        assert await resolver.resolve_lora(BASE_MODEL, "sql-expert") is None  # the next one
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert re.search(rf"\] {re.escape(warning)}$", page("troubleshooting.md"), re.M)
+
+
+def test_runbook_logging_configuration_raises_only_our_loggers_to_debug(tmp_path: Path) -> None:
+    pytest.importorskip("vllm.logger")
+    (block,) = re.findall(r"```json\n(.*?)```", page("troubleshooting.md"), re.S)
+    configuration = tmp_path / "logging.json"
+    configuration.write_text(block)
+    script = (
+        "import logging\n"
+        "from vllm.config.logging import LoggingConfig\n"
+        "from vllm.logger import configure_logging\n"
+        "configure_logging(LoggingConfig())\n"
+        "logging.getLogger('vllm.lora_resolvers.cache').debug('ours')\n"
+        "logging.getLogger('vllm.engine').debug('theirs')\n"
+        "logging.getLogger('vllm.engine').info('their info')\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "VLLM_LOGGING_CONFIG_PATH": str(configuration)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = [line for line in ran.stdout.splitlines() if line.startswith("(")]
+    assert [line.split(" ", 3)[2] for line in lines] == ["DEBUG", "INFO"]
+    assert lines[0].endswith(" ours") and lines[1].endswith(" their info")
+
+
+def test_the_testing_script_of_the_resolver_page_runs_as_printed(tmp_path: Path) -> None:
+    script = DOCS / "examples" / "check_http_backend.py"
+    text = page("writing-a-resolver.md")
+    assert '--8<-- "examples/check_http_backend.py"' in text
+    assert "cd docs/examples\npython check_http_backend.py /path/to/sql-expert\n" in text
+    adapter = write_lora_adapter(tmp_path / "sql-expert", base_model=BASE_MODEL)
+    ran = subprocess.run(
+        [sys.executable, script.name, str(adapter)],
+        cwd=script.parent,
+        env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    snapshot, missing = ran.stdout.splitlines()
+    shape = r"/\S+/vllm-lora-cache-\w+/\.vllm-lora/snapshots/[0-9a-f]+/adapter"
+    assert re.fullmatch(shape, snapshot)
+    assert Path(snapshot).is_relative_to(tmp_path)
+    assert (Path(snapshot) / "adapter_config.json").read_bytes() == (
+        adapter / "adapter_config.json"
+    ).read_bytes()
+    assert missing == "None"
+    assert re.search(rf"```text\n{shape}\nNone\n```", text)  # the output shown is of that shape
 
 
 # -- the site --------------------------------------------------------------------------------
