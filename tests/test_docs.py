@@ -922,3 +922,43 @@ def test_the_site_builds_without_a_warning(tmp_path: Path) -> None:
     assert built.returncode == 0, built.stderr[-3000:]
     assert "WARNING" not in built.stderr
     assert "class HttpResolver" in (tmp_path / "writing-a-resolver" / "index.html").read_text()
+
+
+def test_runbook_shows_the_commands_own_output(
+    fs_resolver: Any, adapters_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from vllm_lora_resolvers.cli import main
+
+    write_lora_adapter(adapters_dir / "sql-expert", base_model=BASE_MODEL)
+    fs_resolver.resolve(BASE_MODEL, "sql-expert")  # a snapshot this process leases
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_FS_DIR", str(adapters_dir))
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_MAX_BYTES", "1GiB")
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_fs_resolver,lora_filesystem_resolver")
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    text = page("troubleshooting.md")
+    shown = [line.strip() for line in text.splitlines()]
+
+    listing = CliRunner().invoke(main, ["cache", "ls"]).output.splitlines()
+    assert listing[0].split() in [line.split() for line in shown]  # the column headings
+    assert re.fullmatch(r"1 snapshot, [\d.]+ KiB in \S+ \(cap 1\.0 GiB\)", listing[-1])
+    assert re.search(r"^1 snapshot, [\d.]+ KiB in \S+ \(cap 1\.0 GiB\)$", text, re.M)
+    assert listing[2].split()[-2:] == ["PID", str(os.getpid())]  # LEASED BY: this process
+
+    report = CliRunner().invoke(main, ["doctor", "--timeout", "5"])
+    assert report.exit_code == 1
+    lines = [line.strip() for line in report.output.splitlines()]
+    for expected in (
+        "Resolvers, in the order vLLM tries them",
+        "Checks",
+        "FAIL VLLM_ALLOW_RUNTIME_LORA_UPDATING is not true: vLLM never asks a resolver for an "
+        "unknown model",
+        "fix: export VLLM_ALLOW_RUNTIME_LORA_UPDATING=true",
+        "-   lora_gcs_resolver          off: VLLM_LORA_RESOLVER_GCS_URI is not set",
+    ):
+        assert expected in lines and expected in shown
+    assert re.search(
+        rf"^  OK   the cache {re.escape(str(cache_dir))} is writable$", report.output, re.M
+    )
