@@ -17,6 +17,7 @@ from s3_fixtures import Bucket
 
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
+from devtools.stores import upload_folder
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -200,3 +201,27 @@ def test_a_chain_with_one_store_black_holed_serves_the_others_in_seconds(
     # The first request past the dead store waits for it once (about 3 s); later ones do not.
     assert max(answers[name]["seconds"] for name in names) < 10
     assert answers["in-fs"]["seconds"] < 1
+
+
+def test_two_prefixes_of_one_bucket_on_one_node_cache_never_serve_each_others_adapters(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    client = bucket.endpoint.client()
+    upload_folder(client, bucket.name, "prod/sql-expert", write_lora_adapter(
+        tmp_path / "sql-expert", base_model=BASE_MODEL
+    ))  # fmt: skip
+    cache = tmp_path / "cache"
+    pod = {
+        "VLLM_PLUGINS": "lora_s3_resolver,lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
+    }
+    prod = load_and_resolve(
+        {**pod, "VLLM_LORA_RESOLVER_S3_URI": f"s3://{bucket.name}/prod"}, "sql-expert"
+    )
+    assert prod["answers"]["sql-expert"]["resolver"] == "lora_s3_resolver"
+    assert (cache / "sql-expert").is_symlink()  # the node-wide name link the prod pod made
+
+    staging = load_and_resolve(
+        {**pod, "VLLM_LORA_RESOLVER_S3_URI": f"s3://{bucket.name}/staging"}, "sql-expert"
+    )
+    assert staging["answers"]["sql-expert"]["resolver"] is None  # 404: not in staging
