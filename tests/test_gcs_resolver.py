@@ -217,3 +217,24 @@ def test_bad_gcs_uri_is_a_configuration_error(uri: str) -> None:
 def test_gcs_uri_parsing() -> None:
     assert parse_gcs_uri("gs://bucket/a/b/") == ("bucket", "a/b")
     assert parse_gcs_uri("gs://bucket") == ("bucket", "")
+
+
+def test_the_lookup_lists_only_the_key_range_of_the_adapter_files(
+    gcs_bucket: GcsBucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    # fake-gcs-server stalls under the thousand uploads the S3 test makes; the range is what
+    # keeps a folder of any size to one listing, so the test checks the range is asked for.
+    bucket = gcs_bucket.client.bucket(gcs_bucket.name)
+    for clutter in ("0001/checkpoint", "README.md", "adapter_config.json.bak", "zz/logs"):
+        bucket.blob(f"adapters/sql/{clutter}").upload_from_string(b"x")
+    gcs_bucket.upload("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
+    gcs_bucket.relay.reset_counters()
+    found = gcs_bucket.resolver(cache_dir).locate("sql")
+    assert found is not None
+    assert [file.path for file in found.files] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    [listing] = [path for _, path in gcs_bucket.requests("GET") if "/o?" in path]
+    assert "startOffset=adapters%2Fsql%2Fadapter_config.json" in listing
+    assert "endOffset=adapters%2Fsql%2Fadapter_n" in listing

@@ -30,11 +30,13 @@ from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import GCS_URI, Settings
 from vllm_lora_resolvers.errors import (
+    InvalidAdapterError,
     StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
@@ -46,6 +48,11 @@ from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20
+#: A key after every adapter file name (``adapter_model.*`` < ``adapter_n``).
+_PAST_ADAPTER_FILES = "adapter_n"
+assert all(name < _PAST_ADAPTER_FILES for name in ADAPTER_FILES)
+#: Entries read at most to find one adapter's files (ten listing pages).
+_MAX_LOOKUP_ENTRIES = 10_000
 
 
 def parse_gcs_uri(uri: str) -> tuple[str, str]:
@@ -112,17 +119,26 @@ class GcsResolver(BaseStorageResolver):
         return folder_key(self.prefix, name)
 
     def locate(self, name: str) -> RemoteAdapter | None:
-        """One listing of the adapter's own folder (``delimiter="/"``)."""
+        """One listing of the adapter's own files: the key range from its config to its last
+        weights name (``start_offset``/``end_offset``), so whatever else its folder holds
+        (checkpoints, logs) is never listed."""
         folder = self.folder_prefix(name)
         with store_errors(f"listing gs://{self.bucket_name}/{folder}"):
             blobs = list(
                 self.bucket.list_blobs(
                     prefix=folder,
                     delimiter="/",
-                    max_results=1000,
+                    start_offset=folder + min(ADAPTER_FILES),
+                    end_offset=folder + _PAST_ADAPTER_FILES,
+                    max_results=_MAX_LOOKUP_ENTRIES,
                     retry=None,  # the pipeline's lookup retry is the only one
                     timeout=LOOKUP_TIMEOUT,
                 )
+            )
+        if len(blobs) == _MAX_LOOKUP_ENTRIES:
+            raise InvalidAdapterError(
+                f"adapter {name!r}: over {_MAX_LOOKUP_ENTRIES} other entries of its folder sort "
+                f"among {', '.join(ADAPTER_FILES)}; move those elsewhere"
             )
         listed = {
             blob.name[len(folder) :]: RemoteFile(
