@@ -566,7 +566,8 @@ class BaseStorageResolver(ABC):
         resolutions, latency = self._outcome_metrics[outcome]
         resolutions.inc()
         latency.observe(seconds)
-        log = logger.info if outcome in ("fetched", "invalid", "error", "stale") else logger.debug
+        noteworthy = ("fetched", "invalid", "refused", "error", "stale")
+        log = logger.info if outcome in noteworthy else logger.debug
         log(
             "resolution backend=%s name=%r version=%s outcome=%s bytes=%d seconds=%.4f",
             self.backend,
