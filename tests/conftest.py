@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
-from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache
+from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache, is_locked
 from vllm_lora_resolvers.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,19 +88,8 @@ def staging_entries(cache_dir: Path) -> list[Path]:
     return sorted(
         entry
         for entry in (cache_dir / ".vllm-lora" / "staging").iterdir()
-        if not (entry.name.startswith(PROCESS_DIR_PREFIX) and _locked(entry))
+        if not (entry.name.startswith(PROCESS_DIR_PREFIX) and is_locked(entry))
     )
-
-
-def _locked(directory: Path) -> bool:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(descriptor)
-    return False
 
 
 def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:

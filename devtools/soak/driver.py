@@ -30,7 +30,7 @@ from devtools.soak.corpus import (
 from devtools.soak.fleet import Fleet
 from devtools.soak.report import CacheSample, Observed, build_report
 from devtools.stores import S3Endpoint, SeaweedS3
-from vllm_lora_resolvers.cache import LEASE, MANIFEST, NodeCache, is_leased
+from vllm_lora_resolvers.cache import LEASE, MANIFEST, NodeCache, is_locked
 
 BUCKET = "soak"
 _HOSTILE = (
@@ -117,7 +117,7 @@ def sample_cache(root: Path, *, steady: bool) -> CacheSample:
         except (OSError, ValueError):
             continue
         total += size
-        if not is_leased(Path(entry.path, LEASE)):
+        if not is_locked(Path(entry.path, LEASE)):
             unleased += size
     staging = 0
     for directory, _, files in os.walk(cache / "staging"):

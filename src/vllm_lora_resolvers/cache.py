@@ -279,7 +279,7 @@ class NodeCache:
 
     def is_leased_by_anyone(self, key: str) -> bool:
         """Whether any live process (this one included) leases ``key``."""
-        return is_leased(self.snapshots / key / LEASE)
+        return is_locked(self.snapshots / key / LEASE)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -494,14 +494,12 @@ class NodeCache:
     def _move_unless_leased(self, path: Path, destination: Path) -> bool:
         """Rename snapshot folder ``path`` to ``destination`` unless a live process leases it."""
         try:
-            descriptor = os.open(path / LEASE, os.O_RDONLY | os.O_CLOEXEC)
+            descriptor = _lock_unless_held(path / LEASE)
         except FileNotFoundError:
             return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if descriptor is None:
             return False
-        else:
+        try:
             path.rename(destination)
         finally:
             os.close(descriptor)
@@ -547,19 +545,29 @@ CACHE_DISK_ERRNOS = frozenset(
 )
 
 
-def is_leased(lease_file: Path) -> bool:
-    """Whether a live process holds a shared lock on a snapshot's lease file (without taking it)."""
+def is_locked(path: Path) -> bool:
+    """Whether a live process holds a lock on ``path`` (a snapshot's lease file, a process's
+    scratch folder), without keeping one."""
     try:
-        descriptor = os.open(lease_file, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        descriptor = _lock_unless_held(path)
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    if descriptor is None:
+        return True
+    os.close(descriptor)
+    return False
+
+
+def _lock_unless_held(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path``, taken without waiting, as a descriptor to close when
+    done; ``None`` if a live process holds a lock on it."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    finally:
         os.close(descriptor)
-    return False
+        return None
+    return descriptor
 
 
 def cache_write_error(error: OSError) -> CacheError:
@@ -627,15 +635,13 @@ def _unlock_and_remove(path: Path, descriptor: int) -> None:
 def _remove_unless_locked(directory: Path) -> None:
     """Delete ``directory`` unless a live process holds its flock."""
     try:
-        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        descriptor = _lock_unless_held(directory)
     except (FileNotFoundError, NotADirectoryError):
         _remove_tree(directory)
         return
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if descriptor is None:
         return  # its process is alive
-    else:
+    try:
         _remove_tree(directory)
     finally:
         os.close(descriptor)
