@@ -116,42 +116,37 @@ class FilesystemResolver(BaseStorageResolver):
         return path, False
 
     def _stat_adapter_files(self, name: str, folder: str) -> tuple[tuple[RemoteFile, ...], str]:
-        """The adapter's files, all seen through one open handle on the folder (so a folder
-        swapped meanwhile cannot mix two versions), each with its identity as its etag."""
-        try:
-            directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            return (), ""
-        except OSError as error:
-            raise _read_error(f"cannot read adapter folder {name!r}", error) from None
-        try:
-            folder_identity = _identity(os.fstat(directory))
-            files, fingerprint = [], hashlib.sha256()
-            for file_name in ADAPTER_FILES:
-                status = self._stat_file(name, folder, directory, file_name)
-                if status is None:
-                    continue
-                identity = f"{folder_identity}/{_identity(status)}"
-                files.append(RemoteFile(file_name, status.st_size, etag=identity))
-                fingerprint.update(f"{file_name}\0{identity}\n".encode())
-                if file_name != CONFIG_FILE:
-                    break  # vLLM loads the first weights file present; the others do not matter
-        finally:
-            os.close(directory)
+        """The adapter's files, each with its identity as its etag.
+
+        Plain ``lstat`` calls: this runs on every cache hit. A folder swapped between them gives
+        identities no single folder holds, which `download` (reading through one handle on the
+        folder) finds out, so the pipeline looks again.
+        """
+        files, fingerprint = [], hashlib.sha256()
+        for file_name in ADAPTER_FILES:
+            status = self._stat_file(name, folder, file_name)
+            if status is None:
+                continue
+            identity = _identity(status)
+            files.append(RemoteFile(file_name, status.st_size, etag=identity))
+            fingerprint.update(f"{file_name}\0{identity}\n".encode())
+            if file_name != CONFIG_FILE:
+                break  # vLLM loads the first weights file present; the others do not matter
         return tuple(files), fingerprint.hexdigest()[:32]
 
     @staticmethod
-    def _stat_file(name: str, folder: str, directory: int, file_name: str) -> os.stat_result | None:
+    def _stat_file(name: str, folder: str, file_name: str) -> os.stat_result | None:
+        path = f"{folder}/{file_name}"
         try:
-            status = os.stat(file_name, dir_fd=directory, follow_symlinks=False)
+            status = os.lstat(path)
             if stat.S_ISLNK(status.st_mode):
-                target = os.path.realpath(f"{folder}/{file_name}")
+                target = os.path.realpath(path)
                 if not target.startswith(folder + os.sep):
                     raise InvalidAdapterError(
                         f"adapter {name!r}: {file_name} is a link to a file outside the adapter "
                         "folder; replace it with the file itself"
                     )
-                status = os.stat(file_name, dir_fd=directory)
+                status = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as error:
@@ -170,15 +165,15 @@ class FilesystemResolver(BaseStorageResolver):
         adapter must still be as looked up too. Anything else is a new version, which the
         pipeline looks up again: a snapshot is always exactly one version of the folder.
         """
-        with self._folder(adapter) as (directory, folder_identity):
+        with self._folder(adapter) as directory:
             with (
-                self._file(adapter, file, directory, folder_identity) as reader,
+                self._file(adapter, file, directory) as reader,
                 destination.open("wb") as writer,
             ):
                 copied = 0
                 while sent := os.sendfile(writer.fileno(), reader, copied, _COPY_CHUNK):
                     copied += sent
-                if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
+                if _identity(os.fstat(reader)) != file.etag:
                     raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
             for other in adapter.files:
                 try:
@@ -187,22 +182,19 @@ class FilesystemResolver(BaseStorageResolver):
                     raise VersionChangedError(
                         f"{other.path} of {adapter.name!r} vanished"
                     ) from None
-                if f"{folder_identity}/{_identity(status)}" != other.etag:
+                if _identity(status) != other.etag:
                     raise VersionChangedError(f"{other.path} of {adapter.name!r} changed")
         return {}
 
     def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
         """The first ``length`` bytes of the file looked up (a new version if it changed)."""
-        with (
-            self._folder(adapter) as (directory, folder_identity),
-            self._file(adapter, file, directory, folder_identity) as reader,
-        ):
+        with self._folder(adapter) as directory, self._file(adapter, file, directory) as reader:
             return os.pread(reader, length, 0)
 
     @staticmethod
     @contextmanager
-    def _folder(adapter: RemoteAdapter) -> Iterator[tuple[int, str]]:
-        """An open handle on the adapter's folder, and the folder's identity."""
+    def _folder(adapter: RemoteAdapter) -> Iterator[int]:
+        """An open handle on the adapter's folder."""
         try:
             directory = os.open(adapter.location, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -210,15 +202,13 @@ class FilesystemResolver(BaseStorageResolver):
         except OSError as error:
             raise _read_error(f"cannot read adapter folder {adapter.name!r}", error) from None
         try:
-            yield directory, _identity(os.fstat(directory))
+            yield directory
         finally:
             os.close(directory)
 
     @staticmethod
     @contextmanager
-    def _file(
-        adapter: RemoteAdapter, file: RemoteFile, directory: int, folder_identity: str
-    ) -> Iterator[int]:
+    def _file(adapter: RemoteAdapter, file: RemoteFile, directory: int) -> Iterator[int]:
         """``file`` opened in ``directory`` without blocking, if it is the very file looked up."""
         try:
             reader = os.open(
@@ -229,7 +219,7 @@ class FilesystemResolver(BaseStorageResolver):
         except OSError as error:
             raise _read_error(f"cannot read {file.path} of {adapter.name!r}", error) from None
         try:
-            if f"{folder_identity}/{_identity(os.fstat(reader))}" != file.etag:
+            if _identity(os.fstat(reader)) != file.etag:
                 raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
             yield reader
         finally:
