@@ -12,6 +12,8 @@ Layout under the cache root (``VLLM_LORA_RESOLVER_CACHE_DIR``)::
     .vllm-lora/trash/                          snapshots being deleted
     .vllm-lora/quarantine/KEY.RANDOM/          damaged snapshots, set aside for inspection
     .vllm-lora/locks/KEY.lock                  one fetcher per KEY across processes
+    .vllm-lora/answers/DIGEST.json             the last answer to a question processes of this
+                                               node share (`node_answer`: a store lookup, say)
 
 A snapshot appears only by one ``rename`` of a complete, checked staging directory, so a crash
 leaves the old state or the new one. Eviction takes the lease file's exclusive lock without
@@ -35,11 +37,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +62,7 @@ ADAPTER_DIR = "adapter"
 PROCESS_DIR_PREFIX = "process."
 _READ_ONLY_FILE = 0o444
 _READ_ONLY_DIR = 0o555
+_SNAPSHOT_KEY = re.compile(r"[0-9a-f]{40}")
 
 
 class SnapshotFile(BaseModel):
@@ -101,6 +106,24 @@ class Snapshot:
         return self.path / ADAPTER_DIR
 
 
+class NodeAnswer(BaseModel):
+    """A recorded answer to a question the node's processes share (see `node_answer`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    question: str
+    answer: str
+    at: float
+
+
+def _read_answer(record: Path, question: str) -> NodeAnswer | None:
+    try:
+        answer = NodeAnswer.model_validate_json(record.read_bytes())
+    except (OSError, ValidationError):
+        return None
+    return answer if answer.question == question else None
+
+
 def snapshot_key(source: str, name: str, version: str) -> str:
     """A stable key for one version of one adapter of one store."""
     digest = hashlib.sha256(f"{source}\0{name}\0{version}".encode()).hexdigest()
@@ -126,6 +149,7 @@ class NodeCache:
         self.trash = self.state / "trash"
         self.locks = self.state / "locks"
         self.quarantine = self.state / "quarantine"
+        self.answers = self.state / "answers"
         self._leases: dict[str, tuple[int, Snapshot]] = {}
         self._leases_guard = threading.Lock()
         self._key_guards = KeyedLocks()
@@ -147,7 +171,14 @@ class NodeCache:
 
     def _make_layout(self) -> None:
         """Create the cache's folders (again, if someone removed them while we ran)."""
-        for directory in (self.snapshots, self.staging, self.trash, self.locks, self.quarantine):
+        for directory in (
+            self.snapshots,
+            self.staging,
+            self.trash,
+            self.locks,
+            self.quarantine,
+            self.answers,
+        ):
             directory.mkdir(parents=True, exist_ok=True)
 
     def find(self, key: str) -> Snapshot | None:
@@ -228,6 +259,14 @@ class NodeCache:
         snapshots, key = os.path.split(parent)
         return key if leaf == ADAPTER_DIR and snapshots == self._real_snapshots else None
 
+    def snapshot_in_path(self, lora_path: str) -> Snapshot | None:
+        """The snapshot of this cache that ``lora_path``, an adapter folder handed to vLLM,
+        is: ``.../.vllm-lora/snapshots/KEY/adapter``, wherever the caller mounts the cache."""
+        parts = Path(lora_path).parts
+        if len(parts) < 4 or parts[-4:-2] != (STATE_DIR, "snapshots") or parts[-1] != ADAPTER_DIR:
+            return None
+        return self.find(parts[-2]) if _SNAPSHOT_KEY.fullmatch(parts[-2]) else None
+
     # -- whose snapshots this process serves ------------------------------------------------
 
     def serve_source(self, source: str) -> None:
@@ -276,6 +315,19 @@ class NodeCache:
         if held is None or not held[1].path.is_dir():
             return None
         return held[1]
+
+    def release(self, key: str) -> None:
+        """Give up this process's lease on ``key`` (nothing happens if it holds none): once no
+        live process leases it, the snapshot counts against the cap and may be evicted."""
+        with self._leases_guard:
+            held = self._leases.pop(key, None)
+        if held is not None:
+            os.close(held[0])
+
+    def leased_keys(self) -> set[str]:
+        """The keys of the snapshots this process leases."""
+        with self._leases_guard:
+            return set(self._leases)
 
     def is_leased_by_anyone(self, key: str) -> bool:
         """Whether any live process (this one included) leases ``key``."""
@@ -407,6 +459,40 @@ class NodeCache:
             return
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
+
+    # -- answers shared by the node's processes ----------------------------------------------
+
+    def node_answer(
+        self, question: str, max_age: float, ask: Callable[[], str]
+    ) -> tuple[str, bool]:
+        """The answer to ``question`` some process of this node recorded at most ``max_age``
+        seconds ago, else ``ask()``'s, recorded for the others: ``(answer, asked here)``.
+
+        Processes asking at once wait for the first one's answer (one lock per question), so a
+        node asks at most once per ``max_age`` however many processes want to know.
+        """
+        digest = hashlib.sha256(question.encode()).hexdigest()[:40]
+        record = self.answers / f"{digest}.json"
+        lock = self.locks / f"answer.{digest}.lock"
+        try:
+            self._make_layout()
+            descriptor = _lock_file(lock, wait=True)
+        except OSError as error:
+            raise cache_write_error(error) from None
+        assert descriptor is not None
+        try:
+            recorded = _read_answer(record, question)
+            if recorded is not None and 0 <= time.time() - recorded.at < max_age:
+                return recorded.answer, False
+            answer = ask()
+            temporary = self._own_scratch() / f"answer.{secrets.token_hex(8)}"
+            temporary.write_text(
+                NodeAnswer(question=question, answer=answer, at=time.time()).model_dump_json()
+            )
+            temporary.replace(record)
+            return answer, True
+        finally:
+            _unlock_and_remove(lock, descriptor)
 
     # -- eviction and cleaning --------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -146,7 +147,10 @@ class BaseStorageResolver(ABC):
         self._outage = StoreOutage(
             self.backend, min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS)
         )
-        self._names = KeyedLocks()
+        self._name_locks = KeyedLocks()
+        #: name -> the key of the snapshot this process last handed vLLM for it.
+        self._served: dict[str, str] = {}
+        self._served_guard = threading.Lock()
         #: (snapshot key, base model, name): checked for this server, and ``name`` pointed at it.
         self._checked: set[tuple[str, str, str]] = set()
         self._outcome_metrics = {
@@ -272,6 +276,7 @@ class BaseStorageResolver(ABC):
         if snapshot is None or (key, base_model_name, lora_name) not in self._checked:
             return False, None
         self._record(lora_name, "hit", remote.version, 0, started)
+        self._serve_for_name(lora_name, key)
         return True, ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
 
     def resolve(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
@@ -280,7 +285,24 @@ class BaseStorageResolver(ABC):
         Returns ``None`` when the adapter is not in this store; raises `InvalidAdapterError`
         when it is but cannot be served, `StoreUnavailableError` when the store cannot be read
         and nothing is cached, `CacheError` when the node cache cannot be written.
+
+        vLLM asks again about a name only after dropping it (an unload), so the snapshot a name
+        resolved to before is released here unless another name still resolves to it: a
+        replaced version stops counting against the cache cap once nobody else leases it.
         """
+        resolved = self._resolve(base_model_name, lora_name, serve_stale=True)
+        self._serve_for_name(lora_name, None if resolved is None else resolved.snapshot.key)
+        return resolved
+
+    def current(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
+        """The store's current version of ``lora_name``, fetched, checked and leased like
+        `resolve`'s, or ``None`` if the store no longer has it; never a cached version instead:
+        raises `StoreUnavailableError` when the store cannot answer. For `vllm-lora sync`."""
+        return self._resolve(base_model_name, lora_name, serve_stale=False)
+
+    def _resolve(
+        self, base_model_name: str, lora_name: str, *, serve_stale: bool
+    ) -> ResolvedAdapter | None:
         started = time.perf_counter()
         outcome, version, fetched_bytes = "error", "-", 0
         try:
@@ -295,14 +317,16 @@ class BaseStorageResolver(ABC):
                 max_rank=self.settings.max_rank,
                 base_model_aliases=self.settings.base_model_aliases,
             )
-            with self._names.hold(lora_name):
-                if self._misses.is_missing(lora_name):
+            with self._name_locks.hold(lora_name):
+                if serve_stale and self._misses.is_missing(lora_name):
                     outcome = "missing"
                     return None
                 for lookup in range(LOOKUPS_PER_RESOLUTION):
                     try:
                         remote = self._locate(lora_name)
                     except StoreUnavailableError as error:
+                        if not serve_stale:
+                            raise
                         resolved = self._serve_stale(lora_name, policy, error)
                         outcome, version = "stale", resolved.snapshot.manifest.version
                         return resolved
@@ -318,7 +342,7 @@ class BaseStorageResolver(ABC):
                             snapshot, outcome, fetched_bytes = self._lease_or_fetch(
                                 remote, key, policy
                             )
-                            self._check_once(lora_name, snapshot, policy)
+                            self._check_and_point(lora_name, snapshot, policy)
                     except _LookAgainError as error:
                         if lookup == LOOKUPS_PER_RESOLUTION - 1:
                             raise StoreUnavailableError(str(error)) from None
@@ -334,6 +358,17 @@ class BaseStorageResolver(ABC):
             raise
         finally:
             self._record(lora_name, outcome, version, fetched_bytes, started)
+
+    def _serve_for_name(self, name: str, key: str | None) -> None:
+        """Record that ``name`` now resolves to snapshot ``key`` (``None``: to nothing) and
+        release the snapshot it resolved to before, unless another name resolves to it."""
+        with self._served_guard:
+            previous = self._served.pop(name, None)
+            if key is not None:
+                self._served[name] = key
+            replaced = previous not in (None, key) and previous not in self._served.values()
+        if replaced and previous is not None:
+            self.cache.release(previous)
 
     def _locate(self, name: str) -> RemoteAdapter | None:
         """`locate` with a short retry, skipped while the store is known to be down."""
@@ -490,7 +525,7 @@ class BaseStorageResolver(ABC):
             f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
         )
 
-    def _check_once(self, name: str, snapshot: Snapshot, policy: AdapterPolicy) -> None:
+    def _check_and_point(self, name: str, snapshot: Snapshot, policy: AdapterPolicy) -> None:
         """Check a snapshot ``name`` resolved to against this server's policy and point ``name``
         at it, once per process and name (it is immutable; it may have several names)."""
         marker = (snapshot.key, policy.base_model, name)
@@ -528,7 +563,7 @@ class BaseStorageResolver(ABC):
             snapshot.manifest.version,
             name,
         )
-        self._check_once(name, snapshot, policy)
+        self._check_and_point(name, snapshot, policy)
         return ResolvedAdapter(name, _lora_int_id(snapshot.key), snapshot)
 
     def _linked_snapshot(self, name: str) -> Snapshot | None:

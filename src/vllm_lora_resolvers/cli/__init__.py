@@ -14,6 +14,7 @@ from vllm_lora_resolvers.cli.cache import cache_group
 from vllm_lora_resolvers.cli.doctor import doctor
 from vllm_lora_resolvers.cli.listing import list_adapters
 from vllm_lora_resolvers.cli.pull import pull
+from vllm_lora_resolvers.cli.sync import sync
 from vllm_lora_resolvers.cli.validate import validate
 
 
@@ -37,3 +38,4 @@ main.add_command(list_adapters)
 main.add_command(pull)
 main.add_command(cache_group)
 main.add_command(doctor)
+main.add_command(sync)

@@ -1,0 +1,403 @@
+"""Keep a running vLLM server's adapters at their store's current version (`vllm-lora sync`).
+
+vLLM asks resolvers only about names it does not hold, so without this a server serves the
+version it resolved first until it restarts. Beside each server, once per round:
+
+1. ask the server what it holds (``GET /v1/models``); an adapter whose path is one of our
+   snapshots, from a store configured here, is managed; anything else is left alone;
+2. ask its store for the current version (through the resolvers' pipeline: one lookup, retries,
+   outage memory) once per round and node, however many servers the node runs (the answer is
+   shared through the node cache, `NodeCache.node_answer`); a new version is fetched and checked
+   into the node cache by the first process to see it, before any server switches;
+3. switch: ``POST /v1/unload_lora_adapter`` then ``POST /tokenize`` with the name, which makes
+   the server resolve it again through its own resolvers, to the new snapshot. vLLM gives the
+   new version a new adapter id and path: requests in flight finish on the old weights (the
+   engine keeps them under the old id), later ones run on the new ones, none on a mix, and no
+   prefix-cache block computed with the old weights is reused (vLLM keys blocks by adapter name
+   and path). ``load_inplace`` would swap the weights under requests in flight;
+4. a new version that fails the checks leaves the old one served (logged, counted); a name gone
+   from the store is unloaded (``--on-delete unload``) or kept (``keep``);
+5. the replaced snapshot stays leased by this process until the server has been seen idle (no
+   request running or waiting) or ``drain_seconds`` have passed, since a request that started
+   before the switch may make vLLM read its folder again; then it is released.
+
+Rounds of every sync on a node start together (the node's processes share one phase), so a
+change reaches every server on the node within one interval plus the fetch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Literal
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_lora_resolvers.cache import NodeCache, Snapshot
+from vllm_lora_resolvers.config import ConfigurationError
+from vllm_lora_resolvers.errors import (
+    CacheError,
+    InvalidAdapterError,
+    ResolverError,
+    StoreUnavailableError,
+)
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+
+logger = logging.getLogger("vllm.lora_resolvers.sync")
+
+MANAGED = Gauge(
+    "vllm_lora_sync_adapters_managed", "Adapters this sync keeps at their store's version."
+)
+UPDATES = Counter("vllm_lora_sync_updates", "Adapters switched to a new version.")
+RETIREMENTS = Counter(
+    "vllm_lora_sync_retirements", "Adapters unloaded because their store no longer has them."
+)
+REFUSED = Counter(
+    "vllm_lora_sync_refused_versions",
+    "New versions refused by the checks (the old one stays served).",
+)
+FAILURES = Counter(
+    "vllm_lora_sync_failures", "Rounds or switches that failed, by what failed.", ["what"]
+)
+LOOKUPS = Counter(
+    "vllm_lora_sync_store_lookups", "Store lookups this process made (the node shares them)."
+)
+SWITCH_SECONDS = Histogram(
+    "vllm_lora_sync_switch_seconds",
+    "Seconds from seeing a new version to the server serving it (fetch included).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+RELEASED = Counter(
+    "vllm_lora_sync_released_snapshots", "Replaced snapshots whose lease was released."
+)
+
+_WARM_PROMPT = "."
+_SCHEDULE_QUESTION = "vllm-lora sync: the node's phase"
+
+
+class RoundResult(IntEnum):
+    """How a round ended, as ``vllm-lora sync --once`` exits."""
+
+    IN_SYNC = 0  #: every managed adapter is at its store's version (changes applied)
+    NOT_APPLIED = 1  #: a new version was refused or a switch failed; the old one is served
+    CANNOT_ASK = 2  #: the server or a store could not be asked; nothing changed for those
+
+
+class ServerError(ResolverError):
+    """The vLLM server could not be asked, or refused what was asked."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class VllmServerApi:
+    """The few routes of a vLLM OpenAI-compatible server that sync uses."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"--server {url!r} must be an http:// or https:// URL")
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def models(self) -> tuple[str, dict[str, str]]:
+        """``(base model, {adapter name: path it was loaded from})``. The base model is what vLLM
+        hands resolvers (the model's path or id), the first base model card's ``root``."""
+        cards = json.loads(self._call("GET", "/v1/models"))["data"]
+        base = next(card["root"] for card in cards if not card.get("parent"))
+        adapters = {card["id"]: card["root"] for card in cards if card.get("parent")}
+        return base, adapters
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name`` (requests in flight finish); absent already is fine."""
+        try:
+            self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        except ServerError as error:
+            if error.status != 404:
+                raise
+
+    def load(self, name: str, path: str) -> None:
+        """Serve ``name`` from the adapter folder ``path`` again."""
+        self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    def resolve(self, name: str) -> None:
+        """Make the server resolve ``name`` through its resolvers and load it, without
+        generating anything (``/tokenize`` resolves unknown names as generation routes do)."""
+        self._call("POST", "/tokenize", {"model": name, "prompt": _WARM_PROMPT})
+
+    def is_idle(self) -> bool:
+        """Whether the server reports no request running or waiting (``/metrics``)."""
+        families = text_string_to_metric_families(self._call("GET", "/metrics").decode())
+        in_flight = sum(
+            sample.value
+            for family in families
+            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
+            for sample in family.samples
+        )
+        return in_flight == 0
+
+    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> bytes:
+        request = urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        if self.api_key:
+            request.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                return bytes(response.read())
+        except urllib.error.HTTPError as error:
+            detail = error.read()[:500].decode(errors="replace")
+            raise ServerError(
+                f"{method} {path} answered HTTP {error.code}: {detail}", error.code
+            ) from None
+        except (OSError, ValueError) as error:
+            raise ServerError(f"cannot reach the vLLM server at {self.url}: {error}") from None
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """What a store says of one adapter, as the node's processes share it."""
+
+    state: Literal["current", "gone", "refused", "unreachable"]
+    #: The current snapshot's key, or why the version is refused or the store unreachable.
+    detail: str = ""
+
+    def encode(self) -> str:
+        return f"{self.state} {self.detail}"
+
+    @classmethod
+    def decode(cls, text: str) -> StoreAnswer:
+        state, _, detail = text.partition(" ")
+        if state not in ("current", "gone", "refused", "unreachable"):
+            return cls("unreachable", f"unreadable shared answer {text[:80]!r}")
+        return cls(state, detail)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Draining:
+    key: str
+    name: str
+    since: float
+
+
+@dataclass
+class AdapterSync:
+    """One server's sync: `run_round` once, or `run` until stopped."""
+
+    server: VllmServerApi
+    #: Our resolvers by the source they declare (a snapshot's manifest names its source).
+    resolvers: Mapping[str, BaseStorageResolver]
+    cache: NodeCache
+    interval: float = 30.0
+    on_delete: Literal["unload", "keep"] = "unload"
+    drain_seconds: float = 600.0
+    _draining: list[_Draining] = field(default_factory=list)
+    _serving: dict[str, str] = field(default_factory=dict)
+    _reported: set[tuple[str, str]] = field(default_factory=set)
+
+    def run(self, stop: threading.Event) -> None:
+        """Run a round at each of the node's round times until ``stop`` is set."""
+        while not stop.wait(self.seconds_to_next_round()):
+            self.run_round()
+
+    def seconds_to_next_round(self) -> float:
+        """Seconds until the node's next round: every sync on the node wakes at the same phase
+        of the interval (so they share one store lookup), and nodes at different phases (so the
+        fleet's lookups spread over the interval)."""
+        phase_text, _ = self.cache.node_answer(
+            _SCHEDULE_QUESTION, math.inf, lambda: f"{random.random():.6f}"
+        )
+        phase = float(phase_text) * self.interval
+        now = time.time()
+        next_round = math.floor((now - phase) / self.interval + 1) * self.interval + phase
+        return max(0.0, next_round - now)
+
+    def run_round(self) -> RoundResult:
+        """Bring every managed adapter to its store's version once; release drained leases."""
+        try:
+            base_model, held = self.server.models()
+        except ServerError as error:
+            FAILURES.labels("server").inc()
+            logger.warning("sync: %s; nothing changed", error)
+            return RoundResult.CANNOT_ASK
+        managed = self._managed(held)
+        MANAGED.set(len(managed))
+        served_before = self._serving
+        self._serving = {name: snapshot.key for name, (_, snapshot, _) in managed.items()}
+        result = RoundResult.IN_SYNC
+        for name, (path, snapshot, resolver) in managed.items():
+            result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
+        for name, key in served_before.items():
+            if name not in self._serving:  # unloaded by someone else meanwhile
+                self._draining.append(_Draining(key, name, time.monotonic()))
+        self._release_leases()
+        return result
+
+    def _managed(
+        self, held: Mapping[str, str]
+    ) -> dict[str, tuple[str, Snapshot, BaseStorageResolver]]:
+        """The adapters the server holds from our snapshots of stores configured here, each
+        snapshot leased (so it stays while the server may read it)."""
+        managed = {}
+        for name, path in held.items():
+            snapshot = self.cache.snapshot_in_path(path)
+            resolver = None if snapshot is None else self.resolvers.get(snapshot.manifest.source)
+            if snapshot is None or resolver is None or self.cache.lease(snapshot.key) is None:
+                continue
+            managed[name] = (path, snapshot, resolver)
+        return managed
+
+    def _sync_adapter(
+        self,
+        base_model: str,
+        name: str,
+        path: str,
+        served: Snapshot,
+        resolver: BaseStorageResolver,
+    ) -> RoundResult:
+        seen_at = time.perf_counter()
+        answer = self._ask_store(resolver, base_model, name)
+        if answer.state == "unreachable":
+            FAILURES.labels("store").inc()
+            self._report_once(name, answer, "sync: cannot ask the store about %r (%s); keeping it")
+            return RoundResult.CANNOT_ASK
+        if answer.state == "refused":
+            if self._report_once(
+                name, answer, "sync: the new version of %r is refused (%s); keeping the old one"
+            ):
+                REFUSED.inc()
+            return RoundResult.NOT_APPLIED
+        if answer.state == "gone":
+            if self.on_delete == "keep":
+                self._report_once(name, answer, "sync: %r is gone from its store%s; keeping it")
+                return RoundResult.IN_SYNC
+            return self._retire(name, served)
+        if answer.detail == served.key:
+            return RoundResult.IN_SYNC
+        return self._switch(name, path, served, answer.detail, seen_at)
+
+    def _ask_store(self, resolver: BaseStorageResolver, base_model: str, name: str) -> StoreAnswer:
+        """The store's answer for ``name``, asked at most once per half interval on this node."""
+
+        def ask() -> str:
+            LOOKUPS.inc()
+            return self._look_up(resolver, base_model, name).encode()
+
+        question = f"current\0{resolver.source}\0{base_model}\0{name}"
+        try:
+            text, _ = self.cache.node_answer(question, self.interval / 2, ask)
+        except CacheError as error:
+            return StoreAnswer("unreachable", str(error))
+        return StoreAnswer.decode(text)
+
+    def _look_up(self, resolver: BaseStorageResolver, base_model: str, name: str) -> StoreAnswer:
+        try:
+            current = resolver.current(base_model, name)
+        except InvalidAdapterError as error:
+            return StoreAnswer("refused", str(error))
+        except (StoreUnavailableError, CacheError) as error:
+            return StoreAnswer("unreachable", str(error))
+        if current is None:
+            return StoreAnswer("gone")
+        return StoreAnswer("current", current.snapshot.key)
+
+    def _switch(
+        self, name: str, path: str, served: Snapshot, key: str, seen_at: float
+    ) -> RoundResult:
+        new = self.cache.lease(key)
+        if new is None:  # evicted since it was fetched: the next round fetches it again
+            FAILURES.labels("switch").inc()
+            return RoundResult.NOT_APPLIED
+        try:
+            self.server.unload(name)
+            try:
+                self.server.resolve(name)
+            except ServerError as error:
+                if error.status == 400:
+                    self.server.load(name, path)  # the server refused it: serve the old again
+                raise
+            _, held = self.server.models()
+        except ServerError as error:
+            FAILURES.labels("switch").inc()
+            logger.warning(
+                "sync: switching %r to version %s failed: %s", name, new.manifest.version, error
+            )
+            return RoundResult.NOT_APPLIED
+        now_served = self.cache.snapshot_in_path(held.get(name, ""))
+        self._draining.append(_Draining(served.key, name, time.monotonic()))
+        if now_served is not None:
+            self._serving[name] = now_served.key
+        else:
+            self._serving.pop(name, None)
+        if now_served is None or now_served.key != key:
+            logger.warning(
+                "sync: %r was switched but the server resolved it to %s", name, held.get(name)
+            )
+            return RoundResult.NOT_APPLIED
+        UPDATES.inc()
+        SWITCH_SECONDS.observe(time.perf_counter() - seen_at)
+        logger.warning(
+            "sync: %r updated from version %s to %s",
+            name,
+            served.manifest.version,
+            new.manifest.version,
+        )
+        return RoundResult.IN_SYNC
+
+    def _retire(self, name: str, served: Snapshot) -> RoundResult:
+        try:
+            self.server.unload(name)
+        except ServerError as error:
+            FAILURES.labels("retire").inc()
+            logger.warning("sync: unloading %r, gone from its store, failed: %s", name, error)
+            return RoundResult.NOT_APPLIED
+        RETIREMENTS.inc()
+        self._serving.pop(name, None)
+        self._draining.append(_Draining(served.key, name, time.monotonic()))
+        logger.warning(
+            "sync: %r is gone from its store; unloaded (version %s)", name, served.manifest.version
+        )
+        return RoundResult.IN_SYNC
+
+    def _release_leases(self) -> None:
+        """Release the leases of replaced snapshots no request can need any more (see the
+        module's 5.), and of versions fetched here but not served."""
+        now = time.monotonic()
+        serving = set(self._serving.values())
+        if self._draining:
+            try:
+                idle = self.server.is_idle()
+            except ServerError:
+                idle = False
+            drained = [
+                draining
+                for draining in self._draining
+                if idle or now - draining.since >= self.drain_seconds
+            ]
+            self._draining = [draining for draining in self._draining if draining not in drained]
+            RELEASED.inc(len({draining.key for draining in drained} - serving))
+        keep = serving | {draining.key for draining in self._draining}
+        for key in self.cache.leased_keys() - keep:
+            self.cache.release(key)
+
+    def _report_once(self, name: str, answer: StoreAnswer, message: str) -> bool:
+        """Log ``message`` for this answer about ``name`` once; whether it was new."""
+        if (name, answer.encode()) in self._reported:
+            return False
+        self._reported.add((name, answer.encode()))
+        logger.warning(message, name, answer.detail)
+        return True
