@@ -391,8 +391,11 @@ class AdapterSync:
             self._draining = [draining for draining in self._draining if draining not in drained]
             RELEASED.inc(len({draining.key for draining in drained} - serving))
         keep = serving | {draining.key for draining in self._draining}
-        for key in self.cache.leased_keys() - keep:
+        released = self.cache.leased_keys() - keep
+        for key in released:
             self.cache.release(key)
+        if released:
+            self.cache.evict()  # what nobody leases any more counts against the cap again
 
     def _report_once(self, name: str, answer: StoreAnswer, message: str) -> bool:
         """Log ``message`` for this answer about ``name`` once; whether it was new."""

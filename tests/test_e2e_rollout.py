@@ -1,0 +1,299 @@
+"""End to end: a fleet rollout. Two real vLLM servers on one node cache, each with its own
+``vllm-lora sync``, one SeaweedFS bucket behind a counting relay.
+
+Both servers run with prefix caching on and ``VLLM_PLUGINS=lora_s3_resolver,
+lora_filesystem_resolver``. Each test changes the bucket and watches, from outside, what the
+servers answer: updates, refused versions, outages, a restart, deletions, many updates. Tests run
+in file order, on the same two servers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from e2e_support import Store, listed_models, module_store, running_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from devtools.models import build_tiny_llama, write_lora_adapter
+from devtools.relay import Fault
+from devtools.stores import S3Endpoint
+from devtools.vllm_server import VllmServer, _free_port
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.server, pytest.mark.vllm]
+
+INTERVAL = 2.0
+#: A prompt longer than several KV blocks, so prefix caching has blocks to reuse.
+PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
+MAX_TOKENS = 8
+#: A change is served within one interval plus the fetch and the switch; this is the test's
+#: patience, far above it (2 cores, two servers), not a performance claim (see bench rollout).
+CONVERGENCE_DEADLINE = 4 * INTERVAL + 30
+ADAPTER_BYTES = 30_000
+CACHE_CAP = 4 * ADAPTER_BYTES
+VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")
+
+
+class SyncProcess:
+    """``vllm-lora sync`` for one server, as a sidecar runs it."""
+
+    def __init__(self, server: VllmServer, env: dict[str, str], log: Path, *extra: str) -> None:
+        self.metrics_port = _free_port()
+        self.log = log
+        command = [VLLM_LORA, "-v", "sync", "--server", server.url, "--interval", str(INTERVAL)]
+        command += ["--metrics-port", str(self.metrics_port), "--drain-seconds", "30", *extra]
+        with log.open("ab") as stream:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=stream, stderr=subprocess.STDOUT
+            )
+
+    def metric(self, name: str) -> float:
+        response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+            if sample.name == name
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@dataclass
+class Fleet:
+    servers: list[VllmServer]
+    syncs: list[SyncProcess]
+    store: Store
+    model: Path
+    cache: Path
+    work: Path
+    env: dict[str, str]
+    references: dict[int, str] = field(default_factory=dict)
+
+    def adapter(self, seed: int, **options: object) -> Path:
+        folder = self.work / "adapters" / f"{seed}-{'-'.join(map(str, options.values()))}"
+        if not folder.exists():
+            options.setdefault("base_model", str(self.model))
+            write_lora_adapter(folder, seed=seed, **options)  # type: ignore[arg-type]
+        return folder
+
+    def upload(self, name: str, seed: int, **options: object) -> None:
+        self.store.upload(name, self.adapter(seed, **options))
+
+    def reference(self, seed: int) -> str:
+        """What the adapter of ``seed`` makes server 0 say, loaded by vLLM itself from its
+        folder (not through our cache) under a name of its own, then unloaded."""
+        if seed not in self.references:
+            server, name = self.servers[0], f"ref-{seed}"
+            loaded = server.post(
+                "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(self.adapter(seed))}
+            )
+            assert loaded.status_code == 200, loaded.text
+            self.references[seed] = text(server, name)
+            server.post("/v1/unload_lora_adapter", {"lora_name": name}).raise_for_status()
+        return self.references[seed]
+
+
+def complete(server: VllmServer, model: str) -> requests.Response:
+    return server.completions(model, PROMPT, max_tokens=MAX_TOKENS)
+
+
+def text(server: VllmServer, model: str) -> str:
+    response = complete(server, model)
+    assert response.status_code == 200, f"{model!r}: {response.status_code} {response.text}"
+    generated: str = response.json()["choices"][0]["text"]
+    return generated
+
+
+def wait_until_served(fleet: Fleet, name: str, expected: str) -> float:
+    """Seconds until every server answers ``name`` with ``expected`` (fails after the deadline)."""
+    started = time.monotonic()
+    pending = set(range(len(fleet.servers)))
+    while pending and time.monotonic() - started < CONVERGENCE_DEADLINE:
+        for index in list(pending):
+            response = complete(fleet.servers[index], name)
+            if response.status_code == 200 and response.json()["choices"][0]["text"] == expected:
+                pending.discard(index)
+        time.sleep(0.2)
+    assert not pending, f"servers {sorted(pending)} never served the expected {name!r}"
+    return time.monotonic() - started
+
+
+def wait_until_status(fleet: Fleet, name: str, status: int) -> None:
+    started = time.monotonic()
+    while time.monotonic() - started < CONVERGENCE_DEADLINE:
+        if all(complete(server, name).status_code == status for server in fleet.servers):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{name!r} never answered {status} on every server")
+
+
+class ClientLoop:
+    """Requests for one name to every server, back to back, recording each answer."""
+
+    def __init__(self, fleet: Fleet, name: str) -> None:
+        self.answers: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(server, name)) for server in fleet.servers
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, server: VllmServer, name: str) -> None:
+        session = requests.Session()
+        session.trust_env = False
+        body = {"model": name, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+        while not self._stop.is_set():
+            response = session.post(f"{server.url}/v1/completions", json=body, timeout=120)
+            answer = (
+                response.json()["choices"][0]["text"]
+                if response.status_code == 200
+                else response.text
+            )
+            self.answers.append((response.status_code, answer))
+
+    def stop(self) -> list[tuple[int, str]]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.answers
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iterator[Fleet]:
+    work = tmp_path_factory.mktemp("e2e-rollout")
+    model = build_tiny_llama(work / "model")
+    cache = work / "cache"
+    cache.mkdir()
+    with module_store(seaweed, "e2e-rollout") as store:
+        env = {
+            **store.endpoint.env(),
+            "VLLM_PLUGINS": "lora_s3_resolver,lora_filesystem_resolver",
+            "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
+            "VLLM_LORA_RESOLVER_S3_URI": store.uri,
+            "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES": str(CACHE_CAP),
+            "VLLM_LORA_RESOLVER_NEGATIVE_TTL": "1",
+        }
+        args = ["--enable-prefix-caching"]
+        with (
+            running_server(model, work / "server-0", env, args) as first,
+            running_server(model, work / "server-1", env, args) as second,
+        ):
+            sync_env = {
+                key: value
+                for key, value in os.environ.items()
+                if not key.startswith(("VLLM_LORA_RESOLVER_", "AWS_"))
+            }
+            sync_env |= env
+            syncs = [
+                SyncProcess(server, sync_env, work / f"sync-{index}.log")
+                for index, server in enumerate((first, second))
+            ]
+            fleet = Fleet([first, second], syncs, store, model, cache, work, sync_env)
+            try:
+                yield fleet
+            finally:
+                for sync in fleet.syncs:
+                    sync.stop()
+
+
+def test_an_update_reaches_every_server_with_no_failed_or_mixed_response(fleet: Fleet) -> None:
+    old, new = fleet.reference(1), fleet.reference(2)
+    assert old != new
+    fleet.upload("x", 1)
+    assert [text(server, "x") for server in fleet.servers] == [old, old]
+    loop = ClientLoop(fleet, "x")
+    time.sleep(1)
+    fleet.upload("x", 2)
+    seconds = wait_until_served(fleet, "x", new)
+    time.sleep(0.5)
+    answers = loop.stop()
+    assert {status for status, _ in answers} == {200}, answers
+    assert {answer for _, answer in answers} == {old, new}
+    print(f"converged in {seconds:.1f} s; {len(answers)} requests during the rollout")
+    assert sum(sync.metric("vllm_lora_sync_updates_total") for sync in fleet.syncs) == 2
+
+
+def test_prefix_cache_blocks_of_the_old_version_are_not_reused(fleet: Fleet) -> None:
+    # The client loop above ran PROMPT on the old version right up to the switch; prefix
+    # caching was on, and the same prompt now gives the new version's output, as a server
+    # that never saw the old version gives it.
+    hits = metric_of(fleet.servers[0], "vllm:prefix_cache_hits_total")
+    assert hits > 0, "prefix caching was not exercised"
+    assert text(fleet.servers[0], "x") == fleet.reference(2)
+
+
+def metric_of(server: VllmServer, name: str) -> float:
+    response = server.get("/metrics")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def test_an_invalid_new_version_keeps_the_old_one_served(fleet: Fleet) -> None:
+    fleet.upload("x", 3, rank=64)  # above the servers' --max-lora-rank 16
+    time.sleep(3 * INTERVAL)
+    assert [text(server, "x") for server in fleet.servers] == [fleet.reference(2)] * 2
+    assert sum(sync.metric("vllm_lora_sync_refused_versions_total") for sync in fleet.syncs) >= 1
+    assert "is refused" in fleet.syncs[0].log.read_text()
+
+
+def test_a_store_outage_changes_nothing_and_the_update_lands_after_it(fleet: Fleet) -> None:
+    # Every read of the bucket (lookups and downloads are GETs) fails; uploads (PUTs) pass.
+    fleet.store.relay.add_fault(Fault("status", status=503, method="GET", times=10**9))
+    try:
+        fleet.upload("x", 4)
+        time.sleep(3 * INTERVAL)
+        assert [text(server, "x") for server in fleet.servers] == [fleet.reference(2)] * 2
+    finally:
+        fleet.store.relay.clear_faults()
+    wait_until_served(fleet, "x", fleet.reference(4))
+
+
+def test_a_server_restarted_mid_rollout_comes_up_serving_the_new_version(fleet: Fleet) -> None:
+    restarted = fleet.servers[1]
+    restarted.stop()
+    fleet.upload("x", 5)
+    restarted.start()
+    assert text(restarted, "x") == fleet.reference(5)
+    wait_until_served(fleet, "x", fleet.reference(5))
+
+
+def test_a_deleted_adapter_is_withdrawn_everywhere_and_served_again_once_reuploaded(
+    fleet: Fleet,
+) -> None:
+    fleet.store.delete("x")
+    wait_until_status(fleet, "x", 404)
+    assert all("x" not in listed_models(server) for server in fleet.servers)
+    fleet.upload("x", 2)  # served again once the servers' memory of the miss expires (1 s)
+    wait_until_served(fleet, "x", fleet.reference(2))
+
+
+def test_twenty_updates_leave_the_cache_within_its_cap(fleet: Fleet) -> None:
+    for round_number in range(20):
+        seed = 100 + round_number
+        fleet.upload("y", seed)
+        if round_number == 0:
+            for server in fleet.servers:
+                text(server, "y")
+        else:
+            wait_until_served(fleet, "y", fleet.reference(seed))
+    time.sleep(2 * INTERVAL)  # a round after the last switch releases the replaced version
+    snapshots = list((fleet.cache / ".vllm-lora" / "snapshots").iterdir())
+    total = sum(file.stat().st_size for folder in snapshots for file in folder.rglob("*"))
+    assert total <= CACHE_CAP, f"{len(snapshots)} snapshots, {total} bytes"
