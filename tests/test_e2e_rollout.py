@@ -40,6 +40,8 @@ MAX_TOKENS = 8
 CONVERGENCE_DEADLINE = 4 * INTERVAL + 30
 ADAPTER_BYTES = 30_000
 CACHE_CAP = 4 * ADAPTER_BYTES
+_ON_CORE_0 = {"VLLM_CPU_OMP_THREADS_BIND": "0"}
+_ON_CORE_1 = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
 VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")
 
 
@@ -55,6 +57,19 @@ class SyncProcess:
             self.process = subprocess.Popen(
                 command, env=env, stdout=stream, stderr=subprocess.STDOUT
             )
+
+    def wait_for_a_round(self) -> None:
+        """Wait until the process is up and has run a round (it imports the store clients)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if self.metric("vllm_lora_sync_rounds_total") >= 1:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"sync never ran a round: {self.log.read_text()[-3000:]}")
 
     def metric(self, name: str) -> float:
         response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
@@ -187,9 +202,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             "VLLM_LORA_RESOLVER_NEGATIVE_TTL": "1",
         }
         args = ["--enable-prefix-caching"]
+        # vLLM binds each server's OpenMP threads to core 0 by default: two servers spinning on
+        # one core starve each other for minutes. One core each, as on a real node.
         with (
-            running_server(model, work / "server-0", env, args) as first,
-            running_server(model, work / "server-1", env, args) as second,
+            running_server(model, work / "server-0", env | _ON_CORE_0, args) as first,
+            running_server(model, work / "server-1", env | _ON_CORE_1, args) as second,
         ):
             sync_env = {
                 key: value
@@ -201,6 +218,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
                 SyncProcess(server, sync_env, work / f"sync-{index}.log")
                 for index, server in enumerate((first, second))
             ]
+            for sync in syncs:
+                sync.wait_for_a_round()
             fleet = Fleet([first, second], syncs, store, model, cache, work, sync_env)
             try:
                 yield fleet
@@ -297,3 +316,36 @@ def test_twenty_updates_leave_the_cache_within_its_cap(fleet: Fleet) -> None:
     snapshots = list((fleet.cache / ".vllm-lora" / "snapshots").iterdir())
     total = sum(file.stat().st_size for folder in snapshots for file in folder.rglob("*"))
     assert total <= CACHE_CAP, f"{len(snapshots)} snapshots, {total} bytes"
+
+
+def test_store_lookups_per_round_are_the_same_with_one_sync_or_four_on_the_node(
+    fleet: Fleet,
+) -> None:
+    for sync in fleet.syncs:
+        sync.stop()
+    one = lookups_per_round(fleet, [fleet.servers[0]])
+    four = lookups_per_round(fleet, [*fleet.servers, *fleet.servers])
+    names = {"x", "y"}  # what both servers hold from the bucket now
+    assert one == four == len(names)
+
+
+def lookups_per_round(fleet: Fleet, servers: list[VllmServer]) -> float:
+    """Listing requests the store sees per round while one sync per entry of ``servers`` runs."""
+    syncs = [
+        SyncProcess(server, fleet.env, fleet.work / f"count-{index}.log")
+        for index, server in enumerate(servers)
+    ]
+    try:
+        for sync in syncs:
+            sync.wait_for_a_round()
+        time.sleep(INTERVAL / 4)  # between rounds
+        fleet.store.relay.reset_counters()
+        rounds_before = syncs[0].metric("vllm_lora_sync_rounds_total")
+        time.sleep(5 * INTERVAL)
+        rounds = syncs[0].metric("vllm_lora_sync_rounds_total") - rounds_before
+        listings = [path for _, path in fleet.store.relay.requests if "list-type=2" in path]
+    finally:
+        for sync in syncs:
+            sync.stop()
+    assert rounds >= 4
+    return len(listings) / rounds

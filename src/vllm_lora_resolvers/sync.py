@@ -77,6 +77,7 @@ SWITCH_SECONDS = Histogram(
     "Seconds from seeing a new version to the server serving it (fetch included).",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+ROUNDS = Counter("vllm_lora_sync_rounds", "Rounds run, whatever their result.", ["result"])
 RELEASED = Counter(
     "vllm_lora_sync_released_snapshots", "Replaced snapshots whose lease was released."
 )
@@ -228,6 +229,11 @@ class AdapterSync:
 
     def run_round(self) -> RoundResult:
         """Bring every managed adapter to its store's version once; release drained leases."""
+        result = self._round()
+        ROUNDS.labels(result.name.lower()).inc()
+        return result
+
+    def _round(self) -> RoundResult:
         try:
             base_model, held = self.server.models()
         except ServerError as error:
