@@ -133,3 +133,14 @@ def test_a_cache_link_made_for_another_store_is_not_served(
     over_cache = FilesystemResolver(cache_dir, make_settings(), staging_cache)
     assert staging_pod.resolve(BASE_MODEL, "sql") is None
     assert over_cache.resolve(BASE_MODEL, "sql") is None
+
+
+def test_the_current_version_is_never_a_cached_one_while_the_store_cannot_answer(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    store = _store(adapters_dir, cache_dir, make_settings())
+    assert store.resolve(BASE_MODEL, "sql") is not None
+    store.failure = TransientStoreError("connection reset")
+    assert store.resolve(BASE_MODEL, "sql") is not None  # a server serves the cached copy
+    with pytest.raises(StoreUnavailableError):
+        store.current(BASE_MODEL, "sql")  # what `vllm-lora sync` asks: no stale answer
