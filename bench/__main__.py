@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("fs_resolver", "s3_transfer", "gcs_transfer", "hf_hub", "outage", "e2e_ttft")
+BENCHMARKS = (
+    "fs_resolver",
+    "s3_transfer",
+    "gcs_transfer",
+    "hf_hub",
+    "outage",
+    "e2e_ttft",
+    "rollout",
+)
 
 
 def main() -> None:

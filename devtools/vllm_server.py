@@ -51,7 +51,7 @@ def cpu_server_env(tmp: Path) -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -90,7 +90,7 @@ class VllmServer:
         self.model = str(model)
         self.workdir = workdir
         self.log_path = workdir / "vllm-server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.startup_timeout = startup_timeout
         self.command = [
             sys.executable,

@@ -10,8 +10,6 @@ in file order, on the same two servers.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.relay import Fault
 from devtools.stores import S3Endpoint
-from devtools.vllm_server import VllmServer, _free_port
+from devtools.sync_sidecar import SyncSidecar, one_core
+from devtools.vllm_server import VllmServer
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.server, pytest.mark.vllm]
@@ -40,55 +39,16 @@ MAX_TOKENS = 8
 CONVERGENCE_DEADLINE = 4 * INTERVAL + 30
 ADAPTER_BYTES = 30_000
 CACHE_CAP = 4 * ADAPTER_BYTES
-_ON_CORE_0 = {"VLLM_CPU_OMP_THREADS_BIND": "0"}
-_ON_CORE_1 = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
-VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")
 
 
-class SyncProcess:
-    """``vllm-lora sync`` for one server, as a sidecar runs it."""
-
-    def __init__(self, server: VllmServer, env: dict[str, str], log: Path, *extra: str) -> None:
-        self.metrics_port = _free_port()
-        self.log = log
-        command = [VLLM_LORA, "-v", "sync", "--server", server.url, "--interval", str(INTERVAL)]
-        command += ["--metrics-port", str(self.metrics_port), "--drain-seconds", "30", *extra]
-        with log.open("ab") as stream:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=stream, stderr=subprocess.STDOUT
-            )
-
-    def wait_for_a_round(self) -> None:
-        """Wait until the process is up and has run a round (it imports the store clients)."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if self.metric("vllm_lora_sync_rounds_total") >= 1:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"sync never ran a round: {self.log.read_text()[-3000:]}")
-
-    def metric(self, name: str) -> float:
-        response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples
-            if sample.name == name
-        )
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+def sidecar(server: VllmServer, env: dict[str, str], log: Path) -> SyncSidecar:
+    return SyncSidecar(server, env, log, interval=INTERVAL, extra_args=("--drain-seconds", "30"))
 
 
 @dataclass
 class Fleet:
     servers: list[VllmServer]
-    syncs: list[SyncProcess]
+    syncs: list[SyncSidecar]
     store: Store
     model: Path
     cache: Path
@@ -202,11 +162,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             "VLLM_LORA_RESOLVER_NEGATIVE_TTL": "1",
         }
         args = ["--enable-prefix-caching"]
-        # vLLM binds each server's OpenMP threads to core 0 by default: two servers spinning on
-        # one core starve each other for minutes. One core each, as on a real node.
         with (
-            running_server(model, work / "server-0", env | _ON_CORE_0, args) as first,
-            running_server(model, work / "server-1", env | _ON_CORE_1, args) as second,
+            running_server(model, work / "server-0", env | one_core(0), args) as first,
+            running_server(model, work / "server-1", env | one_core(1), args) as second,
         ):
             sync_env = {
                 key: value
@@ -215,7 +173,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             }
             sync_env |= env
             syncs = [
-                SyncProcess(server, sync_env, work / f"sync-{index}.log")
+                sidecar(server, sync_env, work / f"sync-{index}.log")
                 for index, server in enumerate((first, second))
             ]
             for sync in syncs:
@@ -332,7 +290,7 @@ def test_store_lookups_per_round_are_the_same_with_one_sync_or_four_on_the_node(
 def lookups_per_round(fleet: Fleet, servers: list[VllmServer]) -> float:
     """Listing requests the store sees per round while one sync per entry of ``servers`` runs."""
     syncs = [
-        SyncProcess(server, fleet.env, fleet.work / f"count-{index}.log")
+        sidecar(server, fleet.env, fleet.work / f"count-{index}.log")
         for index, server in enumerate(servers)
     ]
     try:

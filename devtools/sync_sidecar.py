@@ -1,0 +1,79 @@
+"""``vllm-lora sync`` as a sidecar process beside a test or benchmark vLLM server.
+
+Servers on one machine each get a core of their own (`one_core`): vLLM binds every server's
+OpenMP threads to core 0 by default, and two servers spinning on one core starve each other.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from devtools.vllm_server import VllmServer, free_port
+
+VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")
+
+
+def one_core(index: int) -> dict[str, str]:
+    """Environment binding a vLLM server's threads to core ``index``."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(index)}
+
+
+class SyncSidecar:
+    """A ``vllm-lora sync`` process for ``server``, serving its metrics on a port of its own.
+
+    ``env`` is its whole environment (the server's resolver variables and store credentials).
+    """
+
+    def __init__(
+        self,
+        server: VllmServer,
+        env: Mapping[str, str],
+        log: Path,
+        *,
+        interval: float,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.metrics_port = free_port()
+        self.log = log
+        command = [VLLM_LORA, "-v", "sync", "--server", server.url, "--interval", str(interval)]
+        command += ["--metrics-port", str(self.metrics_port), *extra_args]
+        with log.open("ab") as stream:
+            self.process = subprocess.Popen(
+                command, env=dict(env), stdout=stream, stderr=subprocess.STDOUT
+            )
+
+    def wait_for_a_round(self, timeout: float = 120.0) -> None:
+        """Wait until the process is up and has run a round (it imports the store clients)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sync exited: {self.log.read_text()[-3000:]}")
+            try:
+                if self.metric("vllm_lora_sync_rounds_total") >= 1:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"sync never ran a round: {self.log.read_text()[-3000:]}")
+
+    def metric(self, name: str) -> float:
+        """The sum of the samples named ``name`` on the sync's ``/metrics``."""
+        response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+            if sample.name == name
+        )
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM ends its loop between rounds)."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
