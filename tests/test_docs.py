@@ -43,7 +43,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics, plugin
+from vllm_lora_resolvers import config, metrics, plugin, sync
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -65,6 +65,7 @@ DOCS = REPO / "docs"
 EXAMPLE = DOCS / "examples" / "http_backend.py"
 OUR_VARIABLE = re.compile(r"VLLM_LORA_RESOLVER_[A-Z0-9_]+")
 METRIC_NAME = re.compile(r"(?<![#\w])vllm_lora_resolver_[a-z_]+")  # not an anchor (#...)
+SYNC_METRIC_NAME = re.compile(r"(?<![#\w])vllm_lora_sync_[a-z_]+")
 
 
 def page(name: str) -> str:
@@ -342,15 +343,15 @@ def test_the_environment_scan_ignores_other_variables_and_mere_mentions() -> Non
 # -- metrics and the log line ----------------------------------------------------------------
 
 
-def exposed_names() -> dict[str, set[str]]:
-    """Each metric of `metrics` -> the names it is exposed under."""
+def exposed_names(module: ModuleType = metrics) -> dict[str, set[str]]:
+    """Each metric of ``module`` (`metrics`, or `sync`'s) -> the names it is exposed under."""
     suffixes = {
         "counter": ["_total"],
         "gauge": [""],
         "histogram": ["", "_bucket", "_sum", "_count"],
     }
     exposed = {}
-    for value in vars(metrics).values():
+    for value in vars(module).values():
         if isinstance(value, Counter | Gauge | Histogram):
             for family in value.describe():
                 exposed[family.name] = {family.name + s for s in suffixes[family.type]}
@@ -388,6 +389,40 @@ def test_metrics_page_shows_the_real_log_line_of_a_resolution(
     shape = re.sub(r"%(\.\d+)?[srdf]", "__VALUE__", re.escape(record.msg))
     shape = shape.replace("__VALUE__", r"\S+")
     assert re.search(f"^{shape}$", text, re.M), "no example line of that shape"
+
+
+def test_metrics_page_documents_every_metric_of_the_sync() -> None:
+    documented = set(re.findall(SYNC_METRIC_NAME, page("metrics.md")))
+    for name, names in exposed_names(sync).items():
+        assert documented & names, f"{name} is not documented"
+    assert len(exposed_names(sync)) == 9
+
+
+def test_no_page_or_rule_names_a_sync_metric_that_does_not_exist() -> None:
+    real = set().union(*exposed_names(sync).values())
+    for path in [*sorted(DOCS.rglob("*.md")), OPERATOR_MANIFEST]:
+        documented = set(re.findall(SYNC_METRIC_NAME, path.read_text()))
+        assert documented <= real, f"{path.name}: {sorted(documented - real)}"
+
+
+def test_the_sync_lines_quoted_are_the_syncs_own() -> None:
+    """Each ``sync: ...`` message of the pages has the shape of a format string in `sync`."""
+    formats = re.findall(r'"(sync: [^"]*)"', inspect.getsource(sync))
+    assert len(formats) >= 8
+    shapes = [re.compile(re.sub(r"%[rs]", ".*", re.escape(f))) for f in formats]
+    for name in ("metrics.md", "rollout.md", "troubleshooting.md", "kubernetes.md"):
+        quoted = re.findall(r"vllm\.lora_resolvers\.sync: (sync: .*)$", page(name), re.M)
+        for line in quoted:
+            assert any(shape.fullmatch(line) for shape in shapes), f"{name}: {line}"
+    listed = re.findall(r"^\| `(sync: [^`]*)` \|", page("metrics.md"), re.M)
+    assert len(listed) == len(formats)  # the table lists every message
+    for line in listed:
+        assert any(shape.fullmatch(line) for shape in shapes), line
+
+
+def test_the_rollout_page_states_the_exit_codes_of_sync_once() -> None:
+    rows = re.findall(r"^\| ([0-9]) \|", page("rollout.md"), re.M)
+    assert [int(row) for row in rows] == [int(result) for result in sync.RoundResult]
 
 
 # -- troubleshooting: the messages quoted are the real ones ----------------------------------
@@ -569,6 +604,10 @@ def server() -> dict[str, Any]:
     return containers("containers")["vllm"]
 
 
+def sync_sidecar() -> dict[str, Any]:
+    return containers("containers")["lora-sync"]
+
+
 @pytest.mark.parametrize("manifest", SCHEMA_MANIFESTS, ids=lambda path: path.name)
 def test_kubernetes_manifest_passes_the_schema_check(manifest: Path) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -658,15 +697,23 @@ def test_the_network_policy_admits_only_the_gateway_and_prometheus_to_the_server
     pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
+    rule, metrics_rule = policy["ingress"]  # the server's port; the sync's metrics port
+
+    def peers(rule: dict[str, Any]) -> list[str]:
+        found = [
+            (peer["namespaceSelector"]["matchLabels"], peer["podSelector"]["matchLabels"])
+            for peer in rule["from"]
+        ]
+        assert all("kubernetes.io/metadata.name" in namespace for namespace, _ in found)
+        return [pods["app.kubernetes.io/name"] for _, pods in found]
+
     port = server()["ports"][0]["containerPort"]
     assert rule["ports"] == [{"protocol": "TCP", "port": port}]
-    peers = [
-        (peer["namespaceSelector"]["matchLabels"], peer["podSelector"]["matchLabels"])
-        for peer in rule["from"]
-    ]
-    assert [pods["app.kubernetes.io/name"] for _, pods in peers] == ["llm-gateway", "prometheus"]
-    assert all("kubernetes.io/metadata.name" in namespace for namespace, _ in peers)
+    assert peers(rule) == ["llm-gateway", "prometheus"]
+    (sync_port,) = sync_sidecar()["ports"]
+    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": sync_port["containerPort"]}]
+    assert peers(metrics_rule) == ["prometheus"]
+    assert metrics_rule["from"] == rule["from"][1:]
     service = kinds["Service"]["spec"]
     assert service["selector"].items() <= pod_labels.items()
     budget = kinds["PodDisruptionBudget"]["spec"]
@@ -702,6 +749,24 @@ def test_the_pods_run_as_one_non_root_user_that_owns_the_node_caches() -> None:
     assert env["HF_HOME"] == host_paths["model-cache"]
 
 
+def test_the_sync_sidecar_sees_what_its_server_sees() -> None:
+    sidecar, vllm = sync_sidecar(), server()
+    assert sidecar["image"] == vllm["image"]
+    assert sidecar["command"] == ["vllm-lora", "sync"]
+    options = dict(argument.split("=", 1) for argument in sidecar["args"])
+    assert options["--server"] == f"http://127.0.0.1:{vllm['ports'][0]['containerPort']}"
+    assert f"--max-lora-rank={options['--max-rank']}" in vllm["args"]
+    (port,) = sidecar["ports"]
+    assert options["--metrics-port"] == str(port["containerPort"])
+    assert sidecar["livenessProbe"]["httpGet"]["port"] == port["name"]
+    assert sidecar["envFrom"] == vllm["envFrom"]  # the same stores and credentials
+    keys = [v for v in vllm["env"] if "valueFrom" in v]
+    assert [v for v in sidecar["env"] if "valueFrom" in v] == keys  # the server's API key
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    server_mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+    assert mounts["adapter-cache"] == server_mounts["adapter-cache"]
+
+
 def test_every_container_requests_and_limits_what_it_uses() -> None:
     for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
         for bound in ("requests", "limits"):
@@ -728,7 +793,8 @@ def test_prometheus_operator_objects_have_the_operators_shape() -> None:
     assert set(monitor) == {"selector", "podMetricsEndpoints"}
     pod_labels = deployment_file()["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_names = {port["name"] for port in server()["ports"]}
+    port_names = {port["name"] for c in pod_spec()["containers"] for port in c.get("ports", [])}
+    assert {e["port"] for e in monitor["podMetricsEndpoints"]} == port_names  # all scraped
     for endpoint in monitor["podMetricsEndpoints"]:
         assert set(endpoint) <= POD_MONITOR_ENDPOINT_FIELDS
         assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
@@ -750,9 +816,13 @@ def alert_rules() -> dict[str, dict[str, Any]]:
 
 def test_the_alert_rules_use_real_metrics_and_outcomes_and_page_on_refused_stores() -> None:
     real = set().union(*exposed_names().values())
+    sync_real = set().union(*exposed_names(sync).values())
     alerted = {}
     for name, rule in alert_rules().items():
         assert set(METRIC_NAME.findall(rule["expr"])) <= real, name
+        assert set(SYNC_METRIC_NAME.findall(rule["expr"])) <= sync_real, name
+        for result in re.findall(r'result!?="(\w+)"', rule["expr"]):
+            assert result in {r.name.lower() for r in sync.RoundResult}, name
         for outcome in re.findall(r'outcome="(\w+)"', rule["expr"]):
             assert outcome in metrics.OUTCOMES, name
             alerted[outcome] = rule["labels"]["severity"]
