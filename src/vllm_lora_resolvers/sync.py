@@ -206,6 +206,9 @@ class AdapterSync:
     interval: float = 30.0
     on_delete: Literal["unload", "keep"] = "unload"
     drain_seconds: float = 600.0
+    #: Seconds an answer another process of the node got stays good for this one (a round of
+    #: every sync on the node shares one lookup); 0 asks the store every time.
+    answer_max_age: float | None = None
     _draining: list[_Draining] = field(default_factory=list)
     _serving: dict[str, str] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
@@ -214,6 +217,12 @@ class AdapterSync:
         """Run a round at each of the node's round times until ``stop`` is set."""
         while not stop.wait(self.seconds_to_next_round()):
             self.run_round()
+
+    def drain(self, poll_seconds: float = 1.0) -> None:
+        """Wait until the versions this sync replaced are released (see the module's 5.)."""
+        while self._draining:
+            time.sleep(poll_seconds)
+            self._release_leases()
 
     def seconds_to_next_round(self) -> float:
         """Seconds until the node's next round: every sync on the node wakes at the same phase
@@ -305,7 +314,8 @@ class AdapterSync:
 
         question = f"current\0{resolver.source}\0{base_model}\0{name}"
         try:
-            text, _ = self.cache.node_answer(question, self.interval / 2, ask)
+            max_age = self.interval / 2 if self.answer_max_age is None else self.answer_max_age
+            text, _ = self.cache.node_answer(question, max_age, ask)
         except CacheError as error:
             return StoreAnswer("unreachable", str(error))
         return StoreAnswer.decode(text)
@@ -356,7 +366,7 @@ class AdapterSync:
             return RoundResult.NOT_APPLIED
         UPDATES.inc()
         SWITCH_SECONDS.observe(time.perf_counter() - seen_at)
-        logger.warning(
+        logger.info(
             "sync: %r updated from version %s to %s",
             name,
             served.manifest.version,
@@ -374,7 +384,7 @@ class AdapterSync:
         RETIREMENTS.inc()
         self._serving.pop(name, None)
         self._draining.append(_Draining(served.key, name, time.monotonic()))
-        logger.warning(
+        logger.info(
             "sync: %r is gone from its store; unloaded (version %s)", name, served.manifest.version
         )
         return RoundResult.IN_SYNC

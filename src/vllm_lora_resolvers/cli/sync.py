@@ -66,9 +66,9 @@ def sync(
 
     Each round: new versions are fetched and checked into the node cache, then switched to
     without failing a request; adapters gone from their store are unloaded; a refused new
-    version leaves the old one served. With --once, exit 0 when everything is in sync, 1 when
-    a new version was refused or a switch failed, 2 when the server or a store could not be
-    asked.
+    version leaves the old one served. With --once: one round that asks the store afresh, then
+    wait until replaced versions are drained; exit 0 when everything is in sync, 1 when a new
+    version was refused or a switch failed, 2 when the server or a store could not be asked.
     """
     logging.getLogger("vllm.lora_resolvers.sync").setLevel(logging.INFO)
     with cannot_check():
@@ -85,9 +85,12 @@ def sync(
             interval=interval,
             on_delete="keep" if on_delete == "keep" else "unload",
             drain_seconds=drain_seconds,
+            answer_max_age=0.0 if once else None,
         )
     if once:
-        sys.exit(int(adapter_sync.run_round()))
+        result = adapter_sync.run_round()
+        adapter_sync.drain()
+        sys.exit(int(result))
     if metrics_port:
         start_http_server(metrics_port)
     stop = threading.Event()
