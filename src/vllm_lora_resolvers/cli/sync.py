@@ -71,6 +71,8 @@ def sync(
     version was refused or a switch failed, 2 when the server or a store could not be asked.
     """
     logging.getLogger("vllm.lora_resolvers.sync").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:  # a long-running process: lines carry the time
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     with cannot_check():
         settings = Settings.from_environ(argv=[])
         if max_rank is not None:
