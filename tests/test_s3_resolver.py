@@ -171,7 +171,8 @@ def test_names_of_other_stores_are_missing_here_not_rejected(
     resolver = bucket.resolver(cache_dir)
     missing = metrics.RESOLUTIONS.labels("s3", "missing")._value.get()
     rejected = metrics.RESOLUTIONS.labels("s3", "rejected")._value.get()
-    for name in ("acme/adapters/sql@v2", "acme/adapters@main"):  # the Hub's pinned names
+    # The Hub's pinned names whose revision no bucket version can be (NAME@VERSION is one segment)
+    for name in ("acme/adapters/sql@refs/pr/1", "acme/adapters@release/v2"):
         assert resolver.resolve(BASE_MODEL, name) is None
     assert metrics.RESOLUTIONS.labels("s3", "missing")._value.get() == missing + 2
     assert metrics.RESOLUTIONS.labels("s3", "rejected")._value.get() == rejected

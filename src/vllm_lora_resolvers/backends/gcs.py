@@ -1,6 +1,7 @@
 """Adapters from Google Cloud Storage (``VLLM_LORA_RESOLVER_GCS_URI=gs://bucket[/prefix]``).
 
-Adapter ``NAME`` is the folder ``gs://bucket/prefix/NAME/``. Its version is the set of (object,
+Adapter ``NAME`` is the folder ``gs://bucket/prefix/NAME/``, or the version its pointer names once
+published (`vllm_lora_resolvers.backends.published`). Its version is the set of (object,
 generation, size) of its adapter files, read with one listing limited to that folder. Every read
 is pinned to the listed generation and verified against the CRC32C (or MD5) GCS reports.
 
@@ -31,7 +32,12 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
-from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
+from vllm_lora_resolvers.backends.bucket import (
+    BucketResolver,
+    StoredObject,
+    folder_key,
+    parse_bucket_uri,
+)
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import GCS_URI, Settings
@@ -42,9 +48,9 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT, BaseStorageResolver
+from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20
@@ -60,8 +66,9 @@ def parse_gcs_uri(uri: str) -> tuple[str, str]:
     return parse_bucket_uri(uri, "gs", _BUCKET, GCS_URI.name)
 
 
-class GcsResolver(BaseStorageResolver):
-    """Resolve ``NAME`` to the adapter folder ``gs://bucket/prefix/NAME/``.
+class GcsResolver(BucketResolver):
+    """Resolve ``NAME`` to the adapter folder ``gs://bucket/prefix/NAME/`` (or its published
+    version; see `BucketResolver`).
 
     >>> resolver = GcsResolver("gs://adapters/prod", settings, cache)  # doctest: +SKIP
     >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
@@ -82,6 +89,7 @@ class GcsResolver(BaseStorageResolver):
         request_retry_seconds: float = 10.0,
     ) -> None:
         self.bucket_name, self.prefix = parse_gcs_uri(uri)
+        self.bucket_uri = f"gs://{self.bucket_name}"
         # Google's own retry of one request (429, 5xx, broken connections, resuming a broken
         # body), bounded so that the pipeline's retries and outage handling stay in charge.
         self.request_retry: Retry = DEFAULT_RETRY.with_timeout(request_retry_seconds)
@@ -114,16 +122,11 @@ class GcsResolver(BaseStorageResolver):
         """The bucket handle."""
         return self.client.bucket(self.bucket_name)
 
-    def folder_prefix(self, name: str) -> str:
-        """The object prefix of adapter ``name``."""
-        return folder_key(self.prefix, name)
-
-    def locate(self, name: str) -> RemoteAdapter | None:
-        """One listing of the adapter's own files: the key range from its config to its last
-        weights name (``start_offset``/``end_offset``), so whatever else its folder holds
+    def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
+        """One listing of the key range of ``folder`` from the adapter's config to its last
+        weights name (``start_offset``/``end_offset``), so whatever else the folder holds
         (checkpoints, logs) is never listed."""
-        folder = self.folder_prefix(name)
-        with store_errors(f"listing gs://{self.bucket_name}/{folder}"):
+        with store_errors(f"listing {self.location(folder)}"):
             blobs = list(
                 self.bucket.list_blobs(
                     prefix=folder,
@@ -140,7 +143,7 @@ class GcsResolver(BaseStorageResolver):
                 f"adapter {name!r}: over {_MAX_LOOKUP_ENTRIES} other entries of its folder sort "
                 f"among {', '.join(ADAPTER_FILES)}; move those elsewhere"
             )
-        listed = {
+        return {
             blob.name[len(folder) :]: RemoteFile(
                 blob.name[len(folder) :],
                 blob.size or 0,
@@ -149,7 +152,41 @@ class GcsResolver(BaseStorageResolver):
             )
             for blob in blobs
         }
-        return adapter_from_listing(name, f"gs://{self.bucket_name}/{folder}", listed)
+
+    def read_object(self, key: str, max_bytes: int) -> StoredObject | None:
+        """One streamed media read (with the lookups' time limits) of up to ``max_bytes + 1``
+        bytes, and the generation it came from."""
+        with (
+            store_errors(f"reading {self.location(key)}"),
+            self.client._http.get(
+                self._media_url(key), stream=True, timeout=LOOKUP_TIMEOUT
+            ) as response,
+        ):
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise google_errors.from_http_response(response)  # type: ignore[no-untyped-call]
+            content = response.raw.read(max_bytes + 1, decode_content=True)
+            return StoredObject(content, response.headers.get("x-goog-generation", ""))
+
+    def upload_object(self, key: str, path: Path) -> bool:
+        """One upload that only creates the object (``ifGenerationMatch=0``)."""
+        return self._write_if(key, 0, lambda blob, **if_: blob.upload_from_filename(path, **if_))
+
+    def write_object(self, key: str, content: bytes, *, replacing: str | None) -> bool:
+        """One upload if the object is still at generation ``replacing`` (``None``: absent)."""
+        generation = 0 if replacing is None else int(replacing)
+        return self._write_if(
+            key, generation, lambda blob, **if_: blob.upload_from_string(content, **if_)
+        )
+
+    def _write_if(self, key: str, generation: int, upload: Callable[..., None]) -> bool:
+        with store_errors(f"writing {self.location(key)}"):
+            try:
+                upload(self.bucket.blob(key), if_generation_match=generation)
+            except google_errors.PreconditionFailed:
+                return False
+        return True
 
     def list_names(self, folder: str = "") -> Iterator[str]:
         """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
@@ -176,12 +213,9 @@ class GcsResolver(BaseStorageResolver):
         The media requests go through the client's own authorized session, streamed in 1 MiB
         chunks (Google's download helper reads 8 KiB at a time: five times slower here).
         """
-        key = self.folder_prefix(adapter.name) + file.path
-        url = (
-            f"{self.client.api_endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
-            f"{quote(key, safe='')}?alt=media&generation={file.etag}"
-        )
-        where = f"gs://{self.bucket_name}/{key}#{file.etag}"
+        key = self.object_key(adapter, file)
+        url = self._media_url(key, generation=file.etag)
+        where = f"{self.location(key)}#{file.etag}"
 
         def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
             with store_errors(f"reading bytes {start}-{end} of {where}"):
@@ -196,6 +230,14 @@ class GcsResolver(BaseStorageResolver):
 
         self.download_ranges(destination, file.size, fetch_range)
         return {}
+
+    def _media_url(self, key: str, generation: str | None = None) -> str:
+        """The URL of the bytes of object ``key`` (at ``generation``; default: the live one)."""
+        url = (
+            f"{self.client.api_endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
+            f"{quote(key, safe='')}?alt=media"
+        )
+        return url if generation is None else f"{url}&generation={generation}"
 
 
 def _declared_checksums(blob: storage.Blob) -> dict[str, str]:

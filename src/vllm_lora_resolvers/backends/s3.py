@@ -1,8 +1,9 @@
 """Adapters from S3 or any S3-compatible store (MinIO, R2, Ceph, SeaweedFS, ...).
 
-Adapter ``NAME`` is the folder ``s3://bucket/prefix/NAME/``. Its version is the set of
-(key, ETag, size) of its adapter files, read with one ``ListObjectsV2`` of the part of that folder
-where those files sort, so a resolve costs the same in a bucket of ten adapters or ten thousand,
+Adapter ``NAME`` is the folder ``s3://bucket/prefix/NAME/``, or the version its pointer names once
+published (`vllm_lora_resolvers.backends.published`). Its version is the set of (key, ETag, size)
+of its adapter files, read with one ``ListObjectsV2`` of the part of that folder where those files
+(and the pointer) sort, so a resolve costs the same in a bucket of ten adapters or ten thousand,
 and in a folder that also holds thousands of checkpoints. Endpoints, regions and credentials come
 from the standard AWS chain (``AWS_ENDPOINT_URL_S3``, profiles, IRSA, ...).
 """
@@ -10,19 +11,25 @@ from the standard AWS chain (``AWS_ENDPOINT_URL_S3``, profiles, IRSA, ...).
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
-from vllm_lora_resolvers.backends.bucket import folder_key, parse_bucket_uri
+from vllm_lora_resolvers.backends.bucket import (
+    BucketResolver,
+    StoredObject,
+    folder_key,
+    parse_bucket_uri,
+)
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import S3_URI, Settings
@@ -33,9 +40,9 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT, BaseStorageResolver
+from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -77,6 +84,9 @@ _CREDENTIAL_CODES = frozenset(
         "401",
     }
 )
+#: A conditional write refused: the object is not (or no longer) what the condition says; AWS
+#: answers 409 to a write racing another conditional write of the same key.
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 _CHECKSUM_FIELDS = {
     "ChecksumSHA256": "sha256",
     "ChecksumSHA1": "sha1",
@@ -91,8 +101,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parse_bucket_uri(uri, "s3", _BUCKET, S3_URI.name)
 
 
-class S3Resolver(BaseStorageResolver):
-    """Resolve ``NAME`` to the adapter folder ``s3://bucket/prefix/NAME/``.
+class S3Resolver(BucketResolver):
+    """Resolve ``NAME`` to the adapter folder ``s3://bucket/prefix/NAME/`` (or its published
+    version; see `BucketResolver`).
 
     >>> resolver = S3Resolver("s3://adapters/prod", settings, cache)  # doctest: +SKIP
     >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
@@ -112,6 +123,7 @@ class S3Resolver(BaseStorageResolver):
         part_workers: int = 8,
     ) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)
+        self.bucket_uri = f"s3://{self.bucket}"
         # Making a client does no network I/O; credentials are resolved on the first request.
         self.client = make_s3_client()
         self.lookup_client = make_s3_client(for_lookups=True)
@@ -125,18 +137,13 @@ class S3Resolver(BaseStorageResolver):
             source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
         )
 
-    def folder_prefix(self, name: str) -> str:
-        """The key prefix of adapter ``name``."""
-        return folder_key(self.prefix, name)
-
-    def locate(self, name: str) -> RemoteAdapter | None:
-        """``ListObjectsV2`` of the adapter's folder from its config to its last weights name.
+    def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
+        """``ListObjectsV2`` of ``folder`` from the adapter's config to its last weights name.
 
         Keys sort byte-wise, so listing only keys that start with ``adapter_`` and come after
         ``adapter_config.jso`` skips whatever else the folder holds (checkpoints, logs): one
         request, and one more per 1,000 entries sorting among the adapter's own files.
         """
-        folder = self.folder_prefix(name)
         pages = self.lookup_client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket,
             Prefix=folder + _ADAPTER_FILES_STEM,
@@ -144,7 +151,7 @@ class S3Resolver(BaseStorageResolver):
             Delimiter="/",
         )
         listed = {}
-        with store_errors(f"listing s3://{self.bucket}/{folder}"):
+        with store_errors(f"listing {self.location(folder)}"):
             for number, page in enumerate(pages, start=1):
                 for item in page.get("Contents", []):
                     path = item["Key"][len(folder) :]
@@ -157,7 +164,39 @@ class S3Resolver(BaseStorageResolver):
                         f"{', '.join(ADAPTER_FILES)}: too many other entries of its folder sort "
                         "among them; move those elsewhere"
                     )
-        return adapter_from_listing(name, f"s3://{self.bucket}/{folder}", listed)
+        return listed
+
+    def read_object(self, key: str, max_bytes: int) -> StoredObject | None:
+        """One ``GET`` (with the lookups' time limits), read up to ``max_bytes + 1`` bytes."""
+        with store_errors(f"reading {self.location(key)}"):
+            try:
+                response = self.lookup_client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _error_code(error) == "NoSuchKey":
+                    return None
+                raise
+            with contextlib.closing(response["Body"]) as body:
+                return StoredObject(body.read(max_bytes + 1), response.get("ETag", ""))
+
+    def upload_object(self, key: str, path: Path) -> bool:
+        """One ``PutObject`` with ``If-None-Match: *`` (S3 takes up to 5 GiB in one)."""
+        with path.open("rb") as body:
+            return self._put_if(key, body, {"IfNoneMatch": "*"})
+
+    def write_object(self, key: str, content: bytes, *, replacing: str | None) -> bool:
+        """One ``PutObject`` with ``If-Match: replacing`` (or ``If-None-Match: *``)."""
+        condition = {"IfNoneMatch": "*"} if replacing is None else {"IfMatch": replacing}
+        return self._put_if(key, content, condition)
+
+    def _put_if(self, key: str, body: bytes | BinaryIO, condition: Mapping[str, Any]) -> bool:
+        with store_errors(f"writing {self.location(key)}"):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)
+            except ClientError as error:
+                if _error_code(error) in _CONDITION_FAILED_CODES:
+                    return False
+                raise
+        return True
 
     def list_names(self, folder: str = "") -> Iterator[str]:
         """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
@@ -185,8 +224,8 @@ class S3Resolver(BaseStorageResolver):
         Every request is pinned to the listed object (its version id, else ``If-Match`` on its
         ETag), so the parts of one file always come from one version of it.
         """
-        key = self.folder_prefix(adapter.name) + file.path
-        where = f"s3://{self.bucket}/{key}"
+        key = self.object_key(adapter, file)
+        where = self.location(key)
         if file.size <= self.part_size:
             with store_errors(f"reading {where}"):
                 response = self.client.get_object(
@@ -218,6 +257,10 @@ class S3Resolver(BaseStorageResolver):
 
         self.download_ranges(destination, file.size, fetch_range)
         return head_checksums(head)
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", "Unknown"))
 
 
 def _listed_past(page: ListObjectsV2OutputTypeDef, key: str) -> bool:
@@ -279,7 +322,7 @@ def store_errors(doing: str) -> Iterator[None]:
     try:
         yield
     except ClientError as error:
-        code = str(error.response.get("Error", {}).get("Code", "Unknown"))
+        code = _error_code(error)
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
         message = f"{doing} failed: {code} (HTTP {status})"
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:

@@ -1,5 +1,5 @@
-"""The ``vllm-lora`` command: lint, list and pre-fetch adapters, inspect the node cache, and
-diagnose a server's configuration. It runs without vLLM installed.
+"""The ``vllm-lora`` command: lint, publish, list and pre-fetch adapters, inspect the node cache,
+and diagnose a server's configuration. It runs without vLLM installed.
 
 >>> main(["doctor"])  # doctest: +SKIP
 """
@@ -13,6 +13,7 @@ import click
 from vllm_lora_resolvers.cli.cache import cache_group
 from vllm_lora_resolvers.cli.doctor import doctor
 from vllm_lora_resolvers.cli.listing import list_adapters
+from vllm_lora_resolvers.cli.publish import publish
 from vllm_lora_resolvers.cli.pull import pull
 from vllm_lora_resolvers.cli.sync import sync
 from vllm_lora_resolvers.cli.validate import validate
@@ -34,6 +35,7 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(validate)
+main.add_command(publish)
 main.add_command(list_adapters)
 main.add_command(pull)
 main.add_command(cache_group)

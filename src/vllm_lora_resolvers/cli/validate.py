@@ -71,27 +71,32 @@ def validate(target: str, base_model: str | None, max_rank: int | None, as_json:
         report = (
             _validate_remote(target, lint_policy, settings)
             if is_remote(target)
-            else _validate_local(Path(target), lint_policy, settings)
+            else validate_folder(Path(target), lint_policy, settings)
         )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        _print_report(console(), report)
+        print_report(console(), report)
     sys.exit(0 if report.valid else 1)
 
 
-def _validate_local(folder: Path, lint_policy: LintPolicy, settings: Settings) -> LintReport:
+def validate_folder(
+    folder: Path, lint_policy: LintPolicy, settings: Settings, name: str | None = None
+) -> LintReport:
+    """Every check ``validate DIR`` makes of the local adapter folder ``folder``; ``name`` is
+    the name clients will ask for (default: the folder's own)."""
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is not a directory", param_hint="DIR|URI")
     real = folder.resolve()
+    adapter = name or real.name
     with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
         resolver = open_store(str(real.parent), settings, NodeCache(Path(scratch)))
-        name_check = check_name(real.name, resolver.accepts_name(real.name))
+        name_check = check_name(adapter, resolver.accepts_name(adapter))
         try:
             resolver.locate(real.name)  # the filesystem resolver's rules for the folder's files
         except InvalidAdapterError as error:
-            return _refused(real.name, str(folder), lint_policy, name_check, error)
-    return lint_folder(real.name, folder, str(folder), name_check, lint_policy)
+            return _refused(adapter, str(folder), lint_policy, name_check, error)
+    return lint_folder(adapter, folder, str(folder), name_check, lint_policy)
 
 
 def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> LintReport:
@@ -140,7 +145,9 @@ def _refused(
     return LintReport(name, location, lint_policy, None, (name_check, refused))
 
 
-def _print_report(out: Console, report: LintReport) -> None:
+def print_report(out: Console, report: LintReport) -> None:
+    """The report as ``validate`` prints it: the adapter, what it was checked against, each
+    check (with the fix of a failure) and the verdict."""
     out.print(Text.assemble((printable(report.adapter), "bold"), printable(f"  {report.location}")))
     if report.base_model_source == CONFIG_FILE:
         out.print(

@@ -1,0 +1,363 @@
+"""``vllm-lora publish DIR URI``: publish an adapter version to S3 or GCS atomically;
+``--rollback`` moves the adapter back to an earlier version.
+
+The files go into a version folder of their own, which is never rewritten; the adapter's pointer,
+written last and only if nobody else moved it meanwhile, makes that version the one ``NAME``
+resolves to (the layout: `vllm_lora_resolvers.backends.published`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import hashlib
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE, weights_file
+from vllm_lora_resolvers.backends.bucket import BucketResolver
+from vllm_lora_resolvers.backends.published import (
+    MAX_HISTORY,
+    MAX_POINTER_BYTES,
+    POINTER_FORMAT,
+    Pointer,
+    PublishedFile,
+    is_version,
+    parse_pointer,
+    split_pin,
+    version_folder,
+)
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cli.lint import LintPolicy
+from vllm_lora_resolvers.cli.output import cannot_check, console, line, printable
+from vllm_lora_resolvers.cli.stores import (
+    fetch_adapter_files,
+    open_store,
+    scratch_cache,
+    split_adapter_uri,
+)
+from vllm_lora_resolvers.cli.validate import print_report, validate_folder
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import InvalidAdapterError
+from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
+
+_VERSION_HELP = "[A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"
+#: An S3 ETag that is the MD5 of the object (single-part uploads without KMS or customer keys).
+_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
+
+
+class RefusedError(click.ClickException):
+    """Publishing was refused (exit code 1): the store holds something it must not replace."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
+
+
+@dataclass(frozen=True)
+class PointerMove:
+    """What ``publish`` did: the version ``NAME`` now resolves to and the one it did before."""
+
+    name: str
+    version: str
+    previous: str | None
+    version_location: str
+    pointer_location: str
+    uploaded: tuple[str, ...] = ()
+    #: ``False``: the pointer already named ``version``, so it was left as it was.
+    moved: bool = True
+
+
+@dataclass(frozen=True)
+class _Current:
+    """The pointer as read (``None``: absent or malformed) and its ETag or generation
+    (``None``: no pointer object at all)."""
+
+    pointer: Pointer | None
+    etag: str | None
+
+
+@click.command()
+@click.argument("arguments", nargs=-1, metavar="[DIR] URI")
+@click.option("--version", help=f"The version's name ({_VERSION_HELP}); default: a hash.")
+@click.option("--rollback", is_flag=True, help="Move URI back to its previous version.")
+@click.option("--to", "to_version", metavar="VERSION", help="With --rollback: this version.")
+@click.option("--base-model", help="The server's --model; default: the adapter's own base model.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+def publish(
+    arguments: tuple[str, ...],
+    *,
+    version: str | None,
+    rollback: bool,
+    to_version: str | None,
+    base_model: str | None,
+    max_rank: int | None,
+) -> None:
+    """Publish the adapter folder DIR as a new version of URI, atomically: clients asking for NAME
+    get the old version or the new one, never a mix of both.
+
+    URI is s3://BUCKET/PREFIX/NAME or gs://BUCKET/PREFIX/NAME. DIR is checked as `vllm-lora
+    validate DIR` checks it, and refused unless valid. Its files are uploaded to
+    NAME/_versions/VERSION/ (VERSION: the first 12 hex digits of a SHA-256 of the files, or
+    --version), which is never overwritten: publishing the same files again uploads nothing,
+    other files under an existing VERSION are refused. Then NAME/adapter_current.json is pointed
+    at VERSION, unless someone else moved it meanwhile. NAME@VERSION always resolves to VERSION.
+
+    --rollback URI points NAME back at the version before (or --to VERSION). Exit 0 when done,
+    1 when refused, 2 when it cannot be done (usage, configuration, an unreadable store).
+    """
+    if len(arguments) != (1 if rollback else 2):
+        raise click.UsageError("expected DIR URI, or --rollback URI")
+    if to_version is not None and not rollback:
+        raise click.UsageError("--to goes with --rollback")
+    if version is not None and rollback:
+        raise click.UsageError("--version names a version to publish; roll back with --to")
+    for option, value in (("--version", version), ("--to", to_version)):
+        if value is not None and not is_version(value):
+            raise click.BadParameter(f"{value!r} is not {_VERSION_HELP}", param_hint=option)
+    with cannot_check(), refusals():
+        settings = Settings.from_environ(argv=[])
+        with scratch_cache(arguments[-1]) as (cache, _):
+            publisher = _publisher(arguments[-1], settings, cache)
+            if rollback:
+                move = publisher.roll_back(to_version)
+            else:
+                folder = Path(arguments[0])
+                lint_policy = LintPolicy(
+                    base_model, max_rank or settings.max_rank, settings.base_model_aliases
+                )
+                report = validate_folder(folder, lint_policy, settings, name=publisher.name)
+                if not report.valid:
+                    print_report(console(stderr=True), report)
+                    raise RefusedError(f"{folder} is not a valid adapter; nothing was uploaded")
+                move = publisher.publish(folder, version)
+    _print_move(console(), move, "rolled back" if rollback else "published")
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Report what the store's lookups refuse (a malformed folder) as `RefusedError`."""
+    try:
+        yield
+    except InvalidAdapterError as error:
+        raise RefusedError(str(error)) from None
+
+
+def _publisher(uri: str, settings: Settings, cache: NodeCache) -> Publisher:
+    """The publisher of adapter URI ``uri``, by the store's resolver over ``cache``."""
+    if not uri.startswith(("s3://", "gs://")):
+        raise click.BadParameter(f"{uri!r} is not s3://BUCKET/PREFIX/NAME or gs://...")
+    adapter = split_adapter_uri(uri, settings)
+    name, pinned = split_pin(adapter.name)
+    store = open_store(adapter.store, settings, cache)
+    assert isinstance(store, BucketResolver)  # s3:// and gs:// stores are buckets
+    if pinned is not None or not store.accepts_name(name):
+        raise click.BadParameter(
+            f"{adapter.name!r} is not a name clients can ask for (NAME@VERSION names a version: "
+            "publish to NAME with --version VERSION)"
+        )
+    return Publisher(store, name)
+
+
+class Publisher:
+    """Publishes versions of adapter ``name`` of ``store`` and moves its pointer."""
+
+    def __init__(self, store: BucketResolver, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.pointer_key = store.pointer_key(name)
+
+    def version_key(self, version: str) -> str:
+        """The key prefix of the folder of version ``version``."""
+        return version_folder(self.store.folder_prefix(self.name), version)
+
+    def publish(self, folder: Path, version: str | None = None) -> PointerMove:
+        """Upload the adapter in ``folder`` (checked already) as version ``version`` (default: a
+        hash of its files) and point the name at it; `RefusedError` if that version exists with
+        other files or someone else moved the pointer meanwhile."""
+        weights = weights_file(folder)
+        assert weights is not None  # the folder was checked
+        files = (folder / CONFIG_FILE, weights)
+        version = version or content_version(files)
+        target = self.version_key(version)
+        current = self._read_current()
+        existing = self.store.list_adapter_files(self.name, target)
+        self._refuse_other_files(target, files, existing)
+        uploaded = []
+        for path in files:
+            if path.name in existing:
+                continue
+            if not self.store.upload_object(target + path.name, path):
+                raise RefusedError(
+                    f"{self.store.location(target + path.name)} appeared while publishing "
+                    "(another publisher?); run publish again to compare it with yours"
+                )
+            uploaded.append(path.name)
+        listed = self.store.list_adapter_files(self.name, target)
+        sizes = {path.name: path.stat().st_size for path in files}
+        if any(path not in listed or listed[path].size != size for path, size in sizes.items()):
+            raise RefusedError(
+                f"{self.store.location(target)} does not list the files just uploaded; "
+                "run publish again"
+            )
+        published = tuple(PublishedFile.listed(listed[path]) for path in sizes)
+        history = _pushed(current.pointer, version)
+        return self._point(current, version, published, history, uploaded=tuple(uploaded))
+
+    def roll_back(self, to_version: str | None = None) -> PointerMove:
+        """Point the name at the version before the current one, or at ``to_version``.
+
+        Rolling back drops the version rolled back from the history, so rolling back again goes
+        further back; ``to_version``, if in the history, drops the versions after it likewise;
+        any other version of ``_versions/`` is moved to as a publish would (the current one is
+        remembered).
+        """
+        current = self._read_current()
+        if current.etag is None:
+            where = self.store.location(self.pointer_key)
+            raise RefusedError(f"nothing was published as {self.name!r}: no {where}")
+        history = () if current.pointer is None else current.pointer.history
+        if to_version is None:
+            if not history:
+                raise RefusedError(
+                    f"{self.name!r} has no previous version; roll back with --to VERSION"
+                )
+            to_version = history[0]
+        if to_version in history:
+            after = history[history.index(to_version) + 1 :]
+        else:
+            after = _pushed(current.pointer, to_version)
+        target = self.version_key(to_version)
+        location = self.store.location(target)
+        listed = self.store.list_adapter_files(self.name, target)
+        found = adapter_from_listing(self.name, location, listed)
+        if found is None or len(found.files) != 2:
+            raise RefusedError(
+                f"version {to_version!r} of {self.name!r} does not exist: {location} holds no "
+                "adapter"
+            )
+        files = tuple(PublishedFile.listed(file) for file in found.files)
+        return self._point(current, to_version, files, after)
+
+    def _point(
+        self,
+        current: _Current,
+        version: str,
+        files: tuple[PublishedFile, ...],
+        history: tuple[str, ...],
+        *,
+        uploaded: tuple[str, ...] = (),
+    ) -> PointerMove:
+        """Point the name at ``version`` (made of ``files``, ``history`` before it) unless it
+        is already, and only if the pointer is still as ``current`` read it."""
+        before = current.pointer
+        move = PointerMove(
+            self.name,
+            version,
+            None if before is None else before.version,
+            self.store.location(self.version_key(version)),
+            self.store.location(self.pointer_key),
+            uploaded,
+        )
+        if before is not None and before.version == version and before.files == files:
+            return dataclasses.replace(move, previous=None, moved=False)
+        pointer = Pointer(
+            format=POINTER_FORMAT,
+            version=version,
+            files=files,
+            history=history,
+            updated_at=time.time(),
+        )
+        content = pointer.model_dump_json(indent=2).encode() + b"\n"
+        if not self.store.write_object(self.pointer_key, content, replacing=current.etag):
+            raise RefusedError(
+                f"{move.pointer_location} changed meanwhile (another publisher?); it was not "
+                f"moved to version {version!r}: run the command again"
+            )
+        return move
+
+    def _read_current(self) -> _Current:
+        """The name's pointer; a malformed one is reported, and replaced by the move."""
+        stored = self.store.read_object(self.pointer_key, MAX_POINTER_BYTES)
+        if stored is None:
+            return _Current(None, None)
+        where = self.store.location(self.pointer_key)
+        try:
+            return _Current(parse_pointer(self.name, where, stored.content), stored.etag)
+        except InvalidAdapterError as error:
+            console(stderr=True).print(line(f"warning: {error}; replacing it"))
+            return _Current(None, stored.etag)
+
+    def _refuse_other_files(
+        self, target: str, files: Sequence[Path], existing: dict[str, RemoteFile]
+    ) -> None:
+        """`RefusedError` unless each adapter file already in the version folder ``target`` is
+        the same as ours (a publish interrupted midway leaves the rest to upload)."""
+        ours = {path.name: path for path in files}
+        location = self.store.location(target)
+        for stored_name, stored in existing.items():
+            path = ours.get(stored_name)
+            if path is None and stored_name in ADAPTER_FILES:
+                raise RefusedError(
+                    f"{location} holds {stored_name}, which {files[0].parent} has not: versions "
+                    "are never overwritten; publish with another --version"
+                )
+            if path is not None and not self._same_content(location, path, stored):
+                raise RefusedError(
+                    f"{location} holds another {stored_name}: versions are never overwritten; "
+                    "publish with another --version"
+                )
+
+    def _same_content(self, location: str, path: Path, stored: RemoteFile) -> bool:
+        """Whether ``stored`` (in folder ``location``) holds the bytes of ``path``: by the MD5
+        the store lists, else by reading it back."""
+        if stored.size != path.stat().st_size:
+            return False
+        etag_md5 = _MD5_ETAG.match(stored.etag)
+        listed_md5 = stored.checksums.get("md5") or (etag_md5.group(1) if etag_md5 else None)
+        if listed_md5 is not None and listed_md5 == _file_digest(path, "md5"):
+            return True
+        remote = RemoteAdapter(self.name, "-", location, (stored,))
+        with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
+            fetch_adapter_files(self.store, remote, (stored,), Path(scratch))
+            return filecmp.cmp(path, Path(scratch, stored.path), shallow=False)
+
+
+def _pushed(pointer: Pointer | None, version: str) -> tuple[str, ...]:
+    """The history once ``version`` replaces ``pointer``'s: its version, then its history."""
+    earlier = () if pointer is None else (pointer.version, *pointer.history)
+    return tuple(dict.fromkeys(v for v in earlier if v != version))[:MAX_HISTORY]
+
+
+def content_version(files: Sequence[Path]) -> str:
+    """The default version of an adapter: the first 12 hex digits of a SHA-256 of its files'
+    names and bytes."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{_file_digest(path, 'sha256')}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, algorithm).hexdigest()
+
+
+def _print_move(out: Console, move: PointerMove, done: str) -> None:
+    if move.moved:
+        previous = f" (was {move.previous})" if move.previous else ""
+        out.print(line(f"{done} {move.name}: version {move.version}{previous}"))
+    else:
+        out.print(line(f"{move.name} is at version {move.version} already: nothing to move"))
+    if move.uploaded:
+        out.print(line(f"  uploaded: {', '.join(move.uploaded)}"))
+    out.print(line(f"  version folder: {move.version_location}"))
+    out.print(line(f"  pointer: {move.pointer_location}"))
+    out.print(line(f"  pinned name: {move.name}@{move.version}"))
