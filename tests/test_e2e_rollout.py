@@ -10,6 +10,7 @@ in file order, on the same two servers.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.relay import Fault
 from devtools.stores import S3Endpoint
-from devtools.sync_sidecar import SyncSidecar, one_core
+from devtools.sync_sidecar import VLLM_LORA, SyncSidecar, one_core
 from devtools.vllm_server import VllmServer
 
 pytest.importorskip("vllm")
@@ -276,6 +277,29 @@ def test_twenty_updates_leave_the_cache_within_its_cap(fleet: Fleet) -> None:
     assert total <= CACHE_CAP, f"{len(snapshots)} snapshots, {total} bytes"
 
 
+def test_published_versions_roll_out_and_back_and_a_pin_never_moves(fleet: Fleet) -> None:
+    publish(fleet, fleet.adapter(6), "--version", "v6")
+    publish(fleet, fleet.adapter(7), "--version", "v7")
+    six, seven = fleet.reference(6), fleet.reference(7)
+    assert [text(server, "p") for server in fleet.servers] == [seven] * 2
+    assert text(fleet.servers[0], "p@v6") == six
+    publish(fleet, "--rollback")  # the pointer moves back to v6: the syncs roll the fleet back
+    wait_until_served(fleet, "p", six)
+    publish(fleet, fleet.adapter(8), "--version", "v8")
+    wait_until_served(fleet, "p", fleet.reference(8))
+    assert text(fleet.servers[0], "p@v6") == six  # the pin never moved
+
+
+def publish(fleet: Fleet, *arguments: object) -> None:
+    """``vllm-lora publish ... s3://BUCKET/PREFIX/p`` with the servers' store settings."""
+    uri = f"{fleet.store.uri}/p"
+    command = [VLLM_LORA, "publish", *map(str, arguments[:1]), uri, *map(str, arguments[1:])]
+    if arguments[:1] == ("--rollback",):
+        command = [VLLM_LORA, "publish", "--rollback", uri]
+    done = subprocess.run(command, env=fleet.env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_store_lookups_per_round_are_the_same_with_one_sync_or_four_on_the_node(
     fleet: Fleet,
 ) -> None:
@@ -283,7 +307,7 @@ def test_store_lookups_per_round_are_the_same_with_one_sync_or_four_on_the_node(
         sync.stop()
     one = lookups_per_round(fleet, [fleet.servers[0]])
     four = lookups_per_round(fleet, [*fleet.servers, *fleet.servers])
-    names = {"x", "y"}  # what both servers hold from the bucket now
+    names = {"x", "y", "p", "p@v6"}  # what the servers hold from the bucket now (listings)
     assert one == four == len(names)
 
 
