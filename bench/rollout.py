@@ -43,7 +43,8 @@ INTERVAL = 2.0
 REPEATS = 4
 BUCKET, PREFIX = "bench-rollout", "adapters"
 PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
-MAX_TOKENS = 8
+#: Long enough that a switch often lands in the middle of a request's generation.
+MAX_TOKENS = 48
 #: Rounds over which store requests are counted.
 COUNTED_ROUNDS = 5
 
