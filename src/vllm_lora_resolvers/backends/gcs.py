@@ -171,22 +171,19 @@ class GcsResolver(BucketResolver):
 
     def upload_object(self, key: str, path: Path) -> bool:
         """One upload that only creates the object (``ifGenerationMatch=0``)."""
-        return self._write_if(key, 0, lambda blob, **if_: blob.upload_from_filename(path, **if_))
+        blob = self.bucket.blob(key)
+        return _unless_refused(
+            self.location(key), lambda: blob.upload_from_filename(path, if_generation_match=0)
+        )
 
     def write_object(self, key: str, content: bytes, *, replacing: str | None) -> bool:
         """One upload if the object is still at generation ``replacing`` (``None``: absent)."""
         generation = 0 if replacing is None else int(replacing)
-        return self._write_if(
-            key, generation, lambda blob, **if_: blob.upload_from_string(content, **if_)
+        blob = self.bucket.blob(key)
+        return _unless_refused(
+            self.location(key),
+            lambda: blob.upload_from_string(content, if_generation_match=generation),
         )
-
-    def _write_if(self, key: str, generation: int, upload: Callable[..., None]) -> bool:
-        with store_errors(f"writing {self.location(key)}"):
-            try:
-                upload(self.bucket.blob(key), if_generation_match=generation)
-            except google_errors.PreconditionFailed:
-                return False
-        return True
 
     def list_names(self, folder: str = "") -> Iterator[str]:
         """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
@@ -238,6 +235,16 @@ class GcsResolver(BucketResolver):
             f"{quote(key, safe='')}?alt=media"
         )
         return url if generation is None else f"{url}&generation={generation}"
+
+
+def _unless_refused(where: str, write: Callable[[], None]) -> bool:
+    """``write()``; ``False`` if GCS refused its precondition (the object is not as expected)."""
+    with store_errors(f"writing {where}"):
+        try:
+            write()
+        except google_errors.PreconditionFailed:
+            return False
+    return True
 
 
 def _declared_checksums(blob: storage.Blob) -> dict[str, str]:

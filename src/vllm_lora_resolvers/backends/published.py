@@ -111,7 +111,7 @@ class Pointer(BaseModel):
 
     format: Literal[1]
     version: Version
-    files: tuple[PublishedFile, ...] = Field(min_length=2, max_length=len(ADAPTER_FILES))
+    files: tuple[PublishedFile, ...] = Field(min_length=2, max_length=2)
     #: The versions that were current before this one, newest first.
     history: tuple[Version, ...] = Field(max_length=MAX_HISTORY)
     updated_at: float

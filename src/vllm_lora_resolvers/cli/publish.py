@@ -55,7 +55,8 @@ _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
 class RefusedError(click.ClickException):
-    """Publishing was refused (exit code 1): the store holds something it must not replace."""
+    """Publishing was refused (exit code 1): an invalid folder, a version that exists with other
+    files or does not exist, a pointer someone else moved meanwhile."""
 
     def __init__(self, message: str) -> None:
         super().__init__(printable(message))
@@ -122,7 +123,7 @@ def publish(
     for option, value in (("--version", version), ("--to", to_version)):
         if value is not None and not is_version(value):
             raise click.BadParameter(f"{value!r} is not {_VERSION_HELP}", param_hint=option)
-    with cannot_check(), refusals():
+    with cannot_check(), _refusals():
         settings = Settings.from_environ(argv=[])
         with scratch_cache(arguments[-1]) as (cache, _):
             publisher = _publisher(arguments[-1], settings, cache)
@@ -142,7 +143,7 @@ def publish(
 
 
 @contextmanager
-def refusals() -> Iterator[None]:
+def _refusals() -> Iterator[None]:
     """Report what the store's lookups refuse (a malformed folder) as `RefusedError`."""
     try:
         yield
