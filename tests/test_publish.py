@@ -343,3 +343,13 @@ def test_of_two_publishers_racing_the_one_that_moves_the_pointer_second_is_refus
     assert resolved is not None and files_of(resolved.path) == files_of(v3)
     current = racer.roll_back()
     assert (current.version, current.previous) == (first, third)  # v2 never became current
+
+
+def test_ls_explains_the_versions_of_a_publish_that_stopped_before_its_pointer(
+    store: Store, tmp_path: Path
+) -> None:
+    store.upload("half/_versions/v1", adapter(tmp_path / "v1", seed=1))
+    listing = vllm_lora("ls", store.uri)
+    assert re.search(r"^half/_versions .*unfinished `vllm-lora publish`", listing.stdout, re.M), (
+        listing.stdout
+    )

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
+from vllm_lora_resolvers.backends.published import VERSIONS_FOLDER
 from vllm_lora_resolvers.cli.lint import LintPolicy, check_config
 from vllm_lora_resolvers.cli.output import (
     Level,
@@ -113,6 +114,9 @@ def _describe(
     scratch: Path,
 ) -> ListedAdapter | list[str]:
     """The row of ``name``; for a folder of adapters (no config, folders in it), their names."""
+    if name.rpartition("/")[2] == VERSIONS_FOLDER:
+        unfinished = "versions of an unfinished `vllm-lora publish` (no pointer): publish again"
+        return ListedAdapter(name, problems=(unfinished,))
     if not resolver.accepts_name(name):
         return ListedAdapter(name, problems=("not a name a client can ask for; rename it",))
     try:
