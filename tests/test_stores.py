@@ -7,12 +7,15 @@ what ``doctor`` makes of it. (tests/test_docs.py checks the rows against the doc
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from conftest import REPO
 
@@ -20,7 +23,8 @@ from vllm_lora_resolvers import config, plugin
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.doctor import probe_store, shown_value
 from vllm_lora_resolvers.cli.output import Level
-from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.cli.stores import open_store
+from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.stores import BY_BACKEND, BY_PLUGIN, BY_SCHEME, STORES, StoreDeclaration
@@ -133,3 +137,25 @@ def test_doctor_probes_a_store_and_suggests_its_fix(
     assert finding.message.startswith(f"{store.plugin}: ") and "failed" in finding.message
     assert finding.fix == store.fix
     assert store.variable.name in store.fix
+
+
+@each_store
+def test_a_store_whose_client_is_missing_says_which_extra_installs_it(
+    store: StoreDeclaration, make_settings: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, store.module, None)  # import fails as without the client
+    settings = dataclasses.replace(make_settings(), s3_uri="s3://b/p", gcs_uri="gs://b/p")
+    settings = dataclasses.replace(settings, hf_repos=("acme/adapters",), fs_dir=cache_dir)
+    if store.extra is None:
+        with pytest.raises(ImportError):
+            plugin.build_resolver(store.plugin, settings)
+        return
+    with pytest.raises(ConfigurationError) as refused:
+        plugin.build_resolver(store.plugin, settings)
+    assert str(refused.value).startswith(f"{store.variable.name} is set but ")
+    missing = f"{store.client_package} is missing (import of {store.module} halted; None in "
+    assert str(refused.value).endswith(f"{missing}sys.modules); {store.install_hint}")
+    with pytest.raises(click.ClickException) as needed:
+        open_store(f"{store.scheme}acme/adapters", settings, NodeCache(cache_dir))
+    assert needed.value.message.startswith(f"reading {store.scheme} needs an extra (")
+    assert needed.value.message.endswith(f"); pip install 'vllm-lora-resolvers[{store.extra}]'")
