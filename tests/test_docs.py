@@ -2,10 +2,11 @@
 
 The example backend of ``docs/writing-a-resolver.md`` is resolved against a real HTTP server on
 127.0.0.1 into a real node cache, and its testing script runs as the page prints it; the
-configuration, metrics and troubleshooting pages are checked against the variables, metrics, error
-messages and log lines the package really has; the Kubernetes manifests pass the Kubernetes JSON
-schemas (kubernetes-validate ships them, so this runs offline), refer only to what they define or
-tell the reader to create, and hang together (selectors, ports, users, the node caches); the
+configuration, metrics and troubleshooting pages (and the README's list of plugins) are checked
+against the variables, stores, metrics, error messages and log lines the package really has; the
+Kubernetes manifests pass the Kubernetes JSON schemas (kubernetes-validate ships them, so this
+runs offline), refer only to what they define or tell the reader to create, and hang together
+(selectors, ports, users, the node caches); the
 Prometheus Operator objects, which have no schema there, are checked for the operator's shape and
 for real metrics and outcomes; what the pages say of vLLM (the paths ``--api-key`` guards, its
 adapter routes, its warnings about our variables, its logging configuration) is checked against the
@@ -43,7 +44,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics, plugin, sync
+from vllm_lora_resolvers import config, metrics, plugin, stores, sync
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -253,6 +254,33 @@ def test_configuration_page_states_each_default_as_config_does() -> None:
 def test_configuration_page_has_a_section_per_variable() -> None:
     sections = re.findall(r"^### `([A-Z0-9_]+)`$", page("configuration.md"), re.M)
     assert sections == [variable.name for variable in config.ALL_VARIABLES]
+
+
+def variables_read_by_others() -> dict[str, set[str]]:
+    """``reader -> the variables it reads`` from the configuration page's "Read by others" table."""
+    table = page("configuration.md").split("\n## Read by others", 1)[1].split("\n## ", 1)[0]
+    readers: dict[str, set[str]] = {}
+    for names, reader in re.findall(r"^\| (`[^|]+) \| ([^|]+) \|", table, re.M):
+        readers.setdefault(reader.strip(), set()).update(re.findall(r"`([A-Z0-9_]+)`", names))
+    return readers
+
+
+def test_configuration_page_names_each_stores_client_and_every_variable_doctor_shows() -> None:
+    readers = variables_read_by_others()
+    for store in stores.STORES:
+        if store.client_package is not None:
+            assert set(store.environment) <= readers[store.client_package], store.backend
+
+
+def test_configuration_page_states_the_default_order_of_the_plugins() -> None:
+    text = " ".join(page("configuration.md").split())
+    (stated,) = re.findall(r"resolvers are tried in this order: ((?:`\w+`, )+`\w+`)\.", text)
+    assert tuple(re.findall(r"`(\w+)`", stated)) == plugin.DEFAULT_ORDER
+
+
+def test_readme_lists_each_stores_plugin() -> None:
+    listed = re.findall(r"^\| `(lora_\w+)` \|", (REPO / "README.md").read_text(), re.M)
+    assert sorted(listed) == sorted(store.plugin for store in stores.STORES)
 
 
 def test_no_page_or_manifest_names_a_variable_config_lacks() -> None:

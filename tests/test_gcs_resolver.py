@@ -165,7 +165,7 @@ def gcs_worker(bucket: GcsBucket, cache_dir: Path, *arguments: str) -> subproces
         [*command, bucket.uri, str(cache_dir), *arguments],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"},
     )
 
 

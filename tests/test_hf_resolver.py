@@ -26,7 +26,8 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.plugin import HF_PLUGIN, build_resolver
+from vllm_lora_resolvers.plugin import build_resolver
+from vllm_lora_resolvers.stores import HF
 
 TOKEN = "hf_obviouslyFakeTokenForTests0123456789"
 OTHER_TOKEN = "hf_anotherFakeTokenForTests9876543210"
@@ -302,9 +303,9 @@ def test_repo_list_must_hold_hub_repo_ids() -> None:
 
 def test_plugin_builds_a_resolver_only_when_repos_are_listed(cache_dir: Path) -> None:
     environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}
-    assert build_resolver(HF_PLUGIN, Settings.from_environ(environ, argv=[])) is None
+    assert build_resolver(HF.plugin, Settings.from_environ(environ, argv=[])) is None
     environ["VLLM_LORA_RESOLVER_HF_REPO_LIST"] = "org/a, org/b"
-    resolver = build_resolver(HF_PLUGIN, Settings.from_environ(environ, argv=[]))
+    resolver = build_resolver(HF.plugin, Settings.from_environ(environ, argv=[]))
     assert isinstance(resolver, HfHubResolver)
     assert set(resolver.repos) == {"org/a", "org/b"}
 

@@ -236,7 +236,7 @@ def s3_worker(bucket: Bucket, cache_dir: Path, *arguments: str) -> subprocess.Po
         command,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"},
     )
 
 

@@ -13,46 +13,34 @@ but unusable raises `ConfigurationError`, which stops the server with the reason
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from vllm_lora_resolvers import stores
 from vllm_lora_resolvers.adapter import CONFIG_FILE, AdapterPolicy, check_adapter_folder
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
-from vllm_lora_resolvers.config import (
-    FS_DIR,
-    GCS_URI,
-    HF_REPO_LIST,
-    S3_URI,
-    ConfigurationError,
-    Settings,
-    Variable,
-)
+from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import StoreDeclaration
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
 
-FS_PLUGIN = "lora_fs_resolver"
-S3_PLUGIN = "lora_s3_resolver"
-GCS_PLUGIN = "lora_gcs_resolver"
-HF_PLUGIN = "lora_hf_resolver"
 VLLM_FS_PLUGIN = "lora_filesystem_resolver"
 VLLM_HF_PLUGIN = "lora_hf_hub_resolver"
 
-#: The order resolvers are tried in when ``VLLM_PLUGINS`` is unset: remote stores first, then the
-#: local ones, vLLM's built-in resolvers last.
-DEFAULT_ORDER = (S3_PLUGIN, GCS_PLUGIN, HF_PLUGIN, FS_PLUGIN, VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
+#: The order resolvers are tried in when ``VLLM_PLUGINS`` is unset: our stores in the order of
+#: `stores.STORES` (remote ones first, then the local one), vLLM's built-in resolvers last.
+DEFAULT_ORDER = (*stores.BY_PLUGIN, VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
 
 #: Registry names of vLLM's built-in resolvers, by the plugin that registers them.
 _VLLM_REGISTRY_NAMES = {"Filesystem Resolver": VLLM_FS_PLUGIN, "Hf Hub Resolver": VLLM_HF_PLUGIN}
 
-_BACKENDS = "vllm_lora_resolvers.backends"
 _caches: dict[Path, NodeCache] = {}
 _caches_guard = threading.Lock()
 
@@ -130,8 +118,8 @@ class GuardedFilesystemResolver:
                 VLLM_FS_PLUGIN,
                 lora_name,
                 path,
-                FS_DIR.name,
-                FS_PLUGIN,
+                stores.FS.variable.name,
+                stores.FS.plugin,
             )
         return None
 
@@ -177,7 +165,7 @@ def node_cache(settings: Settings, for_what: str) -> NodeCache:
     return shared_cache(settings.require_cache_dir(for_what), settings.cache_max_bytes)
 
 
-def _register(plugin: str, build: Callable[[Settings], BaseStorageResolver | None]) -> None:
+def _register(store: StoreDeclaration) -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     settings = Settings.from_environ()
@@ -187,102 +175,49 @@ def _register(plugin: str, build: Callable[[Settings], BaseStorageResolver | Non
         LoRAResolverRegistry.resolvers = PluginOrderedResolvers(
             settings, LoRAResolverRegistry.resolvers.items()
         )
-    if plugin in LoRAResolverRegistry.resolvers:
+    if store.plugin in LoRAResolverRegistry.resolvers:
         return
-    resolver = build(settings)
+    resolver = _build(store, settings)
     if resolver is not None:
-        LoRAResolverRegistry.register_resolver(plugin, cast("LoRAResolver", resolver))
-        logger.info("%s registered for %s", plugin, resolver.source)
+        LoRAResolverRegistry.register_resolver(store.plugin, cast("LoRAResolver", resolver))
+        logger.info("%s registered for %s", store.plugin, resolver.source)
 
 
-def _build_fs_resolver(settings: Settings) -> BaseStorageResolver | None:
-    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
-
-    if settings.fs_dir is None:
-        logger.info("%s not registered: %s is not set", FS_PLUGIN, FS_DIR.name)
+def _build(store: StoreDeclaration, settings: Settings) -> BaseStorageResolver | None:
+    """``store``'s resolver, or ``None`` (one log line) when the store is not configured."""
+    source = store.source(settings)
+    if not source:
+        logger.info("%s not registered: %s is not set", store.plugin, store.variable.name)
         return None
-    return FilesystemResolver(settings.fs_dir, settings, node_cache(settings, FS_PLUGIN))
+    cache = node_cache(settings, store.plugin)
+    try:
+        backend = store.resolver_class()
+    except ImportError as error:
+        if store.extra is None:
+            raise
+        raise ConfigurationError(
+            f"{store.variable.name} is set but {store.client_package} is missing ({error}); "
+            f"{store.install_hint}"
+        ) from None
+    return backend(source, settings, cache)
 
 
 @dataclass(frozen=True)
-class _RemoteStore:
-    """A remote store's plugin: the variable that turns it on and where its backend lives."""
+class EntryPoint:
+    """The function one of our ``vllm.general_plugins`` entry points names: vLLM calls it with
+    no arguments, and it registers ``store``'s resolver when the store is configured."""
 
-    plugin: str
-    variable: Variable
-    source: Callable[[Settings], Any]
-    module: str
-    backend_class: str
-    client_package: str
-    extra: str
+    store: StoreDeclaration
 
-    def build(self, settings: Settings) -> BaseStorageResolver | None:
-        """The resolver, or ``None`` (one log line) when the store is not configured."""
-        source = self.source(settings)
-        if not source:
-            logger.info("%s not registered: %s is not set", self.plugin, self.variable.name)
-            return None
-        cache = node_cache(settings, self.plugin)
-        try:
-            backend = getattr(importlib.import_module(self.module), self.backend_class)
-        except ImportError as error:
-            raise ConfigurationError(
-                f"{self.variable.name} is set but {self.client_package} is missing ({error}); "
-                f"pip install 'vllm-lora-resolvers[{self.extra}]'"
-            ) from None
-        resolver: BaseStorageResolver = backend(source, settings, cache)
-        return resolver
+    def __call__(self) -> None:
+        _register(self.store)
 
 
-_S3 = _RemoteStore(
-    S3_PLUGIN, S3_URI, lambda s: s.s3_uri, f"{_BACKENDS}.s3", "S3Resolver", "boto3", "s3"
-)
-_GCS = _RemoteStore(
-    GCS_PLUGIN,
-    GCS_URI,
-    lambda s: s.gcs_uri,
-    f"{_BACKENDS}.gcs",
-    "GcsResolver",
-    "google-cloud-storage",
-    "gcs",
-)
-_HF = _RemoteStore(
-    HF_PLUGIN,
-    HF_REPO_LIST,
-    lambda s: s.hf_repos,
-    f"{_BACKENDS}.hf_hub",
-    "HfHubResolver",
-    "huggingface_hub",
-    "hf",
-)
-
-
-def register_s3_resolver() -> None:
-    """Entry point ``lora_s3_resolver``: adapters from ``VLLM_LORA_RESOLVER_S3_URI``."""
-    _register(S3_PLUGIN, _S3.build)
-
-
-def register_gcs_resolver() -> None:
-    """Entry point ``lora_gcs_resolver``: adapters from ``VLLM_LORA_RESOLVER_GCS_URI``."""
-    _register(GCS_PLUGIN, _GCS.build)
-
-
-def register_hf_resolver() -> None:
-    """Entry point ``lora_hf_resolver``: adapters from ``VLLM_LORA_RESOLVER_HF_REPO_LIST``."""
-    _register(HF_PLUGIN, _HF.build)
-
-
-def register_fs_resolver() -> None:
-    """Entry point ``lora_fs_resolver``: adapters from a directory, snapshotted into the cache."""
-    _register(FS_PLUGIN, _build_fs_resolver)
-
-
-_BUILDERS: Mapping[str, Callable[[Settings], BaseStorageResolver | None]] = {
-    S3_PLUGIN: _S3.build,
-    GCS_PLUGIN: _GCS.build,
-    HF_PLUGIN: _HF.build,
-    FS_PLUGIN: _build_fs_resolver,
-}
+#: Entry points ``lora_s3_resolver`` ... ``lora_fs_resolver`` (see ``pyproject.toml``).
+register_s3_resolver = EntryPoint(stores.S3)
+register_gcs_resolver = EntryPoint(stores.GCS)
+register_hf_resolver = EntryPoint(stores.HF)
+register_fs_resolver = EntryPoint(stores.FS)
 
 
 def build_resolver(plugin: str, settings: Settings) -> BaseStorageResolver | None:
@@ -290,7 +225,7 @@ def build_resolver(plugin: str, settings: Settings) -> BaseStorageResolver | Non
     is not configured. Raises `ConfigurationError` as registration would, and `KeyError` for a
     plugin that is not ours. Needs no vLLM (the command line uses it).
     """
-    return _BUILDERS[plugin](settings)
+    return _build(stores.BY_PLUGIN[plugin], settings)
 
 
 def configured_resolvers(settings: Settings) -> list[tuple[str, BaseStorageResolver]]:
@@ -302,7 +237,7 @@ def configured_resolvers(settings: Settings) -> list[tuple[str, BaseStorageResol
     ['lora_s3_resolver', 'lora_fs_resolver']
     """
     order = settings.plugin_order
-    loaded = [plugin for plugin in _BUILDERS if order is None or plugin in order]
+    loaded = [plugin for plugin in stores.BY_PLUGIN if order is None or plugin in order]
     resolvers = []
     for plugin in sorted(loaded, key=lambda plugin: resolver_rank(plugin, order)):
         resolver = build_resolver(plugin, settings)

@@ -9,23 +9,19 @@ from pathlib import Path
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import BY_BACKEND, BY_SCHEME
 
 
 def make_resolver(
     backend: str, uri: str, settings: Settings, cache: NodeCache
 ) -> BaseStorageResolver:
-    if backend == "s3":
-        from vllm_lora_resolvers.backends.s3 import S3Resolver
-
-        return S3Resolver(uri, settings, cache)
-    from vllm_lora_resolvers.backends.gcs import GcsResolver
-
-    return GcsResolver(uri, settings, cache)
+    """The resolver of store ``uri``, of the backend named ``backend`` (``s3``, ``gcs``, ...)."""
+    return BY_BACKEND[backend].open(uri, settings, cache)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("backend", choices=["s3", "gcs"])
+    parser.add_argument("backend", choices=[store.backend for store in BY_SCHEME.values()])
     parser.add_argument("uri")
     parser.add_argument("cache")
     parser.add_argument("name")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import sys
 import tempfile
 import threading
@@ -37,49 +36,19 @@ from vllm_lora_resolvers.config import (
     ALL_VARIABLES,
     CACHE_DIR,
     FS_DIR,
-    GCS_URI,
-    HF_REPO_LIST,
-    S3_URI,
     ConfigurationError,
     Settings,
 )
 from vllm_lora_resolvers.errors import ResolverError
 from vllm_lora_resolvers.plugin import VLLM_FS_PLUGIN
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import BY_BACKEND, STORES
 
 RUNTIME_UPDATING = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 #: Printed only as "set" or "unset".
-SECRETS = frozenset(
-    {
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "HF_TOKEN",
-        "GOOGLE_APPLICATION_CREDENTIALS",
-    }
-)
+SECRETS: frozenset[str] = frozenset().union(*(store.secrets for store in STORES))
 #: The stores' own variables (their client libraries read them; we never do).
-STORE_VARIABLES = (
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "STORAGE_EMULATOR_HOST",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "HF_ENDPOINT",
-    "HF_TOKEN",
-    "HF_HUB_OFFLINE",
-)
-_STORE_FIX = {
-    "s3": f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
-    "gcs": f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
-    "hf": f"check HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and {HF_REPO_LIST.name}",
-    "fs": f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
-}
+STORE_VARIABLES = tuple(name for store in STORES for name in store.environment)
 _USERINFO = re.compile(r"//[^/@\s]*@")
 _URL_QUERY = re.compile(r"(://[^?#\s]*)[?#]\S*")
 
@@ -166,10 +135,11 @@ def _print_plans(out: Console, plans: list[PluginPlan]) -> None:
 def probe_store(plugin: str, resolver: BaseStorageResolver, timeout: float) -> Finding:
     """Ask the store one cheap question within ``timeout`` seconds."""
     failures: list[ResolverError] = []
+    store = BY_BACKEND[resolver.backend]
 
     def ask() -> None:
         try:
-            _ask_store(resolver)
+            store.probe(resolver)
         except ResolverError as error:
             failures.append(error)
 
@@ -179,7 +149,7 @@ def probe_store(plugin: str, resolver: BaseStorageResolver, timeout: float) -> F
     asking.start()
     asking.join(timeout)
     seconds = time.perf_counter() - started
-    fix = _STORE_FIX[resolver.backend]
+    fix = store.fix
     if asking.is_alive():
         return Finding(
             Level.FAIL, f"{plugin}: no answer from {resolver.source} in {timeout:g} s", fix
@@ -187,22 +157,6 @@ def probe_store(plugin: str, resolver: BaseStorageResolver, timeout: float) -> F
     if failures:
         return Finding(Level.FAIL, f"{plugin}: {failures[0]}", fix)
     return Finding(Level.OK, f"{plugin}: {resolver.source} answered in {seconds:.2f} s")
-
-
-def _ask_store(resolver: BaseStorageResolver) -> None:
-    """List a local directory; look a name that is not there up in a remote store."""
-    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
-
-    if isinstance(resolver, FilesystemResolver):
-        next(resolver.list_names(), None)
-        return
-    name = f"vllm-lora-doctor-{secrets.token_hex(4)}"
-    if resolver.backend == "hf":
-        from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
-
-        assert isinstance(resolver, HfHubResolver)
-        name = f"{resolver.repos[0]}/{name}"  # a name outside the repos is refused unasked
-    resolver.locate(name)
 
 
 def _cache_findings(settings: Settings) -> list[Finding]:

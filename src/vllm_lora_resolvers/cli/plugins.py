@@ -11,37 +11,18 @@ from importlib.metadata import distributions
 from pathlib import Path
 
 from vllm_lora_resolvers.cli.output import Finding, Level
-from vllm_lora_resolvers.config import (
-    CACHE_DIR,
-    FS_DIR,
-    GCS_URI,
-    HF_REPO_LIST,
-    S3_URI,
-    VLLM_PLUGINS,
-    ConfigurationError,
-    Settings,
-    Variable,
-)
+from vllm_lora_resolvers.config import CACHE_DIR, VLLM_PLUGINS, ConfigurationError, Settings
 from vllm_lora_resolvers.errors import ResolverError
 from vllm_lora_resolvers.plugin import (
     DEFAULT_ORDER,
-    FS_PLUGIN,
-    GCS_PLUGIN,
-    HF_PLUGIN,
-    S3_PLUGIN,
     VLLM_FS_PLUGIN,
     VLLM_HF_PLUGIN,
     build_resolver,
     resolver_rank,
 )
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import BY_PLUGIN as OURS
 
-OURS: Mapping[str, Variable] = {
-    S3_PLUGIN: S3_URI,
-    GCS_PLUGIN: GCS_URI,
-    HF_PLUGIN: HF_REPO_LIST,
-    FS_PLUGIN: FS_DIR,
-}
 VLLM_OWN = (VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
 
 
@@ -93,7 +74,7 @@ def _plan(
     except (ConfigurationError, ResolverError) as error:
         return PluginPlan(plugin, loads, False, "cannot register", error=str(error))
     if resolver is None:
-        return PluginPlan(plugin, loads, False, f"off: {OURS[plugin].name} is not set")
+        return PluginPlan(plugin, loads, False, f"off: {OURS[plugin].variable.name} is not set")
     if not loads:
         return PluginPlan(plugin, loads, False, f"not in {VLLM_PLUGINS.name}", resolver)
     return PluginPlan(plugin, loads, True, resolver.source, resolver)
@@ -121,11 +102,11 @@ def registration_findings(
     for plan in plans:
         if plan.error is not None:
             findings.append(Finding(Level.FAIL, f"{plan.plugin} cannot register: {plan.error}"))
-        elif plan.resolver is not None and not plan.loads and OURS[plan.plugin].name in environ:
+        elif plan.resolver is not None and not plan.loads and _variable(plan) in environ:
             findings.append(
                 Finding(
                     Level.FAIL,
-                    f"{OURS[plan.plugin].name} is set but {VLLM_PLUGINS.name} does not list "
+                    f"{_variable(plan)} is set but {VLLM_PLUGINS.name} does not list "
                     f"{plan.plugin}: vLLM will not load it",
                     f"{VLLM_PLUGINS.name}={suggested_plugins(settings, plan.plugin)}",
                 )
@@ -145,6 +126,11 @@ def registration_findings(
                 )
             )
     return findings
+
+
+def _variable(plan: PluginPlan) -> str:
+    """The name of the variable that turns the store of our plugin ``plan.plugin`` on."""
+    return OURS[plan.plugin].variable.name
 
 
 def suggested_plugins(settings: Settings, adding: str | None = None) -> str:

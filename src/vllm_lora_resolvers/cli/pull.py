@@ -40,10 +40,11 @@ from vllm_lora_resolvers.cli.output import (
     line,
     short_version,
 )
-from vllm_lora_resolvers.config import FS_DIR, GCS_URI, HF_REPO_LIST, S3_URI, Settings
+from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import ResolverError, StoreUnavailableError
 from vllm_lora_resolvers.plugin import configured_resolvers
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import STORES
 from vllm_lora_resolvers.transfer import RemoteAdapter
 
 _POLL_SECONDS = 0.1
@@ -118,9 +119,10 @@ def pull(
             settings = dataclasses.replace(settings, max_rank=max_rank)
         resolvers = configured_resolvers(settings)
     if not resolvers:
+        *others, last = [store.variable.name for store in STORES]
         raise CannotCheckError(
-            f"no resolver is configured: set {S3_URI.name}, {GCS_URI.name}, {HF_REPO_LIST.name} "
-            f"or {FS_DIR.name} (and list its plugin in VLLM_PLUGINS, if set)"
+            f"no resolver is configured: set {', '.join(others)} or {last} "
+            "(and list its plugin in VLLM_PLUGINS, if set)"
         )
     out = console()
     reporter: Reporter = BarReporter(out) if out.is_terminal else LineReporter(out)

@@ -21,13 +21,13 @@ from pathlib import Path
 import click
 
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
-from vllm_lora_resolvers.config import GCS_URI, S3_URI, Settings, Variable
+from vllm_lora_resolvers.config import Settings, Variable
 from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import BY_SCHEME, FS, HF, StoreDeclaration
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, fetch_files
 
-REMOTE_SCHEMES = ("s3://", "gs://", "hf://")
-_EXTRAS = {"s3://": "s3", "gs://": "gcs", "hf://": "hf"}
+REMOTE_SCHEMES = tuple(BY_SCHEME)
 
 
 def is_remote(uri: str) -> bool:
@@ -54,16 +54,15 @@ def split_adapter_uri(uri: str, settings: Settings) -> AdapterUri:
     >>> split_adapter_uri("hf://acme/adapters/sql@v2", settings)  # doctest: +SKIP
     AdapterUri(store='hf://acme/adapters', name='acme/adapters/sql@v2', guessed_without=None)
     """
-    if uri.startswith("hf://"):
-        name = uri.removeprefix("hf://").strip("/")
+    declared = _store_of(uri)
+    if declared is HF:
+        name = uri.removeprefix(str(HF.scheme)).strip("/")
         path = name.partition("@")[0]
         if path.count("/") < 1:
             raise click.BadParameter(f"{uri!r} is not hf://ORG/REPO[/FOLDER][@REVISION]")
-        return AdapterUri("hf://" + "/".join(path.split("/")[:2]), name)
-    variable, configured = (
-        (S3_URI, settings.s3_uri) if uri.startswith("s3://") else (GCS_URI, settings.gcs_uri)
-    )
-    store = (configured or "").rstrip("/")
+        return AdapterUri(f"{HF.scheme}{'/'.join(path.split('/')[:2])}", name)
+    variable = declared.variable
+    store = (declared.source(settings) or "").rstrip("/")
     name = uri[len(store) :].strip("/") if store and uri.startswith(f"{store}/") else ""
     if name:
         return AdapterUri(store, name)
@@ -79,28 +78,20 @@ def open_store(uri: str, settings: Settings, cache: NodeCache) -> BaseStorageRes
     Raises `ConfigurationError` for a malformed URI and `click.ClickException` when the
     package's extra for that store is not installed.
     """
-    scheme = next((scheme for scheme in REMOTE_SCHEMES if uri.startswith(scheme)), None)
+    store = _store_of(uri)
     try:
-        if scheme == "s3://":
-            from vllm_lora_resolvers.backends.s3 import S3Resolver
-
-            return S3Resolver(uri, settings, cache)
-        if scheme == "gs://":
-            from vllm_lora_resolvers.backends.gcs import GcsResolver
-
-            return GcsResolver(uri, settings, cache)
-        if scheme == "hf://":
-            from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
-
-            return HfHubResolver([uri.removeprefix("hf://").strip("/")], settings, cache)
+        return store.open(uri, settings, cache)
     except ImportError as error:
+        if store.extra is None:
+            raise
         raise click.ClickException(
-            f"reading {scheme} needs an extra ({error}); "
-            f"pip install 'vllm-lora-resolvers[{_EXTRAS[str(scheme)]}]'"
+            f"reading {store.scheme} needs an extra ({error}); {store.install_hint}"
         ) from None
-    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 
-    return FilesystemResolver(Path(uri), settings, cache)
+
+def _store_of(uri: str) -> StoreDeclaration:
+    """The store ``uri`` names by its scheme; the filesystem's for a URI of none."""
+    return next((BY_SCHEME[s] for s in REMOTE_SCHEMES if uri.startswith(s)), FS)
 
 
 @contextmanager

@@ -1,0 +1,184 @@
+"""Every store this package resolves adapters from, each declared once, in `STORES`.
+
+A `StoreDeclaration` holds all the package knows of a store besides its backend's code: the plugin
+(entry point) that registers it, the variable that turns it on, where its backend class lives, the
+URI scheme the command line reads it by, the extra that installs its client, the client's own
+environment variables (and which are secrets), and how ``vllm-lora doctor`` probes it and what it
+suggests when the store does not answer. Registration (`plugin`), the command line's URIs and
+install hints (`cli.stores`), its plugin plan (`cli.plugins`), ``doctor`` and ``pull`` all read
+this table; tests/test_stores.py checks it against ``pyproject.toml`` and the documentation.
+
+Backends are imported only when a resolver is built: a store whose extra is not installed costs
+nothing until its variable is set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from vllm_lora_resolvers.config import (
+    CACHE_DIR,
+    FS_DIR,
+    GCS_URI,
+    HF_REPO_LIST,
+    S3_URI,
+    Settings,
+    Variable,
+)
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+
+if TYPE_CHECKING:
+    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+    from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
+
+_BACKENDS = "vllm_lora_resolvers.backends"
+
+
+def _missing_name() -> str:
+    return f"vllm-lora-doctor-{secrets.token_hex(4)}"
+
+
+def _look_up_a_missing_name(resolver: BaseStorageResolver) -> None:
+    """Look a name that is not there up in the store."""
+    resolver.locate(_missing_name())
+
+
+def _look_up_a_missing_name_in_a_repo(resolver: BaseStorageResolver) -> None:
+    """Look a name that is not there up in the first repo (a name outside the repos is refused
+    unasked)."""
+    hub = cast("HfHubResolver", resolver)
+    hub.locate(f"{hub.repos[0]}/{_missing_name()}")
+
+
+def _list_one_name(resolver: BaseStorageResolver) -> None:
+    """List the directory (a local one answers any name without a question)."""
+    next(cast("FilesystemResolver", resolver).list_names(), None)
+
+
+@dataclass(frozen=True)
+class StoreDeclaration:
+    """One store: everything the package derives for it, declared once."""
+
+    #: The backend's name, as its resolver class's ``backend`` and the metrics' label say it.
+    backend: str
+    #: The ``vllm.general_plugins`` entry point that registers its resolver.
+    plugin: str
+    #: The variable that turns it on.
+    variable: Variable
+    #: The variable's parsed value, from `Settings`; a falsy one leaves the store off.
+    source: Callable[[Settings], Any]
+    #: The module and class of its resolver, imported lazily.
+    module: str
+    class_name: str
+    #: What ``doctor`` suggests when the store does not answer.
+    fix: str
+    #: ``doctor``'s cheap question to the store.
+    probe: Callable[[BaseStorageResolver], None] = _look_up_a_missing_name
+    #: The prefix of the URIs the command line reads it by (``None``: a local directory).
+    scheme: str | None = None
+    #: The resolver's source for a URI of that scheme.
+    source_of_uri: Callable[[str], Any] = str
+    #: The pip extra that installs its client package (``None``: nothing to install).
+    extra: str | None = None
+    client_package: str | None = None
+    #: Its client's environment variables, which ``doctor`` shows (we never read them).
+    environment: tuple[str, ...] = ()
+    #: Those of them ``doctor`` shows only as set or unset.
+    secrets: frozenset[str] = frozenset()
+
+    @property
+    def install_hint(self) -> str:
+        """The command that installs the store's client."""
+        return f"pip install 'vllm-lora-resolvers[{self.extra}]'"
+
+    def resolver_class(self) -> type[BaseStorageResolver]:
+        """The store's resolver class, imported now; `ImportError` when its client is missing."""
+        resolver_class: type[BaseStorageResolver] = getattr(
+            importlib.import_module(self.module), self.class_name
+        )
+        return resolver_class
+
+    def open(self, uri: str, settings: Settings, cache: Any) -> BaseStorageResolver:
+        """The resolver of the store ``uri`` names, over the `NodeCache` ``cache``."""
+        return self.resolver_class()(self.source_of_uri(uri), settings, cache)
+
+
+S3 = StoreDeclaration(
+    backend="s3",
+    plugin="lora_s3_resolver",
+    variable=S3_URI,
+    source=lambda settings: settings.s3_uri,
+    module=f"{_BACKENDS}.s3",
+    class_name="S3Resolver",
+    fix=f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
+    scheme="s3://",
+    extra="s3",
+    client_package="boto3",
+    environment=(
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_PROFILE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ),
+    secrets=frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}),
+)
+GCS = StoreDeclaration(
+    backend="gcs",
+    plugin="lora_gcs_resolver",
+    variable=GCS_URI,
+    source=lambda settings: settings.gcs_uri,
+    module=f"{_BACKENDS}.gcs",
+    class_name="GcsResolver",
+    fix=f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
+    scheme="gs://",
+    extra="gcs",
+    client_package="google-cloud-storage",
+    environment=("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"),
+    secrets=frozenset({"GOOGLE_APPLICATION_CREDENTIALS"}),
+)
+HF = StoreDeclaration(
+    backend="hf",
+    plugin="lora_hf_resolver",
+    variable=HF_REPO_LIST,
+    source=lambda settings: settings.hf_repos,
+    module=f"{_BACKENDS}.hf_hub",
+    class_name="HfHubResolver",
+    fix=f"check HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and {HF_REPO_LIST.name}",
+    probe=_look_up_a_missing_name_in_a_repo,
+    scheme="hf://",
+    source_of_uri=lambda uri: [uri.removeprefix("hf://").strip("/")],
+    extra="hf",
+    client_package="huggingface_hub",
+    environment=("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"),
+    secrets=frozenset({"HF_TOKEN"}),
+)
+FS = StoreDeclaration(
+    backend="fs",
+    plugin="lora_fs_resolver",
+    variable=FS_DIR,
+    source=lambda settings: settings.fs_dir,
+    module=f"{_BACKENDS}.filesystem",
+    class_name="FilesystemResolver",
+    fix=f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
+    probe=_list_one_name,
+    source_of_uri=Path,
+)
+
+#: Every store, in the order their resolvers are tried when ``VLLM_PLUGINS`` is unset: remote
+#: stores first, then the local one.
+STORES: tuple[StoreDeclaration, ...] = (S3, GCS, HF, FS)
+BY_PLUGIN: Mapping[str, StoreDeclaration] = {store.plugin: store for store in STORES}
+BY_BACKEND: Mapping[str, StoreDeclaration] = {store.backend: store for store in STORES}
+#: The remote stores, by the scheme of their URIs.
+BY_SCHEME: Mapping[str, StoreDeclaration] = {
+    store.scheme: store for store in STORES if store.scheme is not None
+}

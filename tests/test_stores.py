@@ -1,0 +1,161 @@
+"""The table of stores: each declaration is whole, its own, and agrees with ``pyproject.toml``.
+
+A store missing a piece, or taking another's, fails here rather than at a user: every row of
+`stores.STORES` is checked against the package's entry points and extras, its backend class, and
+what ``doctor`` makes of it. (tests/test_docs.py checks the rows against the documentation.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from conftest import REPO
+
+from vllm_lora_resolvers import config, plugin
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cli.doctor import probe_store, shown_value
+from vllm_lora_resolvers.cli.output import Level
+from vllm_lora_resolvers.cli.stores import open_store
+from vllm_lora_resolvers.config import ConfigurationError, Settings
+from vllm_lora_resolvers.errors import StoreUnavailableError
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.stores import BY_BACKEND, BY_PLUGIN, BY_SCHEME, STORES, StoreDeclaration
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+each_store = pytest.mark.parametrize("store", STORES, ids=[store.backend for store in STORES])
+
+
+def requirement_name(requirement: str) -> str:
+    """A requirement's distribution name, normalised (PEP 503)."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert name is not None, requirement
+    return re.sub(r"[-_.]+", "-", name.group()).lower()
+
+
+def test_the_stores_share_no_backend_plugin_or_scheme() -> None:
+    assert len(BY_BACKEND) == len(BY_PLUGIN) == len(STORES)
+    schemes = [store.scheme for store in STORES if store.scheme is not None]
+    assert len(BY_SCHEME) == len(schemes)
+    for scheme in schemes:
+        assert re.fullmatch(r"[a-z0-9]+://", scheme), scheme
+    assert [store.scheme for store in STORES].count(None) == 1  # one store reads a local path
+
+
+def test_the_entry_points_of_pyproject_are_exactly_the_stores_registrations() -> None:
+    entry_points = PYPROJECT["project"]["entry-points"]["vllm.general_plugins"]
+    assert list(entry_points) == [
+        "lora_fs_resolver",
+        "lora_s3_resolver",
+        "lora_gcs_resolver",
+        "lora_hf_resolver",
+    ]  # the names vLLM users list in VLLM_PLUGINS never change
+    assert set(entry_points) == set(BY_PLUGIN)
+    for name, target in entry_points.items():
+        module, _, attribute = target.partition(":")
+        assert module == plugin.__name__, name
+        assert getattr(plugin, attribute) == plugin.EntryPoint(BY_PLUGIN[name]), name
+
+
+def test_the_default_order_tries_our_stores_as_declared_and_vllms_own_last() -> None:
+    ours, vllms = plugin.DEFAULT_ORDER[: len(STORES)], plugin.DEFAULT_ORDER[len(STORES) :]
+    assert ours == tuple(store.plugin for store in STORES)
+    assert vllms == (plugin.VLLM_FS_PLUGIN, plugin.VLLM_HF_PLUGIN)
+
+
+@each_store
+def test_a_store_is_turned_on_by_a_variable_of_config(store: StoreDeclaration) -> None:
+    assert store.variable in config.ALL_VARIABLES
+    assert [s.variable for s in STORES].count(store.variable) == 1
+
+
+@each_store
+def test_a_store_names_its_own_backend_class(store: StoreDeclaration) -> None:
+    resolver_class = store.resolver_class()
+    assert issubclass(resolver_class, BaseStorageResolver)
+    assert resolver_class.__name__ == store.class_name
+    assert resolver_class.backend == store.backend
+
+
+@each_store
+def test_a_remote_store_is_installed_by_an_extra_that_holds_its_client(
+    store: StoreDeclaration,
+) -> None:
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    if store.scheme is None:
+        assert store.extra is None and store.client_package is None
+        return
+    assert store.extra in extras and store.client_package is not None
+    clients = {requirement_name(requirement) for requirement in extras[store.extra]}
+    assert requirement_name(store.client_package) in clients
+    assert f"vllm-lora-resolvers[{store.extra}]" in store.install_hint
+
+
+@each_store
+def test_doctor_hides_a_stores_secrets_and_shows_its_other_variables(
+    store: StoreDeclaration,
+) -> None:
+    assert store.secrets <= set(store.environment)
+    others = [name for s in STORES if s is not store for name in s.environment]
+    assert not set(store.environment) & set(others)
+    for name in store.environment:
+        shown = shown_value(name, {name: "s3cr3t"})
+        assert shown == ("set" if name in store.secrets else "s3cr3t"), name
+
+
+class DownStore(BaseStorageResolver):
+    """A store of any backend that never answers (``backend`` is set per test)."""
+
+    repos = ("acme/adapters",)
+
+    def locate(self, name: str) -> None:
+        raise StoreUnavailableError(f"looking up {name!r} failed")
+
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        raise StoreUnavailableError("listing failed")
+
+    def download(self, adapter: Any, file: Any, destination: Path) -> dict[str, str]:
+        raise AssertionError("never reached")
+
+
+@each_store
+def test_doctor_probes_a_store_and_suggests_its_fix(
+    store: StoreDeclaration, cache_dir: Path, make_settings: Any
+) -> None:
+    settings: Settings = make_settings()
+    down = type(f"Down{store.class_name}", (DownStore,), {"backend": store.backend})
+    finding = probe_store(store.plugin, down("somewhere", settings, NodeCache(cache_dir)), 5)
+    assert finding.level is Level.FAIL
+    assert finding.message.startswith(f"{store.plugin}: ") and "failed" in finding.message
+    assert finding.fix == store.fix
+    assert store.variable.name in store.fix
+
+
+@each_store
+def test_a_store_whose_client_is_missing_says_which_extra_installs_it(
+    store: StoreDeclaration, make_settings: Any, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, store.module, None)  # import fails as without the client
+    settings = dataclasses.replace(make_settings(), s3_uri="s3://b/p", gcs_uri="gs://b/p")
+    settings = dataclasses.replace(settings, hf_repos=("acme/adapters",), fs_dir=cache_dir)
+    if store.extra is None:
+        with pytest.raises(ImportError):
+            plugin.build_resolver(store.plugin, settings)
+        return
+    with pytest.raises(ConfigurationError) as refused:
+        plugin.build_resolver(store.plugin, settings)
+    assert str(refused.value).startswith(f"{store.variable.name} is set but ")
+    missing = f"{store.client_package} is missing (import of {store.module} halted; None in "
+    assert str(refused.value).endswith(f"{missing}sys.modules); {store.install_hint}")
+    with pytest.raises(click.ClickException) as needed:
+        open_store(f"{store.scheme}acme/adapters", settings, NodeCache(cache_dir))
+    assert needed.value.message.startswith(f"reading {store.scheme} needs an extra (")
+    assert needed.value.message.endswith(f"); pip install 'vllm-lora-resolvers[{store.extra}]'")
