@@ -78,14 +78,14 @@ def running_server(
         server.stop()
 
 
-def complete(server: VllmServer, model: str) -> requests.Response:
-    """A greedy completion of `PROMPT` by ``model``."""
-    return server.completions(model, PROMPT, max_tokens=MAX_TOKENS)
+def complete(server: VllmServer, model: str, prompt: str = PROMPT) -> requests.Response:
+    """A greedy completion of ``prompt`` by ``model``."""
+    return server.completions(model, prompt, max_tokens=MAX_TOKENS)
 
 
-def text(server: VllmServer, model: str) -> str:
-    """The greedy completion of `PROMPT` by ``model``; fails the test unless HTTP 200."""
-    response = complete(server, model)
+def text(server: VllmServer, model: str, prompt: str = PROMPT) -> str:
+    """The greedy completion of ``prompt`` by ``model``; fails the test unless HTTP 200."""
+    response = complete(server, model, prompt)
     assert response.status_code == 200, f"{model!r}: {response.status_code} {response.text}"
     generated: str = response.json()["choices"][0]["text"]
     return generated

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import e2e_support
 import pytest
 import requests
-from e2e_support import Store, listed_models, module_store, running_server
+from e2e_support import MAX_TOKENS, Store, listed_models, module_store, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.models import build_tiny_llama, write_lora_adapter
@@ -34,7 +36,6 @@ pytestmark = [pytest.mark.server, pytest.mark.vllm]
 INTERVAL = 2.0
 #: A prompt longer than several KV blocks, so prefix caching has blocks to reuse.
 PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
-MAX_TOKENS = 8
 #: A change is served within one interval plus the fetch and the switch; this is the test's
 #: patience, far above it (2 cores, two servers), not a performance claim (see bench rollout).
 CONVERGENCE_DEADLINE = 4 * INTERVAL + 30
@@ -81,15 +82,8 @@ class Fleet:
         return self.references[seed]
 
 
-def complete(server: VllmServer, model: str) -> requests.Response:
-    return server.completions(model, PROMPT, max_tokens=MAX_TOKENS)
-
-
-def text(server: VllmServer, model: str) -> str:
-    response = complete(server, model)
-    assert response.status_code == 200, f"{model!r}: {response.status_code} {response.text}"
-    generated: str = response.json()["choices"][0]["text"]
-    return generated
+complete = partial(e2e_support.complete, prompt=PROMPT)
+text = partial(e2e_support.text, prompt=PROMPT)
 
 
 def wait_until_served(fleet: Fleet, name: str, expected: str) -> float:
