@@ -403,3 +403,17 @@ def test_lock_files_do_not_pile_up(
         assert resolver.resolve(BASE_MODEL, f"a{seed}") is not None
     locks = cache_dir / ".vllm-lora" / "locks"
     assert sorted(path.name for path in locks.iterdir() if path.name != "evict.lock") == []
+
+
+def test_bytes_in_flight_count_what_a_fetch_in_progress_wrote(cache_dir: Path) -> None:
+    cache = NodeCache(cache_dir)
+    key = "ab" * 20
+    assert cache.bytes_in_flight(key) == 0
+    with cache.fetch_lock(key):
+        staging = cache.new_staging(key)
+        (staging / "adapter" / "adapter_config.json").write_bytes(b"x" * 100)
+        (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"y" * 5000)
+        assert cache.bytes_in_flight(key) == 5100
+        assert cache.bytes_in_flight("cd" * 20) == 0
+        cache.discard_staging(staging)
+    assert cache.bytes_in_flight(key) == 0

@@ -63,6 +63,8 @@ PROCESS_DIR_PREFIX = "process."
 _READ_ONLY_FILE = 0o444
 _READ_ONLY_DIR = 0o555
 _SNAPSHOT_KEY = re.compile(r"[0-9a-f]{40}")
+#: ``st_blocks`` counts 512-byte units whatever the filesystem's block size.
+_STAT_BLOCK = 512
 
 
 class SnapshotFile(BaseModel):
@@ -366,6 +368,19 @@ class NodeCache:
         except OSError as error:
             raise cache_write_error(error) from None
         return staging
+
+    def bytes_in_flight(self, key: str) -> int:
+        """Bytes written so far by fetches of snapshot ``key`` in progress (any process's), for
+        progress reports. Ranged downloads size a file before writing its parts, so a file
+        counts its allocated blocks, not its length."""
+        written = 0
+        for path in self.staging.glob(f"{key}.*/{ADAPTER_DIR}/*"):
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                continue  # published or discarded meanwhile
+            written += min(status.st_size, status.st_blocks * _STAT_BLOCK)
+        return written
 
     def discard_staging(self, staging: Path) -> None:
         """Delete a staging directory whose fetch failed."""

@@ -1,9 +1,9 @@
 """``vllm-lora pull NAME...``: warm this node's cache, for a Kubernetes init container.
 
 Names are resolved exactly as the server will: by the resolvers the environment configures, in
-``VLLM_PLUGINS`` order, checked against ``--base-model``. The pipeline offers no progress hook, so
-the bars watch the bytes landing in the cache's staging folder of the snapshot being fetched
-(which also shows another process's download when that process got there first).
+``VLLM_PLUGINS`` order, checked against ``--base-model``. The bars show the bytes of the snapshot
+being fetched that have landed in the cache (`NodeCache.bytes_in_flight`), which also shows another
+process's download when that process got there first.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ from vllm_lora_resolvers.stores import STORES
 from vllm_lora_resolvers.transfer import RemoteAdapter
 
 _POLL_SECONDS = 0.1
-#: ``st_blocks`` counts 512-byte units whatever the filesystem's block size.
-_STAT_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -229,22 +227,6 @@ def _pending_download(
     return key, sum(file.size for file in remote.files)
 
 
-def staged_bytes(cache: NodeCache, key: str) -> int:
-    """Bytes written so far into the staging folders of snapshot ``key`` (any process's).
-
-    Ranged downloads size a file before writing its parts, so a file counts its allocated
-    blocks, not its length.
-    """
-    written = 0
-    for path in cache.staging.glob(f"{key}.*/adapter/*"):
-        try:
-            status = path.stat()
-        except FileNotFoundError:
-            continue  # published or discarded meanwhile
-        written += min(status.st_size, status.st_blocks * _STAT_BLOCK)
-    return written
-
-
 def _summary(pulled: Pulled) -> str:
     verb = "pulled" if pulled.fetched else "cached"
     return (
@@ -324,7 +306,7 @@ class BarReporter:
 
     def _watch(self, task: TaskID, cache: NodeCache, key: str, finished: threading.Event) -> None:
         while not finished.wait(_POLL_SECONDS):
-            self.progress.update(task, completed=staged_bytes(cache, key))
+            self.progress.update(task, completed=cache.bytes_in_flight(key))
 
     def done(self, pulled: Pulled) -> None:
         """A line above the bars."""
