@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,16 +67,36 @@ def running_server(
     model: Path, workdir: Path, env: Mapping[str, str], extra_args: Sequence[str] = ()
 ) -> Iterator[VllmServer]:
     """A vLLM server whose only resolver and AWS settings are ``env`` (nothing inherited)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in list(os.environ):
-            if name.startswith(_FOREIGN_PREFIXES) or name == "VLLM_PLUGINS":
-                patch.delenv(name)
-        server = VllmServer(model, workdir=workdir, extra_env=env, extra_args=extra_args)
-        server.start()  # the environment is read here, once
-    try:
+    with running_servers(model, [(workdir, env)], extra_args) as (server,):
         yield server
+
+
+@contextmanager
+def running_servers(
+    model: Path,
+    workdirs_and_envs: Sequence[tuple[Path, Mapping[str, str]]],
+    extra_args: Sequence[str] = (),
+) -> Iterator[list[VllmServer]]:
+    """vLLM servers as `running_server` starts one, started at the same time (each start is
+    mostly one busy core, and a server bound to a core of its own leaves the other free)."""
+    servers: list[VllmServer] = []
+    for workdir, env in workdirs_and_envs:
+        server = VllmServer(model, workdir=workdir, extra_env=env, extra_args=extra_args)
+        while server.port in {other.port for other in servers}:  # no port is bound yet
+            server = VllmServer(model, workdir=workdir, extra_env=env, extra_args=extra_args)
+        servers.append(server)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in list(os.environ):
+                if name.startswith(_FOREIGN_PREFIXES) or name == "VLLM_PLUGINS":
+                    patch.delenv(name)
+            with ThreadPoolExecutor(len(servers)) as starting:  # the environment is read here
+                for started in [starting.submit(server.start) for server in servers]:
+                    started.result()
+        yield servers
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def complete(server: VllmServer, model: str, prompt: str = PROMPT) -> requests.Response:

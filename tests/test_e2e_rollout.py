@@ -21,7 +21,7 @@ from pathlib import Path
 import e2e_support
 import pytest
 import requests
-from e2e_support import MAX_TOKENS, Store, listed_models, module_store, running_server
+from e2e_support import MAX_TOKENS, Store, listed_models, module_store, running_servers
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.models import build_tiny_llama, write_lora_adapter
@@ -157,10 +157,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             "VLLM_LORA_RESOLVER_NEGATIVE_TTL": "1",
         }
         args = ["--enable-prefix-caching"]
-        with (
-            running_server(model, work / "server-0", env | one_core(0), args) as first,
-            running_server(model, work / "server-1", env | one_core(1), args) as second,
-        ):
+        setups = [(work / f"server-{core}", env | one_core(core)) for core in (0, 1)]
+        with running_servers(model, setups, args) as (first, second):
             sync_env = {
                 key: value
                 for key, value in os.environ.items()
