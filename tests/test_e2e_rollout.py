@@ -22,7 +22,6 @@ import e2e_support
 import pytest
 import requests
 from e2e_support import MAX_TOKENS, Store, listed_models, module_store, running_servers
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.relay import Fault
@@ -200,19 +199,9 @@ def test_prefix_cache_blocks_of_the_old_version_are_not_reused(fleet: Fleet) -> 
     # The client loop above ran PROMPT on the old version right up to the switch; prefix
     # caching was on, and the same prompt now gives the new version's output, as a server
     # that never saw the old version gives it.
-    hits = metric_of(fleet.servers[0], "vllm:prefix_cache_hits_total")
+    hits = e2e_support.metric(fleet.servers[0], "vllm:prefix_cache_hits_total")
     assert hits > 0, "prefix caching was not exercised"
     assert text(fleet.servers[0], "x") == fleet.reference(2)
-
-
-def metric_of(server: VllmServer, name: str) -> float:
-    response = server.get("/metrics")
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-        if sample.name == name
-    )
 
 
 def test_an_invalid_new_version_keeps_the_old_one_served(fleet: Fleet) -> None:

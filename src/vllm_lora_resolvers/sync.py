@@ -191,7 +191,6 @@ class StoreAnswer:
 @dataclass
 class _Draining:
     key: str
-    name: str
     since: float
 
 
@@ -258,7 +257,7 @@ class AdapterSync:
             result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
         for name, key in served_before.items():
             if name not in self._serving:  # unloaded by someone else meanwhile
-                self._draining.append(_Draining(key, name, time.monotonic()))
+                self._draining.append(_Draining(key, time.monotonic()))
         self._release_leases()
         return result
 
@@ -354,7 +353,7 @@ class AdapterSync:
             )
             return RoundResult.NOT_APPLIED
         now_served = self.cache.snapshot_in_path(held.get(name, ""))
-        self._draining.append(_Draining(served.key, name, time.monotonic()))
+        self._draining.append(_Draining(served.key, time.monotonic()))
         if now_served is not None:
             self._serving[name] = now_served.key
         else:
@@ -383,7 +382,7 @@ class AdapterSync:
             return RoundResult.NOT_APPLIED
         RETIREMENTS.inc()
         self._serving.pop(name, None)
-        self._draining.append(_Draining(served.key, name, time.monotonic()))
+        self._draining.append(_Draining(served.key, time.monotonic()))
         logger.info(
             "sync: %r is gone from its store; unloaded (version %s)", name, served.manifest.version
         )
