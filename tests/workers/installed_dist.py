@@ -13,9 +13,10 @@ from importlib import metadata
 from packaging.requirements import Requirement
 
 import vllm_lora_resolvers
+from vllm_lora_resolvers.stores import STORES
 
 DISTRIBUTION = "vllm-lora-resolvers"
-PLUGIN_EXTRAS = ("s3", "gcs", "hf")
+PLUGIN_EXTRAS = tuple(store.extra for store in STORES if store.extra is not None)
 
 
 def unmet_requirements(distribution: metadata.Distribution) -> list[str]:

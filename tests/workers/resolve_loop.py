@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.stores import STORES
 from workers.resolve_remote import make_resolver
 
 
@@ -25,7 +26,7 @@ def files_digest(folder: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("backend", choices=["s3", "gcs"])
+    parser.add_argument("backend", choices=[store.backend for store in STORES if store.bucket])
     parser.add_argument("uri")
     parser.add_argument("cache")
     parser.add_argument("name")

@@ -1,4 +1,4 @@
-"""``vllm-lora publish DIR URI``: publish an adapter version to S3 or GCS atomically;
+"""``vllm-lora publish DIR URI``: publish an adapter version to a bucket atomically;
 ``--rollback`` moves the adapter back to an earlier version.
 
 The files go into a version folder of their own, which is never rewritten; the adapter's pointer,
@@ -47,6 +47,7 @@ from vllm_lora_resolvers.cli.stores import (
 from vllm_lora_resolvers.cli.validate import print_report, validate_folder
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError
+from vllm_lora_resolvers.stores import BUCKET_SCHEMES
 from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 _VERSION_HELP = "[A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"
@@ -104,12 +105,13 @@ def publish(
     """Publish the adapter folder DIR as a new version of URI, atomically: clients asking for NAME
     get the old version or the new one, never a mix of both.
 
-    URI is s3://BUCKET/PREFIX/NAME or gs://BUCKET/PREFIX/NAME. DIR is checked as `vllm-lora
-    validate DIR` checks it, and refused unless valid. Its files are uploaded to
-    NAME/_versions/VERSION/ (VERSION: the first 12 hex digits of a SHA-256 of the files, or
-    --version), which is never overwritten: publishing the same files again uploads nothing,
-    other files under an existing VERSION are refused. Then NAME/adapter_current.json is pointed
-    at VERSION, unless someone else moved it meanwhile. NAME@VERSION always resolves to VERSION.
+    URI is SCHEME://BUCKET/PREFIX/NAME, SCHEME a bucket store's (s3://, gs://, ...). DIR is
+    checked as `vllm-lora validate DIR` checks it, and refused unless valid. Its files are
+    uploaded to NAME/_versions/VERSION/ (VERSION: the first 12 hex digits of a SHA-256 of the
+    files, or --version), which is never overwritten: publishing the same files again uploads
+    nothing, other files under an existing VERSION are refused. Then NAME/adapter_current.json
+    is pointed at VERSION, unless someone else moved it meanwhile. NAME@VERSION always resolves
+    to VERSION.
 
     --rollback URI points NAME back at the version before (or --to VERSION). Exit 0 when done,
     1 when refused, 2 when it cannot be done (usage, configuration, an unreadable store).
@@ -153,12 +155,13 @@ def _refusals() -> Iterator[None]:
 
 def _publisher(uri: str, settings: Settings, cache: NodeCache) -> Publisher:
     """The publisher of adapter URI ``uri``, by the store's resolver over ``cache``."""
-    if not uri.startswith(("s3://", "gs://")):
-        raise click.BadParameter(f"{uri!r} is not s3://BUCKET/PREFIX/NAME or gs://...")
+    if not uri.startswith(BUCKET_SCHEMES):
+        schemes = ", ".join(BUCKET_SCHEMES)
+        raise click.BadParameter(f"{uri!r} is not SCHEME://BUCKET/PREFIX/NAME ({schemes})")
     adapter = split_adapter_uri(uri, settings)
     name, pinned = split_pin(adapter.name)
     store = open_store(adapter.store, settings, cache)
-    assert isinstance(store, BucketResolver)  # s3:// and gs:// stores are buckets
+    assert isinstance(store, BucketResolver)  # declared so (tests/test_stores.py checks it)
     if pinned is not None or not store.accepts_name(name):
         raise click.BadParameter(
             f"{adapter.name!r} is not a name clients can ask for (NAME@VERSION names a version: "
