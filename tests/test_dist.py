@@ -180,6 +180,7 @@ def test_vllm_loads_all_our_plugins_from_the_installed_wheel(
         "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
         "VLLM_LORA_RESOLVER_S3_URI": "s3://adapters/prod",
         "VLLM_LORA_RESOLVER_GCS_URI": "gs://adapters/prod",
+        "VLLM_LORA_RESOLVER_AZURE_URI": "abfss://adapters@acct.dfs.core.windows.net/prod",
         "VLLM_LORA_RESOLVER_HF_REPO_LIST": "org/adapters",
     }
     worker = str(REPO / "tests/workers/vllm_plugins.py")

@@ -65,6 +65,7 @@ def test_the_entry_points_of_pyproject_are_exactly_the_stores_registrations() ->
         "lora_s3_resolver",
         "lora_gcs_resolver",
         "lora_hf_resolver",
+        "lora_azure_resolver",
     ]  # the names vLLM users list in VLLM_PLUGINS never change
     assert set(entry_points) == set(BY_PLUGIN)
     for name, target in entry_points.items():
@@ -161,6 +162,7 @@ def test_a_store_whose_client_is_missing_says_which_extra_installs_it(
 ) -> None:
     monkeypatch.setitem(sys.modules, store.module, None)  # import fails as without the client
     settings = dataclasses.replace(make_settings(), s3_uri="s3://b/p", gcs_uri="gs://b/p")
+    settings = dataclasses.replace(settings, azure_uri="az://bucket/p")
     settings = dataclasses.replace(settings, hf_repos=("acme/adapters",), fs_dir=cache_dir)
     if store.extra is None:
         with pytest.raises(ImportError):

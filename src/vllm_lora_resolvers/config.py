@@ -42,6 +42,12 @@ GCS_URI = Variable(
     "unset: GCS resolver off",
     "`gs://bucket[/prefix]`; adapter NAME lives under `prefix/NAME/`.",
 )
+AZURE_URI = Variable(
+    "VLLM_LORA_RESOLVER_AZURE_URI",
+    "unset: Azure resolver off",
+    "`az://container[/prefix]` (or `abfss://container@account.dfs.core.windows.net[/prefix]`); "
+    "adapter NAME lives under `prefix/NAME/`.",
+)
 HF_REPO_LIST = Variable(
     "VLLM_LORA_RESOLVER_HF_REPO_LIST",
     "unset: Hub resolver off",
@@ -99,6 +105,7 @@ ALL_VARIABLES: tuple[Variable, ...] = (
     CACHE_DIR,
     S3_URI,
     GCS_URI,
+    AZURE_URI,
     HF_REPO_LIST,
     FS_DIR,
     MAX_RANK,
@@ -203,6 +210,7 @@ class Settings:
     cache_dir: Path | None
     s3_uri: str | None
     gcs_uri: str | None
+    azure_uri: str | None
     hf_repos: tuple[str, ...]
     fs_dir: Path | None
     max_rank: int
@@ -232,6 +240,7 @@ class Settings:
             cache_dir=Path(cache_dir) if cache_dir else None,
             s3_uri=env.get(S3_URI.name, "").strip() or None,
             gcs_uri=env.get(GCS_URI.name, "").strip() or None,
+            azure_uri=env.get(AZURE_URI.name, "").strip() or None,
             hf_repos=_comma_list(env.get(HF_REPO_LIST.name)),
             fs_dir=Path(fs_dir) if fs_dir else (Path(cache_dir) if cache_dir else None),
             max_rank=max_rank or DEFAULT_MAX_RANK,

@@ -216,6 +216,7 @@ class EntryPoint:
 #: Entry points ``lora_s3_resolver`` ... ``lora_fs_resolver`` (see ``pyproject.toml``).
 register_s3_resolver = EntryPoint(stores.S3)
 register_gcs_resolver = EntryPoint(stores.GCS)
+register_azure_resolver = EntryPoint(stores.AZURE)
 register_hf_resolver = EntryPoint(stores.HF)
 register_fs_resolver = EntryPoint(stores.FS)
 

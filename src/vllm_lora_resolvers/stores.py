@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from vllm_lora_resolvers.config import (
+    AZURE_URI,
     CACHE_DIR,
     FS_DIR,
     GCS_URI,
@@ -156,6 +157,43 @@ GCS = StoreDeclaration(
     environment=("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"),
     secrets=frozenset({"GOOGLE_APPLICATION_CREDENTIALS"}),
 )
+AZURE = StoreDeclaration(
+    backend="azure",
+    plugin="lora_azure_resolver",
+    variable=AZURE_URI,
+    source=lambda settings: settings.azure_uri,
+    module=f"{_BACKENDS}.azure",
+    class_name="AzureBlobResolver",
+    fix=(
+        "check AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME (or "
+        "AZURE_STORAGE_ACCOUNT_URL) with a key, a SAS token or the workload identity, and "
+        f"{AZURE_URI.name}"
+    ),
+    scheme="az://",
+    other_schemes=("azure://", "abfss://", "abfs://"),
+    bucket=True,
+    extra="azure",
+    client_package="azure-storage-blob",
+    environment=(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT_URL",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_CLIENT_SECRET",
+    ),
+    secrets=frozenset(
+        {
+            "AZURE_STORAGE_CONNECTION_STRING",
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            "AZURE_STORAGE_SAS_TOKEN",
+            "AZURE_CLIENT_SECRET",
+        }
+    ),
+)
 HF = StoreDeclaration(
     backend="hf",
     plugin="lora_hf_resolver",
@@ -186,7 +224,7 @@ FS = StoreDeclaration(
 
 #: Every store, in the order their resolvers are tried when ``VLLM_PLUGINS`` is unset: remote
 #: stores first, then the local one.
-STORES: tuple[StoreDeclaration, ...] = (S3, GCS, HF, FS)
+STORES: tuple[StoreDeclaration, ...] = (S3, GCS, AZURE, HF, FS)
 BY_PLUGIN: Mapping[str, StoreDeclaration] = {store.plugin: store for store in STORES}
 BY_BACKEND: Mapping[str, StoreDeclaration] = {store.backend: store for store in STORES}
 #: The remote stores, by each scheme of their URIs.
