@@ -9,6 +9,7 @@ BENCHMARKS = (
     "fs_resolver",
     "s3_transfer",
     "gcs_transfer",
+    "azure_transfer",
     "hf_hub",
     "outage",
     "e2e_ttft",
