@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,10 +16,26 @@ import pytest
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache, is_locked
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import TransferConfig
 
 REPO = Path(__file__).resolve().parents[1]
+#: What a test's worker process imports: this checkout's package (a git worktree's too), devtools
+#: and the tests' own modules.
+WORKER_PYTHONPATH = os.pathsep.join(str(path) for path in (REPO / "src", REPO, REPO / "tests"))
 
 BASE_MODEL = "/models/tiny-llama"
+
+#: Stores on loopback: quick retries, so fault tests stay short.
+FAST_TRANSFER = TransferConfig(
+    transfer_retry=RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
+)
+
+
+def fast_transfer(part_size: int = FAST_TRANSFER.part_size) -> TransferConfig:
+    """`FAST_TRANSFER` in parts of ``part_size`` bytes."""
+    return dataclasses.replace(FAST_TRANSFER, part_size=part_size)
+
 
 _ISOLATION = {
     "AWS_EC2_METADATA_DISABLED": "true",
@@ -97,7 +114,7 @@ def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:
     command = [sys.executable, str(REPO / "tests" / "workers" / "resolve_fs.py"), *arguments]
     if hold:
         command.append("--hold")
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment = {**os.environ, "PYTHONPATH": WORKER_PYTHONPATH}
     return subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
     )

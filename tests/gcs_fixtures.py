@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import fast_transfer
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
@@ -16,10 +17,8 @@ from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.gcs import GcsResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
 
 _buckets = itertools.count()
-FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
 
 
 @pytest.fixture(scope="session")
@@ -52,14 +51,7 @@ class GcsBucket:
         environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return GcsResolver(
-            self.uri,
-            settings,
-            cache,
-            FAST_RETRIES,
-            part_size=part_size,
-            request_retry_seconds=0.5,
-        )
+        return GcsResolver(self.uri, settings, cache, fast_transfer(part_size))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import fast_transfer
 from huggingface_hub import constants
 
 from devtools.hub_server import HubServer
@@ -18,9 +19,7 @@ from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
 
-FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
 REPO_ID = "org/adapters"
 
 
@@ -50,7 +49,7 @@ class Hub:
         }
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return HfHubResolver(settings.hf_repos, settings, cache, FAST_RETRIES, part_size=part_size)
+        return HfHubResolver(settings.hf_repos, settings, cache, fast_transfer(part_size))
 
 
 @pytest.fixture(name="hub")

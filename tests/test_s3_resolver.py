@@ -510,9 +510,7 @@ def test_an_adapter_reuploaded_while_being_fetched_is_served_at_its_new_version(
                 any_bucket.upload("sql", v2)  # between the lookup and the weights download
             return super().download(adapter, file, destination)
 
-    resolver = ReuploadedMidFetch(
-        any_bucket.uri, built.settings, built.cache, built.retry_policy, part_size=built.part_size
-    )
+    resolver = ReuploadedMidFetch(any_bucket.uri, built.settings, built.cache, built.transfer)
     resolved = resolver.resolve(BASE_MODEL, "sql")
     assert resolver.reuploaded
     assert resolved is not None

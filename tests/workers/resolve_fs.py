@@ -19,7 +19,8 @@ from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.transfer import RemoteFile
 
 
 class StallingResolver(FilesystemResolver):

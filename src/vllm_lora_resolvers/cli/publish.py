@@ -39,7 +39,6 @@ from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.lint import LintPolicy
 from vllm_lora_resolvers.cli.output import cannot_check, console, line, printable
 from vllm_lora_resolvers.cli.stores import (
-    fetch_adapter_files,
     open_store,
     scratch_cache,
     split_adapter_uri,
@@ -47,7 +46,8 @@ from vllm_lora_resolvers.cli.stores import (
 from vllm_lora_resolvers.cli.validate import print_report, validate_folder
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
+from vllm_lora_resolvers.remote import RemoteAdapter, adapter_from_listing
+from vllm_lora_resolvers.transfer import RemoteFile
 
 _VERSION_HELP = "[A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"
 #: An S3 ETag that is the MD5 of the object (single-part uploads without KMS or customer keys).
@@ -327,7 +327,7 @@ class Publisher:
             return True
         remote = RemoteAdapter(self.name, "-", location, (stored,))
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
-            fetch_adapter_files(self.store, remote, (stored,), Path(scratch))
+            self.store.fetch_to(remote, (stored,), Path(scratch))
             return filecmp.cmp(path, Path(scratch, stored.path), shallow=False)
 
 
