@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +15,6 @@ import pytest
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache, is_locked
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import TransferConfig
 
 REPO = Path(__file__).resolve().parents[1]
 #: What a test's worker process imports: this checkout's package (a git worktree's too), devtools
@@ -25,16 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER_PYTHONPATH = os.pathsep.join(str(path) for path in (REPO / "src", REPO, REPO / "tests"))
 
 BASE_MODEL = "/models/tiny-llama"
-
-#: Stores on loopback: quick retries, so fault tests stay short.
-FAST_TRANSFER = TransferConfig(
-    transfer_retry=RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
-)
-
-
-def fast_transfer(part_size: int = FAST_TRANSFER.part_size) -> TransferConfig:
-    """`FAST_TRANSFER` in parts of ``part_size`` bytes."""
-    return dataclasses.replace(FAST_TRANSFER, part_size=part_size)
 
 
 _ISOLATION = {
@@ -44,8 +31,6 @@ _ISOLATION = {
     "HF_HUB_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
-    # boto3 retries each request once more (its default is 3 attempts), to keep fault tests short.
-    "AWS_MAX_ATTEMPTS": "2",
 }
 
 

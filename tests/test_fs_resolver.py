@@ -28,9 +28,9 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteFile, TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig
 
 
 def test_resolves_an_adapter_into_an_immutable_snapshot(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
+from quick_transfer import fast_transfer
 from s3_fixtures import Bucket
 
 from devtools.models import write_large_adapter, write_lora_adapter
@@ -119,7 +120,7 @@ def test_versioned_bucket_reads_every_part_from_the_listed_version(
     client = bucket.endpoint.client()
     client.put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
     bucket.upload("sql", write_lora_adapter(tmp_path / "v1", base_model=BASE_MODEL, seed=1))
-    resolver = bucket.resolver(cache_dir, part_size=8192)
+    resolver = bucket.resolver(cache_dir, fast_transfer(8192))
     first = resolver.resolve(BASE_MODEL, "sql")
     v2 = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
     bucket.upload("sql", v2)

@@ -11,13 +11,9 @@ import google_crc32c
 import pytest
 
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import (
-    RemoteFile,
-    TransferConfig,
-    download_in_parts,
-    verify_file,
-)
+from vllm_lora_resolvers.transfer import TransferConfig, download_in_parts, verify_file
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 QUICK = RetryPolicy(attempts=3, base_delay=0.0, budget_seconds=5)

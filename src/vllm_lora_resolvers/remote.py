@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
-from vllm_lora_resolvers.transfer import RemoteFile
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file in a store.
+
+    ``checksums`` maps an algorithm (``md5``, ``sha1``, ``sha256``, ``crc32``, ``crc32c``,
+    ``crc64nvme``) to the lowercase hex digest the store declares; each is verified after download,
+    together with any a backend's `download` returns. ``etag`` is the store's opaque version of the
+    file (an S3 ETag, a GCS generation, a git blob id), if it has one.
+    """
+
+    path: str
+    size: int
+    checksums: Mapping[str, str] = field(default_factory=dict)
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -27,22 +39,3 @@ class RemoteAdapter:
     def file(self, path: str) -> RemoteFile | None:
         """The file at ``path`` (relative to the adapter folder), if the adapter has it."""
         return next((file for file in self.files if file.path == path), None)
-
-
-def adapter_from_listing(
-    name: str, location: str, listed: Mapping[str, RemoteFile]
-) -> RemoteAdapter | None:
-    """The adapter in one listed folder (file name -> file), or ``None`` if it has no config.
-
-    It is made of the config and the first weights file in vLLM's order of preference; its
-    version changes whenever the etag (object version) or size of one of those does.
-    """
-    config = listed.get(CONFIG_FILE)
-    weights = next((listed[n] for n in WEIGHTS_FILES if n in listed), None)
-    if config is None:
-        return None
-    files = (config,) if weights is None else (config, weights)
-    fingerprint = hashlib.sha256()
-    for file in files:
-        fingerprint.update(f"{file.path}\0{file.etag}\0{file.size}\n".encode())
-    return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, files)

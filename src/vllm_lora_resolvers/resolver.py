@@ -52,12 +52,11 @@ from vllm_lora_resolvers.errors import (
 )
 from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, StoreOutage
 from vllm_lora_resolvers.names import is_safe_adapter_name, is_safe_name
-from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import call_with_retries, time_budget
 from vllm_lora_resolvers.transfer import (
     DEFAULT_TRANSFER,
     FetchedFile,
-    RemoteFile,
     TransferConfig,
     download_in_parts,
     fetch_file,

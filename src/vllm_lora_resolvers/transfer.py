@@ -14,11 +14,12 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_lora_resolvers.checksums import RECORDED, file_digests
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
 
 #: Ranged reads in flight in this process, all stores and files together.
@@ -58,22 +59,6 @@ class TransferConfig:
 
 #: What every store uses unless a caller (a test, a benchmark) says otherwise.
 DEFAULT_TRANSFER = TransferConfig()
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file in a store.
-
-    ``checksums`` maps an algorithm (``md5``, ``sha1``, ``sha256``, ``crc32``, ``crc32c``,
-    ``crc64nvme``) to the lowercase hex digest the store declares; each is verified after download,
-    together with any a backend's `download` returns. ``etag`` is the store's opaque version of the
-    file (an S3 ETag, a GCS generation, a git blob id), if it has one.
-    """
-
-    path: str
-    size: int
-    checksums: Mapping[str, str] = field(default_factory=dict)
-    etag: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from vllm_lora_resolvers.adapter import adapter_from_listing
 from vllm_lora_resolvers.backends.published import (
     MAX_POINTER_BYTES,
     POINTER_FILE,
@@ -22,9 +23,8 @@ from vllm_lora_resolvers.backends.published import (
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.names import is_safe_adapter_name
-from vllm_lora_resolvers.remote import RemoteAdapter, adapter_from_listing
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import BaseStorageResolver
-from vllm_lora_resolvers.transfer import RemoteFile
 
 
 def parse_bucket_uri(

@@ -28,10 +28,10 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteFile, TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig
 
 #: A local copy has nothing transient to wait out: one quick retry for a racing writer.
 LOCAL_TRANSFER = TransferConfig(

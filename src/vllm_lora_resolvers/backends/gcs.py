@@ -47,8 +47,8 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.remote import RemoteAdapter
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, RemoteFile, TransferConfig
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20

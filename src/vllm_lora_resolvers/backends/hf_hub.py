@@ -59,9 +59,9 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
 )
 from vllm_lora_resolvers.names import is_safe_name
-from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import BaseStorageResolver
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, RemoteFile, TransferConfig
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _CHUNK = 1 << 20
 _LIBRARY = "vllm-lora-resolvers"

@@ -40,8 +40,8 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.remote import RemoteAdapter
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, RemoteFile, TransferConfig
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
