@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
+from quick_transfer import FAST_TRANSFER
 
 from devtools.azure_server import Azurite
 from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.azure import AzureBlobResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import TransferConfig
 
 _containers = itertools.count()
-FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
 #: The variables of every way to name an account and its credentials (tests set one way each).
 AZURE_VARIABLES = (
     "AZURE_STORAGE_CONNECTION_STRING",
@@ -68,14 +68,12 @@ class AzureContainer:
         return [r for r in self.relay.requests if method is None or r[0] == method]
 
     def resolver(
-        self, cache_dir: Path, part_size: int = 16 << 20, **variables: str
+        self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
     ) -> AzureBlobResolver:
         environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return AzureBlobResolver(
-            self.uri, settings, cache, retry_policy=FAST_RETRIES, part_size=part_size
-        )
+        return AzureBlobResolver(self.uri, settings, cache, transfer)
 
 
 @pytest.fixture

@@ -17,8 +17,12 @@ from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache, is_locked
 from vllm_lora_resolvers.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+#: What a test's worker process imports: this checkout's package (a git worktree's too), devtools
+#: and the tests' own modules.
+WORKER_PYTHONPATH = os.pathsep.join(str(path) for path in (REPO / "src", REPO, REPO / "tests"))
 
 BASE_MODEL = "/models/tiny-llama"
+
 
 _ISOLATION = {
     "AWS_EC2_METADATA_DISABLED": "true",
@@ -27,8 +31,6 @@ _ISOLATION = {
     "HF_HUB_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
-    # boto3 retries each request once more (its default is 3 attempts), to keep fault tests short.
-    "AWS_MAX_ATTEMPTS": "2",
 }
 
 
@@ -97,7 +99,7 @@ def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:
     command = [sys.executable, str(REPO / "tests" / "workers" / "resolve_fs.py"), *arguments]
     if hold:
         command.append("--hold")
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment = {**os.environ, "PYTHONPATH": WORKER_PYTHONPATH}
     return subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
     )

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
+from quick_transfer import FAST_TRANSFER
 
 from devtools.gcs_server import FakeGcs
 from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.gcs import GcsResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
-FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
 
 
 @pytest.fixture(scope="session")
@@ -48,18 +48,13 @@ class GcsBucket:
     def requests(self, method: str | None = None) -> list[tuple[str, str]]:
         return [r for r in self.relay.requests if method is None or r[0] == method]
 
-    def resolver(self, cache_dir: Path, part_size: int = 16 << 20, **variables: str) -> GcsResolver:
+    def resolver(
+        self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> GcsResolver:
         environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return GcsResolver(
-            self.uri,
-            settings,
-            cache,
-            FAST_RETRIES,
-            part_size=part_size,
-            request_retry_seconds=0.5,
-        )
+        return GcsResolver(self.uri, settings, cache, transfer)
 
 
 @pytest.fixture

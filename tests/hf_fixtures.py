@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
+from quick_transfer import FAST_TRANSFER
 
 from devtools.hub_server import HubServer
 from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import TransferConfig
 
-FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
 REPO_ID = "org/adapters"
 
 
@@ -39,7 +39,7 @@ class Hub:
         self,
         cache_dir: Path,
         repos: str = REPO_ID,
-        part_size: int = 16 << 20,
+        transfer: TransferConfig = FAST_TRANSFER,
         **variables: str,
     ) -> HfHubResolver:
         """A resolver of ``repos`` (a comma list) with a node cache in ``cache_dir``."""
@@ -50,7 +50,7 @@ class Hub:
         }
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return HfHubResolver(settings.hf_repos, settings, cache, FAST_RETRIES, part_size=part_size)
+        return HfHubResolver(settings.hf_repos, settings, cache, transfer)
 
 
 @pytest.fixture(name="hub")

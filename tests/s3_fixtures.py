@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from quick_transfer import FAST_TRANSFER
 
 from devtools.relay import FaultRelay
 from devtools.stores import MotoS3, S3Endpoint, SeaweedS3, upload_folder
 from vllm_lora_resolvers.backends.s3 import S3Resolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
-FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.02, max_delay=0.1, budget_seconds=10)
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +56,13 @@ class Bucket:
     def requests(self, method: str | None = None) -> list[tuple[str, str]]:
         return [r for r in self.relay.requests if method is None or r[0] == method]
 
-    def resolver(self, cache_dir: Path, part_size: int = 16 << 20, **variables: str) -> S3Resolver:
+    def resolver(
+        self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> S3Resolver:
         environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return S3Resolver(self.uri, settings, cache, retry_policy=FAST_RETRIES, part_size=part_size)
+        return S3Resolver(self.uri, settings, cache, transfer)
 
 
 def make_bucket(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:

@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from azure.storage.blob import ContainerSasPermissions, ContentSettings, generate_container_sas
 from azure_fixtures import AZURE_VARIABLES, AzureContainer
 from conftest import BASE_MODEL, files_of, snapshot_dirs, staging_entries
+from quick_transfer import fast_transfer
 from test_cli import vllm_lora
 
 from devtools.models import write_large_adapter, write_lora_adapter
@@ -71,7 +73,7 @@ def test_resolves_hits_updates_and_forgets_a_deleted_adapter(
 ) -> None:
     v1 = adapter(tmp_path / "v1", seed=1)
     azure_container.upload("sql", v1)
-    resolver = azure_container.resolver(cache_dir, part_size=8192)
+    resolver = azure_container.resolver(cache_dir, fast_transfer(8192))
     first = resolver.resolve(BASE_MODEL, "sql")
     assert first is not None and files_of(first.path) == files_of(v1)
     assert (cache_dir / "sql").resolve() == first.path.resolve()
@@ -197,10 +199,11 @@ def test_a_blob_replaced_mid_download_is_fetched_again_at_its_new_version(
 
             super().download_ranges(destination, size, fetch)
 
+    # The parts one after the other: the second one sees the new blob.
+    one_at_a_time = replace(fast_transfer(256 << 10), parts_in_flight=1)
     resolver = ReplacedAfterTheFirstPart(
-        azure_container.uri, built.settings, built.cache, built.retry_policy, part_size=256 << 10
+        azure_container.uri, built.settings, built.cache, one_at_a_time
     )
-    resolver.part_workers = 1  # the parts one after the other: the second one sees the new blob
     resolved = resolver.resolve(BASE_MODEL, "big")
     assert resolver.replaced and resolved is not None
     assert files_of(resolved.path) == files_of(v2)

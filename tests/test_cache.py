@@ -19,7 +19,7 @@ from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 
 # Resolves "sql" and dies (SIGKILL) at exactly the moment a name link is being swapped in: the
 # temporary link exists, the rename over CACHE_DIR/NAME has not happened.

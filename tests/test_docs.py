@@ -61,6 +61,7 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
 )
 from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.transfer import TransferConfig
 
 DOCS = REPO / "docs"
 EXAMPLE = DOCS / "examples" / "http_backend.py"
@@ -149,7 +150,7 @@ def http_resolver(
 ) -> Any:
     # Small parts, so that one adapter's weights come in several parallel ranged GETs.
     return http_backend.HttpResolver(
-        file_server.url, make_settings(), NodeCache(cache_dir), part_size=4096
+        file_server.url, make_settings(), NodeCache(cache_dir), TransferConfig(part_size=4096)
     )
 
 

@@ -26,7 +26,7 @@ from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError
-from vllm_lora_resolvers.transfer import RemoteAdapter
+from vllm_lora_resolvers.remote import RemoteAdapter
 
 WEIGHTS = "adapter_model.safetensors"
 MARKER = b"PRIVATE-MARKER-7f3a"

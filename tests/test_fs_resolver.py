@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, w
 
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers import metrics
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import LOCAL_TRANSFER, FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
@@ -27,7 +28,9 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.retry import RetryPolicy
+from vllm_lora_resolvers.transfer import TransferConfig
 
 
 def test_resolves_an_adapter_into_an_immutable_snapshot(
@@ -255,13 +258,19 @@ class FlakyDownloadResolver(FilesystemResolver):
         return super().download(adapter, file, destination)
 
 
+def _retrying(policy: RetryPolicy) -> TransferConfig:
+    return replace(LOCAL_TRANSFER, transfer_retry=policy)
+
+
 def test_transient_download_failures_are_retried(
     adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
 ) -> None:
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     retries_before = metrics.RETRIES.labels("fs")._value.get()
     resolver = FlakyDownloadResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
-    resolver.retry_policy = type(resolver.retry_policy)(attempts=4, base_delay=0.01)
+    resolver.transfer = replace(
+        resolver.transfer, transfer_retry=RetryPolicy(attempts=4, base_delay=0.01)
+    )
     assert resolver.resolve(BASE_MODEL, "sql") is not None
     assert metrics.RETRIES.labels("fs")._value.get() == retries_before + 2
 
@@ -272,7 +281,9 @@ def test_persistent_download_failure_publishes_nothing(
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     resolver = FlakyDownloadResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
     resolver.failures = 100
-    resolver.retry_policy = type(resolver.retry_policy)(attempts=3, base_delay=0.01)
+    resolver.transfer = replace(
+        resolver.transfer, transfer_retry=RetryPolicy(attempts=3, base_delay=0.01)
+    )
     with pytest.raises(TransientStoreError, match="connection reset"):
         resolver.resolve(BASE_MODEL, "sql")
     assert snapshot_dirs(cache_dir) == []
@@ -376,7 +387,9 @@ def test_checksum_mismatch_is_retried_then_refused_and_never_published(
 ) -> None:
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     resolver = LyingStoreResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
-    resolver.retry_policy = type(resolver.retry_policy)(attempts=3, base_delay=0.01)
+    resolver.transfer = replace(
+        resolver.transfer, transfer_retry=RetryPolicy(attempts=3, base_delay=0.01)
+    )
     with pytest.raises(IntegrityError, match="crc32c does not match"):
         resolver.resolve(BASE_MODEL, "sql")
     assert resolver.downloads == 3

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
 from gcs_fixtures import GcsBucket
+from quick_transfer import fast_transfer
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
@@ -52,7 +53,7 @@ def test_update_is_fetched_as_a_new_generation(
     gcs_bucket: GcsBucket, tmp_path: Path, cache_dir: Path
 ) -> None:
     gcs_bucket.upload("sql", write_lora_adapter(tmp_path / "v1", base_model=BASE_MODEL, seed=1))
-    resolver = gcs_bucket.resolver(cache_dir, part_size=8192)
+    resolver = gcs_bucket.resolver(cache_dir, fast_transfer(8192))
     first = resolver.resolve(BASE_MODEL, "sql")
     v2 = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
     gcs_bucket.upload("sql", v2)

@@ -15,6 +15,7 @@ import prometheus_client
 import pytest
 from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
+from quick_transfer import fast_transfer
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
@@ -429,7 +430,9 @@ def test_reset_mid_download_resumes_and_succeeds(hub: Hub, tmp_path: Path, cache
             "reset_after", method="GET", path_contains="adapter_model", times=2, after_bytes=300_000
         )
     )
-    resolver = hub.resolver(cache_dir, part_size=1 << 20, VLLM_LORA_RESOLVER_MAX_RANK="1000000")
+    resolver = hub.resolver(
+        cache_dir, transfer=fast_transfer(1 << 20), VLLM_LORA_RESOLVER_MAX_RANK="1000000"
+    )
     resolved = resolver.resolve(BASE_MODEL, f"{REPO_ID}/big")
     assert resolved is not None
     assert files_of(resolved.path) == files_of(source)

@@ -20,7 +20,7 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.transfer import RemoteAdapter
+from vllm_lora_resolvers.remote import RemoteAdapter
 
 
 class FailingStore(FilesystemResolver):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
+from quick_transfer import fast_transfer
 from s3_fixtures import Bucket
 
 from devtools.models import write_large_adapter, write_lora_adapter
@@ -119,7 +120,7 @@ def test_versioned_bucket_reads_every_part_from_the_listed_version(
     client = bucket.endpoint.client()
     client.put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
     bucket.upload("sql", write_lora_adapter(tmp_path / "v1", base_model=BASE_MODEL, seed=1))
-    resolver = bucket.resolver(cache_dir, part_size=8192)
+    resolver = bucket.resolver(cache_dir, fast_transfer(8192))
     first = resolver.resolve(BASE_MODEL, "sql")
     v2 = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
     bucket.upload("sql", v2)
@@ -510,9 +511,7 @@ def test_an_adapter_reuploaded_while_being_fetched_is_served_at_its_new_version(
                 any_bucket.upload("sql", v2)  # between the lookup and the weights download
             return super().download(adapter, file, destination)
 
-    resolver = ReuploadedMidFetch(
-        any_bucket.uri, built.settings, built.cache, built.retry_policy, part_size=built.part_size
-    )
+    resolver = ReuploadedMidFetch(any_bucket.uri, built.settings, built.cache, built.transfer)
     resolved = resolver.resolve(BASE_MODEL, "sql")
     assert resolver.reuploaded
     assert resolved is not None

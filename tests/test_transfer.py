@@ -11,11 +11,18 @@ import google_crc32c
 import pytest
 
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteFile, download_in_parts, verify_file
+from vllm_lora_resolvers.transfer import TransferConfig, download_in_parts, verify_file
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 QUICK = RetryPolicy(attempts=3, base_delay=0.0, budget_seconds=5)
+
+
+def _config(part_size: int, parts_in_flight: int) -> TransferConfig:
+    return TransferConfig(
+        part_size=part_size, parts_in_flight=parts_in_flight, transfer_retry=QUICK
+    )
 
 
 @pytest.fixture
@@ -75,9 +82,7 @@ def test_parts_are_assembled_in_place(tmp_path: Path) -> None:
         target,
         len(DATA),
         fetch_range,
-        part_size=100_000,
-        workers=4,
-        policy=QUICK,
+        config=_config(100_000, 4),
         on_retry=lambda _: None,
     )
     assert target.read_bytes() == DATA
@@ -92,9 +97,7 @@ def test_a_broken_part_resumes_where_it_broke(tmp_path: Path) -> None:
         target,
         len(DATA),
         fetch_range,
-        part_size=len(DATA),
-        workers=1,
-        policy=QUICK,
+        config=_config(len(DATA), 1),
         on_retry=retries.append,
     )
     assert target.read_bytes() == DATA
@@ -109,9 +112,7 @@ def test_a_part_that_keeps_breaking_fails_the_download(tmp_path: Path) -> None:
             tmp_path / "out",
             len(DATA),
             fetch_range,
-            part_size=len(DATA),
-            workers=1,
-            policy=QUICK,
+            config=_config(len(DATA), 1),
             on_retry=lambda _: None,
         )
 
@@ -125,8 +126,6 @@ def test_a_store_sending_more_than_asked_is_refused(tmp_path: Path) -> None:
             tmp_path / "out",
             1000,
             fetch_range,
-            part_size=1000,
-            workers=1,
-            policy=QUICK,
+            config=_config(1000, 1),
             on_retry=lambda _: None,
         )

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Literal
 
 from devtools.models import write_broken_safetensors, write_large_adapter, write_lora_adapter
 from devtools.stores import upload_folder
-from vllm_lora_resolvers.transfer import RemoteFile, adapter_from_listing
+from vllm_lora_resolvers.adapter import adapter_from_listing
+from vllm_lora_resolvers.remote import RemoteFile
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

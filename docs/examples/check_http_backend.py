@@ -16,6 +16,7 @@ from http_backend import HttpResolver
 
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.transfer import TransferConfig
 
 adapter = Path(sys.argv[1]).resolve()  # a PEFT adapter folder; its name is the adapter's name
 config = json.loads((adapter / "adapter_config.json").read_text())
@@ -27,7 +28,7 @@ cache_dir = Path(tempfile.mkdtemp(prefix="vllm-lora-cache-"))
 settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}, argv=[])
 url = f"http://127.0.0.1:{server.server_port}"
 # Python's file server ignores Range: fetch each file in one part.
-resolver = HttpResolver(url, settings, NodeCache(cache_dir), part_size=1 << 40)
+resolver = HttpResolver(url, settings, NodeCache(cache_dir), TransferConfig(part_size=1 << 40))
 resolved = resolver.resolve(config["base_model_name_or_path"], adapter.name)
 print(resolved.path if resolved else "not found")
 print(resolver.resolve(config["base_model_name_or_path"], "no-such-adapter"))

@@ -8,12 +8,12 @@ from typing import ClassVar, cast
 
 import requests
 
-from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.adapter import CONFIG_FILE, adapter_from_listing
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError, TransientStoreError
 from vllm_lora_resolvers.plugin import node_cache
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import BaseStorageResolver
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 
 class HttpResolver(BaseStorageResolver):

@@ -9,6 +9,8 @@ amount of the files, in bounded time, whatever they hold.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from vllm_lora_resolvers.adapter_config import (
     parse_adapter_config,
 )
 from vllm_lora_resolvers.errors import InvalidAdapterError
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.weights import TensorSpec, WeightsError
 from vllm_lora_resolvers.weights.lora_tensors import check_lora_tensors
 from vllm_lora_resolvers.weights.safetensors_header import (
@@ -167,3 +170,22 @@ def _header(path: Path) -> dict[str, TensorSpec]:
 
 def _invalid_weights(adapter: str, file_name: str, problem: WeightsError) -> InvalidAdapterError:
     return InvalidAdapterError(f"adapter {adapter!r}: weights file {file_name} {problem}")
+
+
+def adapter_from_listing(
+    name: str, location: str, listed: Mapping[str, RemoteFile]
+) -> RemoteAdapter | None:
+    """The adapter in one listed folder (file name -> file), or ``None`` if it has no config.
+
+    It is made of the config and the first weights file in vLLM's order of preference; its
+    version changes whenever the etag (object version) or size of one of those does.
+    """
+    config = listed.get(CONFIG_FILE)
+    weights = next((listed[n] for n in WEIGHTS_FILES if n in listed), None)
+    if config is None:
+        return None
+    files = (config,) if weights is None else (config, weights)
+    fingerprint = hashlib.sha256()
+    for file in files:
+        fingerprint.update(f"{file.path}\0{file.etag}\0{file.size}\n".encode())
+    return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, files)

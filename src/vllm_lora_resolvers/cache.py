@@ -50,6 +50,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vllm_lora_resolvers.checksums import RECORDED, file_digests
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
 from vllm_lora_resolvers.memory import KeyedLocks
 
@@ -688,8 +689,6 @@ def cache_write_error(error: OSError) -> CacheError:
 
 def _damage(path: Path, expected: SnapshotFile) -> str | None:
     """What is wrong with ``path`` compared with its manifest entry, or ``None``."""
-    from vllm_lora_resolvers.transfer import RemoteFile, verify_file  # transfer imports us
-
     try:
         status = path.lstat()  # a link, FIFO or device is never opened: reading could block
         if not stat.S_ISREG(status.st_mode):
@@ -697,11 +696,11 @@ def _damage(path: Path, expected: SnapshotFile) -> str | None:
         size = status.st_size
         if size != expected.size:
             return f"{size} bytes, the manifest says {expected.size}"
-        found = verify_file(path, RemoteFile(expected.path, size))
+        crc32c = file_digests(path, ())[RECORDED]
     except OSError as error:
         return error.strerror or type(error).__name__
-    if found.crc32c != expected.crc32c:
-        return f"CRC32C {found.crc32c}, the manifest says {expected.crc32c}"
+    if crc32c != expected.crc32c:
+        return f"CRC32C {crc32c}, the manifest says {expected.crc32c}"
     return None
 
 

@@ -26,7 +26,12 @@ class StoreRefusedError(StoreUnavailableError):
 
 
 class TransientStoreError(StoreUnavailableError):
-    """A failure worth retrying: throttling, 5xx, a broken connection, a bad transfer."""
+    """A failure worth retrying: throttling, 5xx, a broken connection, a bad transfer.
+
+    ``retried`` is set once a retry layer gave up on it: no other layer retries it again.
+    """
+
+    retried: bool = False
 
 
 class IntegrityError(TransientStoreError):

@@ -52,12 +52,14 @@ from vllm_lora_resolvers.errors import (
 )
 from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, StoreOutage
 from vllm_lora_resolvers.names import is_safe_adapter_name, is_safe_name
-from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.retry import call_with_retries, time_budget
 from vllm_lora_resolvers.transfer import (
-    RemoteAdapter,
-    RemoteFile,
+    DEFAULT_TRANSFER,
+    FetchedFile,
+    TransferConfig,
     download_in_parts,
-    fetch_files,
+    fetch_file,
 )
 
 if TYPE_CHECKING:
@@ -65,15 +67,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.lora_resolvers")
 
-#: A store request's time limits, (connect, read) in seconds. A healthy store answers a lookup in
-#: milliseconds; a transfer's read limit is the longest stall tolerated in the middle of a body.
-LOOKUP_TIMEOUT = (1.5, 1.5)
-TRANSFER_TIMEOUT = (2.0, 10.0)
-#: Lookups are tried up to 3 times (the clients' own retries are off for them), a retry only if
-#: it starts within 2 s: quick failures (503, resets) get three tries, while a store that accepts
-#: connections and never answers costs one resolution two timeouts, about 3 s (`bench outage`
-#: measures it), and the outage memory spares the requests after it.
-LOOKUP_RETRY_POLICY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, budget_seconds=2.0)
 #: How long an unreachable store is remembered as such (at most the miss TTL).
 OUTAGE_MEMORY_SECONDS = 5.0
 #: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was
@@ -130,18 +123,13 @@ class BaseStorageResolver(ABC):
         source: str,
         settings: Settings,
         cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
-        *,
-        part_size: int = 16 << 20,
-        part_workers: int = 8,
+        transfer: TransferConfig = DEFAULT_TRANSFER,
     ) -> None:
         self.source = source
         self.settings = settings
         self.cache = cache
         cache.serve_source(source)
-        self.retry_policy = retry_policy or RetryPolicy()
-        self.part_size = part_size
-        self.part_workers = part_workers
+        self.transfer = transfer
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._refusals = RefusalMemory()
         self._outage = StoreOutage(
@@ -190,16 +178,10 @@ class BaseStorageResolver(ABC):
         size: int,
         fetch_range: Callable[[int, int, Callable[[bytes], None]], None],
     ) -> None:
-        """For `download`: fetch ``size`` bytes into ``destination`` in parallel ranged parts of
-        `part_size`, each retried and resumed where it broke (see `download_in_parts`)."""
+        """For `download`: fetch ``size`` bytes into ``destination`` in parallel ranged parts,
+        each retried and resumed where it broke, as `transfer` says (see `download_in_parts`)."""
         download_in_parts(
-            destination,
-            size,
-            fetch_range,
-            part_size=self.part_size,
-            workers=self.part_workers,
-            policy=self.retry_policy,
-            on_retry=self._count_retry,
+            destination, size, fetch_range, config=self.transfer, on_retry=self._count_retry
         )
 
     def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
@@ -317,13 +299,13 @@ class BaseStorageResolver(ABC):
                 max_rank=self.settings.max_rank,
                 base_model_aliases=self.settings.base_model_aliases,
             )
-            with self._name_locks.hold(lora_name):
+            with self._name_locks.hold(lora_name), time_budget(self.transfer.resolution_seconds):
                 if serve_stale and self._misses.is_missing(lora_name):
                     outcome = "missing"
                     return None
                 for lookup in range(LOOKUPS_PER_RESOLUTION):
                     try:
-                        remote = self._locate(lora_name)
+                        remote = self.lookup(lora_name)
                     except StoreUnavailableError as error:
                         if not serve_stale:
                             raise
@@ -370,13 +352,14 @@ class BaseStorageResolver(ABC):
         if replaced and previous is not None:
             self.cache.release(previous)
 
-    def _locate(self, name: str) -> RemoteAdapter | None:
-        """`locate` with a short retry, skipped while the store is known to be down."""
+    def lookup(self, name: str) -> RemoteAdapter | None:
+        """`locate` as a resolution asks it: with the lookups' short retry, and not at all while
+        the store is known to be down (`StoreUnavailableError` then). For the command line too."""
         self._outage.raise_if_ongoing()
         try:
             remote = call_with_retries(
                 lambda: self.locate(name),
-                LOOKUP_RETRY_POLICY,
+                self.transfer.lookup_retry,
                 f"{self.backend} lookup of {name!r}",
                 self._count_retry,
             )
@@ -476,23 +459,36 @@ class BaseStorageResolver(ABC):
             if staging.exists():
                 self.cache.discard_staging(staging)
 
+    def fetch_to(
+        self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], destination: Path
+    ) -> list[FetchedFile]:
+        """Download ``files`` of ``remote`` into ``destination`` (created if need be) as a
+        resolution does: one after the other, each in parallel parts, retried, with its size and
+        every checksum the store declares verified. For the command line too."""
+        destination.mkdir(parents=True, exist_ok=True)
+        return [
+            fetch_file(
+                file,
+                destination / file.path,
+                lambda file, target: self.download(remote, file, target),
+                policy=self.transfer.transfer_retry,
+                on_retry=self._count_retry,
+            )
+            for file in files
+        ]
+
     def _download(
         self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], staging: Path
     ) -> list[SnapshotFile]:
         try:
-            return fetch_files(
-                files,
-                staging / "adapter",
-                lambda file, target: self.download(remote, file, target),
-                policy=self.retry_policy,
-                on_retry=self._count_retry,
-            )
+            fetched = self.fetch_to(remote, files, staging / "adapter")
         except OSError as error:
             # Only errors of the cache's own disk are the cache's; a backend's read errors are
             # its own to translate (and a broken connection was retried as transient already).
             if isinstance(error, CacheError) or error.errno not in CACHE_DISK_ERRNOS:
                 raise
             raise cache_write_error(error) from None
+        return [SnapshotFile(path=f.path, size=f.size, crc32c=f.crc32c) for f in fetched]
 
     def _check_weights_head(
         self, remote: RemoteAdapter, weights: RemoteFile, config: LoraAdapterConfig

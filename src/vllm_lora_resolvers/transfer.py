@@ -1,149 +1,78 @@
-"""Moving an adapter's files from a store into a staging folder: in parallel, retried, verified.
+"""Moving files from a store into a staging folder: in parallel, retried, verified.
 
-Backends only copy one file to one local path; sizes, checksums, retries and parallelism live here.
+It knows files, not adapters: a backend copies one file to one local path (usually in ranged
+parts, `download_in_parts`); sizes, checksums, retries and parallelism live here, configured by one
+`TransferConfig`. Every retry starts from `call_with_retries`, within the time budget of the
+resolution it serves (`retry.time_budget`), and a failure one layer gave up on is never retried by
+another, so the worst case a dead store costs is one number (`TransferConfig.worst_case_seconds`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextvars
 import os
-import zlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
 
-import google_crc32c
-
-from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
-from vllm_lora_resolvers.cache import SnapshotFile
+from vllm_lora_resolvers.checksums import RECORDED, file_digests
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
 
-_CHUNK = 1 << 20
-A = TypeVar("A")
-R = TypeVar("R")
+#: Ranged reads in flight in this process, all stores and files together.
+PARALLEL_READS = 32
+_READS = ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="lora-read")
+#: Lookups: up to 3 tries, a retry only within 2 s, so quick failures (503, resets) get three
+#: while a store that accepts connections and never answers costs two time limits (about 3 s).
+LOOKUP_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, budget_seconds=2.0)
+#: A ranged part, or a file read whole: up to 5 tries.
+TRANSFER_RETRY = RetryPolicy(attempts=5, base_delay=0.2, max_delay=2.0)
 
 
 @dataclass(frozen=True)
-class RemoteFile:
-    """One file of an adapter in a store.
+class TransferConfig:
+    """How every store is read: sizes, parallelism, time limits and the one retry policy.
 
-    ``checksums`` maps an algorithm (``md5``, ``sha1``, ``sha256``, ``crc32``, ``crc32c``,
-    ``crc64nvme``) to the lowercase hex digest the store declares; each is verified after download,
-    together with any a backend's `download` returns. ``etag`` is the store's opaque version of the
-    file, if it has one.
+    ``resolution_seconds`` is the time budget of one resolution: no retry of a lookup, a file or a
+    part starts after it (first attempts do, so a healthy, large download is never cut short).
     """
+
+    part_size: int = 16 << 20
+    #: Ranged parts of one file read at once (on a pool of `PARALLEL_READS` for the process).
+    parts_in_flight: int = 8
+    #: Per request, (connect, read) seconds: a lookup's and a transfer's (the read limit is the
+    #: longest stall tolerated in the middle of a body).
+    lookup_timeout: tuple[float, float] = (1.5, 1.5)
+    transfer_timeout: tuple[float, float] = (2.0, 10.0)
+    lookup_retry: RetryPolicy = LOOKUP_RETRY
+    transfer_retry: RetryPolicy = TRANSFER_RETRY
+    resolution_seconds: float = 15.0
+
+    def worst_case_seconds(self) -> float:
+        """The longest a store that accepts connections and never answers can hold a resolution:
+        retries stop at the budget, and the attempts in flight then end at their time limits."""
+        return self.resolution_seconds + max(sum(self.lookup_timeout), sum(self.transfer_timeout))
+
+
+#: What every store uses unless a caller (a test, a benchmark) says otherwise.
+DEFAULT_TRANSFER = TransferConfig()
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """A file downloaded and verified: its size and CRC32C, for the cache's manifest."""
 
     path: str
     size: int
-    checksums: Mapping[str, str] = field(default_factory=dict)
-    etag: str = ""
-
-
-@dataclass(frozen=True)
-class RemoteAdapter:
-    """An adapter found in a store: its version and the files that make it up.
-
-    ``version`` is opaque and changes whenever the content may have changed. A backend that
-    finds an adapter already snapshotted in the node cache names it in ``cached_snapshot``.
-    """
-
-    name: str
-    version: str
-    location: str
-    files: tuple[RemoteFile, ...]
-    cached_snapshot: str | None = None
-
-    def file(self, path: str) -> RemoteFile | None:
-        """The file at ``path`` (relative to the adapter folder), if the adapter has it."""
-        return next((file for file in self.files if file.path == path), None)
-
-
-def adapter_from_listing(
-    name: str, location: str, listed: Mapping[str, RemoteFile]
-) -> RemoteAdapter | None:
-    """The adapter in one listed folder (file name -> file), or ``None`` if it has no config.
-
-    It is made of the config and the first weights file in vLLM's order of preference; its
-    version changes whenever the etag (object version) or size of one of those does.
-    """
-    config = listed.get(CONFIG_FILE)
-    weights = next((listed[n] for n in WEIGHTS_FILES if n in listed), None)
-    if config is None:
-        return None
-    files = (config,) if weights is None else (config, weights)
-    fingerprint = hashlib.sha256()
-    for file in files:
-        fingerprint.update(f"{file.path}\0{file.etag}\0{file.size}\n".encode())
-    return RemoteAdapter(name, fingerprint.hexdigest()[:32], location, files)
-
-
-class _Hasher(Protocol):
-    def update(self, data: bytes, /) -> object: ...
-    def hexdigest(self) -> str: ...
-
-
-class _Crc32:
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: bytes, /) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def hexdigest(self) -> str:
-        return f"{self.value:08x}"
-
-
-class _Crc32c:
-    def __init__(self) -> None:
-        self._checksum = google_crc32c.Checksum()
-
-    def update(self, data: bytes, /) -> None:
-        self._checksum.update(data)
-
-    def hexdigest(self) -> str:
-        return str(self._checksum.digest().hex())
-
-
-class _Crc64Nvme:
-    """S3's default full-object checksum; computed with awscrt when it is installed."""
-
-    def __init__(self, crc64nvme: Callable[[bytes, int], int]) -> None:
-        self._crc64nvme = crc64nvme
-        self.value = 0
-
-    @classmethod
-    def create(cls) -> _Crc64Nvme | None:
-        try:
-            from awscrt.checksums import crc64nvme
-        except ImportError:
-            return None
-        return cls(crc64nvme)
-
-    def update(self, data: bytes, /) -> None:
-        self.value = self._crc64nvme(data, self.value)
-
-    def hexdigest(self) -> str:
-        return f"{self.value:016x}"
-
-
-def _hasher(algorithm: str) -> _Hasher | None:
-    if algorithm in ("md5", "sha1", "sha256"):
-        return hashlib.new(algorithm, usedforsecurity=False)
-    if algorithm == "crc32":
-        return _Crc32()
-    if algorithm == "crc32c":
-        return _Crc32c()
-    if algorithm == "crc64nvme":
-        return _Crc64Nvme.create()
-    return None
+    crc32c: str
 
 
 def verify_file(
     path: Path, expected: RemoteFile, declared: Mapping[str, str] | None = None
-) -> SnapshotFile:
+) -> FetchedFile:
     """Check ``path`` against the size and checksums of ``expected`` (and ``declared``).
 
     Raises `IntegrityError` on any mismatch. The file is read once whatever the checksums; its
@@ -155,22 +84,13 @@ def verify_file(
             f"{expected.path}: got {size} bytes, the store declared {expected.size}"
         )
     checksums = _worth_verifying({**expected.checksums, **(declared or {})})
-    hashers: dict[str, _Hasher] = {"crc32c": _Crc32c()}
-    for algorithm in checksums:
-        hasher = _hasher(algorithm)
-        if hasher is not None:
-            hashers[algorithm] = hasher
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            for hasher in hashers.values():
-                hasher.update(chunk)
+    found = file_digests(path, checksums)
     for algorithm, value in checksums.items():
-        hasher = hashers.get(algorithm)
-        if hasher is not None and hasher.hexdigest() != value.lower():
+        if algorithm in found and found[algorithm] != value.lower():
             raise IntegrityError(
                 f"{expected.path}: {algorithm} does not match what the store declared"
             )
-    return SnapshotFile(path=expected.path, size=size, crc32c=hashers["crc32c"].hexdigest())
+    return FetchedFile(path=expected.path, size=size, crc32c=found[RECORDED])
 
 
 def _worth_verifying(checksums: Mapping[str, str]) -> dict[str, str]:
@@ -181,38 +101,32 @@ def _worth_verifying(checksums: Mapping[str, str]) -> dict[str, str]:
     return dict(checksums)
 
 
-def fetch_files(
-    files: tuple[RemoteFile, ...],
-    destination: Path,
+def fetch_file(
+    file: RemoteFile,
+    target: Path,
     download: Callable[[RemoteFile, Path], Mapping[str, str]],
     *,
     policy: RetryPolicy,
     on_retry: Callable[[TransientStoreError], None],
-    max_workers: int = 4,
-) -> list[SnapshotFile]:
-    """Download every file into ``destination`` in parallel and verify each.
+) -> FetchedFile:
+    """Download ``file`` to ``target`` with ``download`` and verify it.
 
-    Each file is retried on its own (a transient failure re-fetches that file only); the first
-    failure that survives its retries cancels what has not started and is raised.
+    A failed attempt is retried as ``policy`` allows, unless a retry layer below (its ranged
+    parts') already gave up on it; bytes that do not match what the store declared are deleted.
     """
 
-    def fetch_one(file: RemoteFile) -> SnapshotFile:
-        target = destination / file.path
+    def attempt() -> FetchedFile:
+        try:
+            declared = download(file, target)
+        except ConnectionError as error:  # a backend that let a broken socket through
+            raise TransientStoreError(f"{file.path}: {type(error).__name__}") from None
+        try:
+            return verify_file(target, file, declared)
+        except IntegrityError:
+            target.unlink(missing_ok=True)
+            raise
 
-        def attempt() -> SnapshotFile:
-            try:
-                declared = download(file, target)
-            except ConnectionError as error:  # a backend that let a broken socket through
-                raise TransientStoreError(f"{file.path}: {type(error).__name__}") from None
-            try:
-                return verify_file(target, file, declared)
-            except IntegrityError:
-                target.unlink(missing_ok=True)
-                raise
-
-        return call_with_retries(attempt, policy, f"download of {file.path}", on_retry)
-
-    return run_in_parallel(fetch_one, files, max_workers)
+    return call_with_retries(attempt, policy, f"download of {file.path}", on_retry)
 
 
 def download_in_parts(
@@ -220,17 +134,15 @@ def download_in_parts(
     size: int,
     fetch_range: Callable[[int, int, Callable[[bytes], None]], None],
     *,
-    part_size: int,
-    workers: int,
-    policy: RetryPolicy,
+    config: TransferConfig,
     on_retry: Callable[[TransientStoreError], None],
 ) -> None:
     """Write bytes ``[0, size)`` of a remote object to ``destination``, parts in parallel.
 
     ``fetch_range(start, end, write)`` streams the bytes ``[start, end)`` to ``write`` in chunks.
     Each part is written in place with ``pwrite`` as it streams (memory stays at one chunk per
-    worker), and a part that breaks resumes from the byte where it broke; finished parts are never
-    fetched again.
+    part in flight), and a part that breaks resumes from the byte where it broke; finished parts
+    are never fetched again.
     """
     descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -255,27 +167,46 @@ def download_in_parts(
                     raise TransientStoreError(f"{destination.name}: part ended at byte {position}")
 
             call_with_retries(
-                attempt, policy, f"part {start}-{end} of {destination.name}", on_retry
+                attempt,
+                config.transfer_retry,
+                f"part {start}-{end} of {destination.name}",
+                on_retry,
             )
 
-        parts = [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
-        run_in_parallel(fetch_part, parts, workers)
+        step = config.part_size
+        parts = [(start, min(start + step, size)) for start in range(0, size, step)]
+        _run_in_lanes(fetch_part, parts, config.parts_in_flight)
     finally:
         os.close(descriptor)
 
 
-def run_in_parallel(function: Callable[[A], R], items: Sequence[A], workers: int) -> list[R]:
-    """``[function(item) for item in items]`` on a thread pool; the first failure cancels what
-    has not started and is raised once the running calls end."""
-    if not items:
-        return []
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        futures = [pool.submit(function, item) for item in items]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        for future in done:
-            error = future.exception()
-            if error is not None:
-                raise error
-        return [future.result() for future in futures]
+def _run_in_lanes(
+    function: Callable[[tuple[int, int]], None], items: Sequence[tuple[int, int]], lanes: int
+) -> None:
+    """``function(item)`` for every item, ``lanes`` at a time on the process's read pool (in the
+    caller's context: its time budget); after the first failure no lane takes another item, and
+    the failure is raised once the running calls end."""
+    remaining = iter(items)
+    guard = threading.Lock()
+    failed = threading.Event()
+
+    def lane() -> None:
+        while not failed.is_set():
+            with guard:
+                item = next(remaining, None)
+            if item is None:
+                return
+            try:
+                function(item)
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [
+        _READS.submit(contextvars.copy_context().run, lane) for _ in range(min(lanes, len(items)))
+    ]
+    wait(futures)
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error

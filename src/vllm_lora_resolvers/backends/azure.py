@@ -34,7 +34,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.identity import DefaultAzureCredential
-from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings, LinearRetry
+from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import BucketResolver, StoredObject, folder_key
@@ -48,9 +48,8 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT
-from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _URI = re.compile(r"(az|azure|abfss?)://([^/@]+)(?:@([^/]+))?/*(.*)")
 _CONTAINER = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
@@ -73,20 +72,17 @@ def parse_azure_uri(uri: str) -> tuple[str, str | None, str]:
 
 
 def make_blob_service(
-    host: str | None, *, for_lookups: bool = False, get_size: int = 16 << 20
+    host: str | None, timeout: tuple[float, float], get_size: int = DEFAULT_TRANSFER.part_size
 ) -> BlobServiceClient:
-    """A client of the account the environment (and the URI's ``host``) names. Lookups get the
-    pipeline's short time limits and no retries of their own; transfers two quick ones. A read of
-    up to ``get_size`` bytes is one ``GET``, held in memory (the SDK reads 4 MiB pieces one after
-    the other otherwise: half the speed of one request per part)."""
-    connect, read = LOOKUP_TIMEOUT if for_lookups else TRANSFER_TIMEOUT
-    retries = 0 if for_lookups else 2
+    """A client of the account the environment (and the URI's ``host``) names, with these
+    (connect, read) time limits and no retries of its own (the pipeline's are the only ones). A
+    read of up to ``get_size`` bytes (a part) is one ``GET``, held in memory: the SDK reads 4 MiB
+    pieces one after the other otherwise, half the speed of one request per part."""
+    connect, read = timeout
     options: dict[str, Any] = {
         "connection_timeout": connect,
         "read_timeout": read,
-        # The SDK's default retry waits 15 s first; the pipeline's own retries come around these.
-        # (Its hints say int seconds; it computes with floats.)
-        "retry_policy": LinearRetry(backoff=0.2, random_jitter_range=0.1, retry_total=retries),  # type: ignore[arg-type]
+        "retry_total": 0,
         "max_single_get_size": get_size,
         "max_chunk_get_size": get_size,
     }
@@ -140,30 +136,20 @@ class AzureBlobResolver(BucketResolver):
         uri: str,
         settings: Settings,
         cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
-        *,
-        part_size: int = 16 << 20,
-        part_workers: int = 8,
+        transfer: TransferConfig = DEFAULT_TRANSFER,
     ) -> None:
         self.container, host, self.prefix = parse_azure_uri(uri)
         #: As the URI writes it (``az://container``, ``abfss://container@host``), for messages.
         self.bucket_uri = "/".join(uri.strip().split("/")[:3])
         # Making clients does no network I/O; credentials are fetched on the first request.
-        service = make_blob_service(host, get_size=part_size)
+        service = make_blob_service(host, transfer.transfer_timeout, transfer.part_size)
         self.client = service.get_container_client(self.container)
-        lookups = make_blob_service(host, for_lookups=True)
+        lookups = make_blob_service(host, transfer.lookup_timeout)
         self.lookup_client = lookups.get_container_client(self.container)
         prefix = f"/{self.prefix}" if self.prefix else ""
         # The account's endpoint tells containers of one name apart; no SAS in it.
         endpoint = public_endpoint(service.primary_endpoint).rstrip("/")
-        super().__init__(
-            f"az://{self.container}{prefix}@{endpoint}",
-            settings,
-            cache,
-            retry_policy,
-            part_size=part_size,
-            part_workers=part_workers,
-        )
+        super().__init__(f"az://{self.container}{prefix}@{endpoint}", settings, cache, transfer)
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """One listing of the blobs of ``folder`` named ``adapter_*``, in name order, stopped past
@@ -215,7 +201,9 @@ class AzureBlobResolver(BucketResolver):
     def _put_if(self, key: str, body: Any, **condition: Any) -> bool:
         with store_errors(f"writing {self.location(key)}"):
             try:
-                self.client.upload_blob(key, body, max_concurrency=self.part_workers, **condition)
+                self.client.upload_blob(
+                    key, body, max_concurrency=self.transfer.parts_in_flight, **condition
+                )
             except (ResourceExistsError, ResourceModifiedError):
                 return False
         return True

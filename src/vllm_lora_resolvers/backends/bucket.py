@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from vllm_lora_resolvers.adapter import adapter_from_listing
 from vllm_lora_resolvers.backends.published import (
     MAX_POINTER_BYTES,
     POINTER_FILE,
@@ -18,13 +20,11 @@ from vllm_lora_resolvers.backends.published import (
     split_pin,
     version_folder,
 )
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import ConfigurationError, Settings
+from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.names import is_safe_adapter_name
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import BaseStorageResolver
-from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 
 def parse_bucket_uri(
@@ -84,21 +84,10 @@ class BucketResolver(BaseStorageResolver):
     #: The key prefix adapters live under, without slashes around (``""``: the bucket's root).
     prefix: str
 
-    def __init__(
-        self,
-        source: str,
-        settings: Settings,
-        cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
-        *,
-        part_size: int = 16 << 20,
-        part_workers: int = 8,
-    ) -> None:
-        #: The pointer last read of each adapter folder, by the ETag or generation it had.
-        self._pointers: dict[str, CurrentPointer] = {}
-        super().__init__(
-            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
-        )
+    @cached_property
+    def _pointers(self) -> dict[str, CurrentPointer]:
+        """The pointer last read of each adapter folder, by the ETag or generation it had."""
+        return {}
 
     # -- what a store provides ------------------------------------------------------------
 

@@ -28,9 +28,15 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import TransferConfig
+
+#: A local copy has nothing transient to wait out: one quick retry for a racing writer.
+LOCAL_TRANSFER = TransferConfig(
+    transfer_retry=RetryPolicy(attempts=2, base_delay=0.05, budget_seconds=5)
+)
 
 _COPY_CHUNK = 64 << 20
 
@@ -51,13 +57,11 @@ class FilesystemResolver(BaseStorageResolver):
         root: Path,
         settings: Settings,
         cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
+        transfer: TransferConfig = LOCAL_TRANSFER,
     ) -> None:
         self.root = root.resolve()
         self._root = str(self.root)
-        # A local copy has nothing transient to wait out: one quick retry for a racing writer.
-        policy = retry_policy or RetryPolicy(attempts=2, base_delay=0.05, budget_seconds=5)
-        super().__init__(f"file://{self.root}", settings, cache, policy)
+        super().__init__(f"file://{self.root}", settings, cache, transfer)
 
     def locate(self, name: str) -> RemoteAdapter | None:
         """Stat the folder's adapter files; the version is their sizes, mtimes and inodes."""

@@ -27,7 +27,6 @@ from urllib.parse import quote
 import google.auth.exceptions
 import requests
 from google.api_core import exceptions as google_errors
-from google.api_core.retry import Retry
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
@@ -48,9 +47,8 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT
-from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20
@@ -59,6 +57,10 @@ _PAST_ADAPTER_FILES = "adapter_n"
 assert all(name < _PAST_ADAPTER_FILES for name in ADAPTER_FILES)
 #: Entries read at most to find one adapter's files (ten listing pages).
 _MAX_LOOKUP_ENTRIES = 10_000
+
+#: Google's own retry, for the command line's listings of a whole folder only (lookups and
+#: transfers have the pipeline's retries alone).
+_LISTING_RETRY = DEFAULT_RETRY.with_timeout(10.0)
 
 
 def parse_gcs_uri(uri: str) -> tuple[str, str]:
@@ -82,19 +84,10 @@ class GcsResolver(BucketResolver):
         uri: str,
         settings: Settings,
         cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
-        *,
-        part_size: int = 16 << 20,
-        part_workers: int = 8,
-        request_retry_seconds: float = 10.0,
+        transfer: TransferConfig = DEFAULT_TRANSFER,
     ) -> None:
         self.bucket_name, self.prefix = parse_gcs_uri(uri)
         self.bucket_uri = f"gs://{self.bucket_name}"
-        # Google's own retry of one request (429, 5xx, broken connections, resuming a broken
-        # body), bounded so that the pipeline's retries and outage handling stay in charge.
-        self.request_retry: Retry = DEFAULT_RETRY.with_timeout(request_retry_seconds)
-        self.part_size = part_size
-        self.part_workers = part_workers
         self._client: storage.Client | None = None
         self._client_guard = threading.Lock()
         prefix = f"/{self.prefix}" if self.prefix else ""
@@ -103,9 +96,7 @@ class GcsResolver(BucketResolver):
         if emulator:
             # An emulator's bucket is not the real one of that name; no credentials in it.
             source += f"@{public_endpoint(emulator)}"
-        super().__init__(
-            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
-        )
+        super().__init__(source, settings, cache, transfer)
 
     @property
     def client(self) -> storage.Client:
@@ -135,7 +126,7 @@ class GcsResolver(BucketResolver):
                     end_offset=folder + _PAST_ADAPTER_FILES,
                     max_results=_MAX_LOOKUP_ENTRIES,
                     retry=None,  # the pipeline's lookup retry is the only one
-                    timeout=LOOKUP_TIMEOUT,
+                    timeout=self.transfer.lookup_timeout,
                 )
             )
         if len(blobs) == _MAX_LOOKUP_ENTRIES:
@@ -159,7 +150,7 @@ class GcsResolver(BucketResolver):
         with (
             store_errors(f"reading {self.location(key)}"),
             self.client._http.get(
-                self._media_url(key), stream=True, timeout=LOOKUP_TIMEOUT
+                self._media_url(key), stream=True, timeout=self.transfer.lookup_timeout
             ) as response,
         ):
             if response.status_code == 404:
@@ -196,7 +187,10 @@ class GcsResolver(BucketResolver):
         listed = folder_key(self.prefix, folder)
         with store_errors(f"listing gs://{self.bucket_name}/{listed}"):
             blobs = self.bucket.list_blobs(
-                prefix=listed, delimiter="/", retry=self.request_retry, timeout=TRANSFER_TIMEOUT
+                prefix=listed,
+                delimiter="/",
+                retry=_LISTING_RETRY,
+                timeout=self.transfer.transfer_timeout,
             )
             for page in blobs.pages:
                 for subfolder in sorted(page.prefixes):
@@ -218,7 +212,7 @@ class GcsResolver(BucketResolver):
             with store_errors(f"reading bytes {start}-{end} of {where}"):
                 headers = {"Range": f"bytes={start}-{end - 1}"}
                 with self.client._http.get(
-                    url, headers=headers, stream=True, timeout=TRANSFER_TIMEOUT
+                    url, headers=headers, stream=True, timeout=self.transfer.transfer_timeout
                 ) as response:
                     if response.status_code not in (200, 206):
                         raise google_errors.from_http_response(response)  # type: ignore[no-untyped-call]

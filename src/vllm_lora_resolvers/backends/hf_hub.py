@@ -12,9 +12,9 @@ a cache hit), then one ``paths-info`` of the adapter's own files at that commit 
 sha256), then one ``GET`` per file (ranged ``GET``s in parallel for large ones). The repo is never
 listed, so a resolve costs the same in a repo of one adapter or of thousands, and an adapter
 pushed later is found as soon as its miss is forgotten. Endpoint and token are huggingface_hub's
-own: ``HF_ENDPOINT``, ``HF_TOKEN`` or the stored login, ``HF_HUB_DOWNLOAD_TIMEOUT``,
-``HF_HUB_OFFLINE``; lookups use the pipeline's short `LOOKUP_TIMEOUT` (not ``HF_HUB_ETAG_TIMEOUT``)
-so that a Hub that does not answer costs a request seconds.
+own: ``HF_ENDPOINT``, ``HF_TOKEN`` or the stored login, ``HF_HUB_OFFLINE``; time limits are the
+pipeline's (`TransferConfig`; not ``HF_HUB_ETAG_TIMEOUT`` or ``HF_HUB_DOWNLOAD_TIMEOUT``), so that a
+Hub that does not answer costs a request seconds.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
 )
 from vllm_lora_resolvers.names import is_safe_name
-from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, BaseStorageResolver
-from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _CHUNK = 1 << 20
 _LIBRARY = "vllm-lora-resolvers"
@@ -108,10 +108,7 @@ class HfHubResolver(BaseStorageResolver):
         repos: Iterable[str],
         settings: Settings,
         cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
-        *,
-        part_size: int = 16 << 20,
-        part_workers: int = 8,
+        transfer: TransferConfig = DEFAULT_TRANSFER,
     ) -> None:
         self.repos = parse_repo_list(repos)
         # huggingface_hub reads HF_ENDPOINT once, at import; a resolver built later honours a
@@ -123,9 +120,7 @@ class HfHubResolver(BaseStorageResolver):
         self.public_endpoint = public_endpoint(self.endpoint)
         # The cache key's source: two Hubs (or mirrors) never share a snapshot.
         source = "hf://" + self.public_endpoint.split("://", 1)[-1]
-        super().__init__(
-            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
-        )
+        super().__init__(source, settings, cache, transfer)
 
     def parse_name(self, name: str) -> HubAdapter | None:
         """The repo, folder and revision ``name`` points to; ``None`` if it is not one of ours."""
@@ -199,7 +194,7 @@ class HfHubResolver(BaseStorageResolver):
             revision=target.revision,
             endpoint=self.endpoint,
         )
-        metadata = self.api.get_hf_file_metadata(url=url, timeout=LOOKUP_TIMEOUT[1])
+        metadata = self.api.get_hf_file_metadata(url=url, timeout=self.transfer.lookup_timeout[1])
         commit = metadata.commit_hash
         if commit is None or not _COMMIT.fullmatch(commit):
             raise StoreUnavailableError(
@@ -215,7 +210,7 @@ class HfHubResolver(BaseStorageResolver):
             f"{self.endpoint}/api/models/{target.repo_id}/paths-info/{commit}",
             data={"paths": [target.path(name) for name in ADAPTER_FILES], "expand": False},
             headers=build_hf_headers(library_name=_LIBRARY),
-            timeout=LOOKUP_TIMEOUT[1],
+            timeout=self.transfer.lookup_timeout[1],
         )
         hf_raise_for_status(response)
         listed = {entry["path"]: entry for entry in response.json() if entry["type"] == "file"}
@@ -248,7 +243,7 @@ class HfHubResolver(BaseStorageResolver):
 
         def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
             with hub_errors(f"{doing} (bytes {start}-{end})", target.repo_id):
-                _fetch_range(url, start, end, write)
+                _fetch_range(url, start, end, write, self.transfer.transfer_timeout)
 
         self.download_ranges(destination, file.size, fetch_range)
         if not file.checksums and file.etag and git_blob_id(destination) != file.etag:
@@ -256,15 +251,22 @@ class HfHubResolver(BaseStorageResolver):
         return {}
 
 
-def _fetch_range(url: str, start: int, end: int, write: Callable[[bytes], None]) -> None:
+def _fetch_range(
+    url: str,
+    start: int,
+    end: int,
+    write: Callable[[bytes], None],
+    timeout: tuple[float, float],
+) -> None:
     """Stream bytes ``[start, end)`` of ``GET url`` to ``write``.
 
     Redirects to a CDN are followed; httpx drops the ``Authorization`` header on another origin.
     """
     headers = build_hf_headers(library_name=_LIBRARY)
     headers["Range"] = f"bytes={start}-{end - 1}"
-    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+    connect, read = timeout
+    limits = httpx2.Timeout(read, connect=connect)
+    with get_session().stream("GET", url, headers=headers, timeout=limits) as response:
         hf_raise_for_status(response)
         if response.status_code != 206 and start != 0:  # a whole body is fine from byte 0 only
             status = response.status_code

@@ -22,10 +22,15 @@ from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILES
+from vllm_lora_resolvers.adapter import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    WEIGHTS_FILES,
+    adapter_from_listing,
+)
 from vllm_lora_resolvers.errors import InvalidAdapterError
 from vllm_lora_resolvers.names import MAX_REVISION_LENGTH, adapter_name_segments
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 
 VERSIONS_FOLDER = "_versions"
 POINTER_FILE = "adapter_current.json"

@@ -40,9 +40,8 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.resolver import LOOKUP_TIMEOUT, TRANSFER_TIMEOUT
-from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -117,25 +116,20 @@ class S3Resolver(BucketResolver):
         uri: str,
         settings: Settings,
         cache: NodeCache,
-        retry_policy: RetryPolicy | None = None,
-        *,
-        part_size: int = 16 << 20,
-        part_workers: int = 8,
+        transfer: TransferConfig = DEFAULT_TRANSFER,
     ) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.bucket_uri = f"s3://{self.bucket}"
         # Making a client does no network I/O; credentials are resolved on the first request.
-        self.client = make_s3_client()
-        self.lookup_client = make_s3_client(for_lookups=True)
+        self.client = make_s3_client(transfer.transfer_timeout)
+        self.lookup_client = make_s3_client(transfer.lookup_timeout)
         prefix = f"/{self.prefix}" if self.prefix else ""
         source = f"s3://{self.bucket}{prefix}"
         endpoint = self.client.meta.endpoint_url
         if not _AWS_ENDPOINT.match(endpoint):
             # Two stores never share cache entries for one bucket name; no credentials in it.
             source += f"@{public_endpoint(endpoint)}"
-        super().__init__(
-            source, settings, cache, retry_policy, part_size=part_size, part_workers=part_workers
-        )
+        super().__init__(source, settings, cache, transfer)
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """``ListObjectsV2`` of ``folder`` from the adapter's config to its last weights name.
@@ -226,7 +220,7 @@ class S3Resolver(BucketResolver):
         """
         key = self.object_key(adapter, file)
         where = self.location(key)
-        if file.size <= self.part_size:
+        if file.size <= self.transfer.part_size:
             with store_errors(f"reading {where}"):
                 response = self.client.get_object(
                     Bucket=self.bucket, Key=key, IfMatch=file.etag, ChecksumMode="ENABLED"
@@ -291,23 +285,20 @@ def head_checksums(head: Mapping[str, Any]) -> dict[str, str]:
     return checksums
 
 
-def make_s3_client(*, for_lookups: bool = False) -> S3Client:
-    """A boto3 S3 client from the standard AWS configuration chain.
+def make_s3_client(timeout: tuple[float, float] = TransferConfig.transfer_timeout) -> S3Client:
+    """A boto3 S3 client from the standard AWS configuration chain, with these (connect, read)
+    time limits and no retries of its own: the pipeline's are the only ones (`TransferConfig`).
 
     Path-style addressing for any endpoint that is not AWS's own: S3-compatible stores rarely
-    have wildcard DNS for virtual-hosted buckets. A client for lookups has the pipeline's short
-    time limits and no retries of its own (the pipeline's lookup retry is the only one).
+    have wildcard DNS for virtual-hosted buckets.
     """
-    # Transfers retry per request as the AWS configuration says (AWS_MAX_ATTEMPTS,
-    # AWS_RETRY_MODE; default "standard", 3 attempts); the pipeline adds its own, bounded, around
-    # whole files and parts.
-    connect, read = LOOKUP_TIMEOUT if for_lookups else TRANSFER_TIMEOUT
+    connect, read = timeout
     config = Config(
         max_pool_connections=32,
         connect_timeout=connect,
         read_timeout=read,
         tcp_keepalive=True,
-        retries={"total_max_attempts": 1} if for_lookups else None,
+        retries={"total_max_attempts": 1},
     )
     session = boto3.session.Session()
     client = session.client("s3", config=config)

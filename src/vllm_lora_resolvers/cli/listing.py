@@ -6,10 +6,11 @@ adapters below it are listed, by the names clients ask for (``team-a/sql``), ins
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import click
 from rich.console import Console
@@ -29,11 +30,14 @@ from vllm_lora_resolvers.cli.output import (
     short_version,
     table,
 )
-from vllm_lora_resolvers.cli.stores import fetch_adapter_files, open_store, scratch_cache
+from vllm_lora_resolvers.cli.stores import open_store, scratch_cache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
+from vllm_lora_resolvers.remote import RemoteAdapter
 from vllm_lora_resolvers.resolver import BaseStorageResolver
-from vllm_lora_resolvers.transfer import RemoteAdapter, run_in_parallel
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 #: Adapters looked up (and their configs fetched) at once.
 _LOOKUPS_IN_FLIGHT = 8
@@ -120,7 +124,7 @@ def _describe(
     if not resolver.accepts_name(name):
         return ListedAdapter(name, problems=("not a name a client can ask for; rename it",))
     try:
-        remote = resolver.locate(name)
+        remote = resolver.lookup(name)
         if remote is None:
             inside = list(list_names(name))
             return inside or ListedAdapter(name, problems=(f"no {CONFIG_FILE}: not an adapter",))
@@ -150,7 +154,7 @@ def _read_config(
         return (snapshot.adapter_dir / CONFIG_FILE).read_bytes(), manifest.total_bytes, names
     config = remote.file(CONFIG_FILE)
     assert config is not None  # locate finds only folders with a config
-    fetch_adapter_files(resolver, remote, (config,), scratch)
+    resolver.fetch_to(remote, (config,), scratch)
     size = sum(file.size for file in remote.files)
     names = frozenset(file.path for file in remote.files)
     return (scratch / CONFIG_FILE).read_bytes(), size, names
@@ -177,3 +181,20 @@ def _print_listing(
     print_table(out, listing)
     valid_count = sum(not row.problems for row in rows)
     out.print(f"{plural(len(rows), 'folder')}, {valid_count} valid")
+
+
+def run_in_parallel(function: Callable[[A], R], items: Sequence[A], workers: int) -> list[R]:
+    """``[function(item) for item in items]`` on a thread pool; the first failure cancels what
+    has not started and is raised once the running calls end."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            error = future.exception()
+            if error is not None:
+                raise error
+        return [future.result() for future in futures]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import functools
 import hashlib
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,12 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE, weights_file
+from vllm_lora_resolvers.adapter import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    adapter_from_listing,
+    weights_file,
+)
 from vllm_lora_resolvers.backends.bucket import BucketResolver
 from vllm_lora_resolvers.backends.published import (
     MAX_HISTORY,
@@ -39,7 +45,6 @@ from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.lint import LintPolicy
 from vllm_lora_resolvers.cli.output import cannot_check, console, line, printable
 from vllm_lora_resolvers.cli.stores import (
-    fetch_adapter_files,
     open_store,
     scratch_cache,
     split_adapter_uri,
@@ -47,8 +52,9 @@ from vllm_lora_resolvers.cli.stores import (
 from vllm_lora_resolvers.cli.validate import print_report, validate_folder
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.retry import call_with_retries
 from vllm_lora_resolvers.stores import BUCKET_SCHEMES
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, adapter_from_listing
 
 _VERSION_HELP = "[A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"
 #: An S3 ETag that is the MD5 of the object (single-part uploads without KMS or customer keys).
@@ -198,9 +204,11 @@ class Publisher:
         for path in files:
             if path.name in existing:
                 continue
-            if not self.store.upload_object(target + path.name, path):
+            key = target + path.name
+            upload = functools.partial(self.store.upload_object, key, path)
+            if not self._retried(upload, f"upload of {key}"):
                 raise RefusedError(
-                    f"{self.store.location(target + path.name)} appeared while publishing "
+                    f"{self.store.location(key)} appeared while publishing "
                     "(another publisher?); run publish again to compare it with yours"
                 )
             uploaded.append(path.name)
@@ -280,12 +288,20 @@ class Publisher:
             updated_at=time.time(),
         )
         content = pointer.model_dump_json(indent=2).encode() + b"\n"
-        if not self.store.write_object(self.pointer_key, content, replacing=current.etag):
+        if not self._retried(
+            lambda: self.store.write_object(self.pointer_key, content, replacing=current.etag),
+            f"write of {self.pointer_key}",
+        ):
             raise RefusedError(
                 f"{move.pointer_location} changed meanwhile (another publisher?); it was not "
                 f"moved to version {version!r}: run the command again"
             )
         return move
+
+    def _retried(self, write: Callable[[], bool], describe: str) -> bool:
+        """A write to the store, retried on transient failures as the store's reads are (the
+        clients' own retries are off); a retry after a write that landed finds it there."""
+        return call_with_retries(write, self.store.transfer.transfer_retry, describe)
 
     def _read_current(self) -> _Current:
         """The name's pointer; a malformed one is reported, and replaced by the move."""
@@ -330,7 +346,7 @@ class Publisher:
             return True
         remote = RemoteAdapter(self.name, "-", location, (stored,))
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
-            fetch_adapter_files(self.store, remote, (stored,), Path(scratch))
+            self.store.fetch_to(remote, (stored,), Path(scratch))
             return filecmp.cmp(path, Path(scratch, stored.path), shallow=False)
 
 

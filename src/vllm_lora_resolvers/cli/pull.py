@@ -43,9 +43,9 @@ from vllm_lora_resolvers.cli.output import (
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import ResolverError, StoreUnavailableError
 from vllm_lora_resolvers.plugin import configured_resolvers
+from vllm_lora_resolvers.remote import RemoteAdapter
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.stores import STORES
-from vllm_lora_resolvers.transfer import RemoteAdapter
 
 _POLL_SECONDS = 0.1
 
@@ -189,7 +189,7 @@ def _pull_from(
 ) -> Pulled | None:
     started = time.perf_counter()
     try:
-        remote = resolver.locate(name)
+        remote = resolver.lookup(name)
     except StoreUnavailableError:
         remote = None  # the pipeline serves a cached copy, or explains
     else:

@@ -22,10 +22,8 @@ import click
 
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings, Variable
-from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.stores import BY_SCHEME, FS, HF, StoreDeclaration
-from vllm_lora_resolvers.transfer import RemoteAdapter, RemoteFile, fetch_files
 
 REMOTE_SCHEMES = tuple(BY_SCHEME)
 
@@ -106,25 +104,3 @@ def scratch_cache(store_uri: str) -> Iterator[tuple[NodeCache, Path]]:
         root = Path(store_uri)
         own = not is_remote(store_uri) and (root / STATE_DIR).is_dir()
         yield NodeCache(root if own else scratch / "cache"), scratch
-
-
-def fetch_adapter_files(
-    resolver: BaseStorageResolver,
-    remote: RemoteAdapter,
-    files: tuple[RemoteFile, ...],
-    destination: Path,
-) -> None:
-    """Download ``files`` of ``remote`` into ``destination`` as the resolver does: in parallel,
-    retried, with sizes and every checksum the store declares verified."""
-    destination.mkdir(parents=True, exist_ok=True)
-    fetch_files(
-        files,
-        destination,
-        lambda file, target: resolver.download(remote, file, target),
-        policy=resolver.retry_policy,
-        on_retry=_ignore_retry,
-    )
-
-
-def _ignore_retry(_: TransientStoreError) -> None:
-    """Retries are logged by the retry module already; the command line counts none."""

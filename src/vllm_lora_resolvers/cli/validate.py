@@ -37,7 +37,6 @@ from vllm_lora_resolvers.cli.output import (
 )
 from vllm_lora_resolvers.cli.stores import (
     AdapterUri,
-    fetch_adapter_files,
     is_remote,
     open_store,
     scratch_cache,
@@ -93,7 +92,7 @@ def validate_folder(
         resolver = open_store(str(real.parent), settings, NodeCache(Path(scratch)))
         name_check = check_name(adapter, resolver.accepts_name(adapter))
         try:
-            resolver.locate(real.name)  # the filesystem resolver's rules for the folder's files
+            resolver.lookup(real.name)  # the filesystem resolver's rules for the folder's files
         except InvalidAdapterError as error:
             return _refused(adapter, str(folder), lint_policy, name_check, error)
     return lint_folder(adapter, folder, str(folder), name_check, lint_policy)
@@ -108,7 +107,7 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
         if name_check.level is Level.FAIL:
             return LintReport(name, uri, lint_policy, None, (name_check,))
         try:
-            remote = resolver.locate(name)
+            remote = resolver.lookup(name)
         except InvalidAdapterError as error:
             return _refused(name, uri, lint_policy, name_check, error)
         if remote is None:
@@ -116,7 +115,7 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
             return LintReport(name, uri, lint_policy, None, (absent,))
         folder = scratch / "adapter"
         try:
-            fetch_adapter_files(resolver, remote, remote.files, folder)
+            resolver.fetch_to(remote, remote.files, folder)
         except IntegrityError as error:
             damaged = Check(DOWNLOAD_CHECK, Level.FAIL, str(error), "upload the adapter again")
             return LintReport(name, remote.location, lint_policy, None, (damaged,))
