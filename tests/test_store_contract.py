@@ -26,7 +26,6 @@ from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
-    StoreUnavailableError,
     TransientStoreError,
 )
 
