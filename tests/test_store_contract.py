@@ -168,8 +168,11 @@ async def test_32_coroutines_fetch_a_new_adapter_once(
     requests = await asyncio.gather(
         *(resolver.resolve_lora(BASE_MODEL, store.name("sql")) for _ in range(32))
     )
-    assert len({request.lora_path for request in requests if request is not None}) == 1
     assert None not in requests
+    assert len({request.lora_path for request in requests if request is not None}) == 1
+    assert {request.lora_name for request in requests if request is not None} == {store.name("sql")}
+    assert all(request.lora_int_id >= 1 for request in requests if request is not None)
+    assert await resolver.resolve_lora(BASE_MODEL, store.name("../sql")) is None
     assert counted(store, metrics.RESOLUTIONS, "fetched") == fetched + 1
     assert fetched_bytes(store) - before == size
     assert len(store.weights_reads()) <= 1  # stores that count reads: one
