@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BASE_MODEL, files_of, snapshot_dirs, staging_entries
@@ -53,7 +54,7 @@ def open_resolver(
     return make
 
 
-def put(memory: MemoryStore, tmp_path: Path, name: str, **options: int) -> Path:
+def put(memory: MemoryStore, tmp_path: Path, name: str, **options: Any) -> Path:
     source = write_lora_adapter(tmp_path / "sources" / name, base_model=BASE_MODEL, **options)
     memory.put_folder(name, source)
     return source

@@ -59,7 +59,9 @@ class HttpResolver(BaseStorageResolver):
         url = f"{adapter.location}{file.path}"
 
         def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
-            headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": file.etag}
+            headers = {"Range": f"bytes={start}-{end - 1}"}
+            if file.etag.startswith('"'):  # a strong ETag, not a Last-Modified date
+                headers["If-Match"] = file.etag
             with (
                 http_errors(f"reading bytes {start}-{end} of {url}"),
                 requests.get(url, headers=headers, stream=True, timeout=TRANSFER_TIMEOUT) as got,
