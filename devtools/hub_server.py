@@ -83,6 +83,16 @@ class _Repo:
         return commit
 
 
+def _commit(repo_id: str, repo: _Repo, parent: str | None, snapshot: Snapshot, branch: str) -> str:
+    """Record ``snapshot`` as a new commit on ``branch`` of ``repo``; its sha."""
+    listing = "".join(f"{p}\0{f.oid}\n" for p, f in sorted(snapshot.items()))
+    text = f"{repo_id}\0{parent}\0{len(repo.commits)}\0{listing}"
+    sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+    repo.commits[sha] = snapshot
+    repo.branches[branch] = sha
+    return sha
+
+
 class HubError(Exception):
     """An error answer: HTTP status, ``X-Error-Code``, message and any other headers."""
 
@@ -159,12 +169,19 @@ class HubServer:
             repo = self._repos.setdefault(repo_id, _Repo())
             parent = repo.branches.get(branch) or repo.branches.get("main")
             snapshot = {**(repo.commits[parent] if parent else {}), **added}
-            listing = "".join(f"{p}\0{f.oid}\n" for p, f in sorted(snapshot.items()))
-            text = f"{repo_id}\0{parent}\0{len(repo.commits)}\0{listing}"
-            sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
-            repo.commits[sha] = snapshot
-            repo.branches[branch] = sha
-        return sha
+            return _commit(repo_id, repo, parent, snapshot, branch)
+
+    def remove(self, repo_id: str, folder: str, branch: str = "main") -> str:
+        """Commit the removal of every file under ``folder`` on ``branch``; the new commit's sha."""
+        with self._lock:
+            repo = self._repos[repo_id]
+            parent = repo.branches[branch]
+            snapshot = {
+                path: file
+                for path, file in repo.commits[parent].items()
+                if not path.startswith(f"{folder}/")
+            }
+            return _commit(repo_id, repo, parent, snapshot, branch)
 
     def tag(self, repo_id: str, tag: str, revision: str) -> None:
         """Point ``tag`` at the commit ``revision`` (a sha, branch or tag) resolves to."""

@@ -3,8 +3,9 @@
 Bytes pass unchanged, so SigV4 signatures stay valid. The relay parses just enough HTTP/1.1 to
 count requests and to find where each response body starts and ends (Content-Length, chunked or
 until EOF; keep-alive with many requests per connection; ``100 Continue``). With that it can
-answer an error status instead of the server, delay a request, or cut a response body after N
-bytes with a reset (RST) or a clean close (FIN, i.e. a truncated body).
+answer an error status instead of the server, delay a request, cut a response body after N
+bytes with a reset (RST) or a clean close (FIN, i.e. a truncated body), or flip a bit of one byte of
+a body (same size, other content: what only a checksum catches).
 
 It runs its own asyncio loop in its own thread, so it works under synchronous clients (boto3)::
 
@@ -49,10 +50,12 @@ class Fault:
       - ``reset_after`` / ``close_after``: forward the request; once ``after_bytes`` bytes of the
         response body (raw, chunk framing included) reached the client, reset the connection
         (RST) or close it cleanly (FIN, a truncated body);
-      - ``delay``: wait ``seconds`` before forwarding the request.
+      - ``delay``: wait ``seconds`` before forwarding the request;
+      - ``corrupt_at``: forward the request and the whole response, with one bit of the response
+        body's byte at offset ``after_bytes`` flipped (bodies shorter than that pass unchanged).
     """
 
-    kind: Literal["status", "reset_after", "close_after", "delay"]
+    kind: Literal["status", "reset_after", "close_after", "delay", "corrupt_at"]
     method: str | None = None
     path_contains: str | None = None
     match: Callable[[str, str], bool] | None = None
@@ -232,11 +235,14 @@ class FaultRelay:
                 if method == "HEAD" or status in (204, 304):
                     continue
                 cut = fault if fault is not None and fault.kind.endswith("_after") else None
+                corrupt = fault if fault is not None and fault.kind == "corrupt_at" else None
                 sent = 0
                 async with contextlib.aclosing(_body(upstream, headers, until_eof=True)) as body:
                     async for piece in body:
                         if cut is not None:
                             piece = piece[: cut.after_bytes - sent]  # noqa: PLW2901
+                        if corrupt is not None and 0 <= corrupt.after_bytes - sent < len(piece):
+                            piece = _flip_bit(piece, corrupt.after_bytes - sent)  # noqa: PLW2901
                         with self._lock:  # counted before the client can see the bytes
                             self._body_bytes += len(piece)
                         client.write(piece)
@@ -249,6 +255,11 @@ class FaultRelay:
             pass
         finally:
             client.close()  # the client must not send more to a dead upstream connection
+
+
+def _flip_bit(piece: bytes, offset: int) -> bytes:
+    """``piece`` with the lowest bit of its byte at ``offset`` flipped."""
+    return piece[:offset] + bytes([piece[offset] ^ 1]) + piece[offset + 1 :]
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, str, dict[str, str]] | None:

@@ -45,6 +45,10 @@ class GcsBucket:
         for path in sorted(folder.iterdir()):
             bucket.blob(f"adapters/{name}/{path.name}").upload_from_filename(str(path))
 
+    def delete(self, name: str) -> None:
+        for blob in self.client.list_blobs(self.name, prefix=f"adapters/{name}/"):
+            blob.delete()
+
     def requests(self, method: str | None = None) -> list[tuple[str, str]]:
         return [r for r in self.relay.requests if method is None or r[0] == method]
 

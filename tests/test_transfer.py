@@ -13,7 +13,12 @@ import pytest
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
 from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import TransferConfig, download_in_parts, verify_file
+from vllm_lora_resolvers.transfer import (
+    DEFAULT_TRANSFER,
+    TransferConfig,
+    download_in_parts,
+    verify_file,
+)
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 QUICK = RetryPolicy(attempts=3, base_delay=0.0, budget_seconds=5)
@@ -129,3 +134,9 @@ def test_a_store_sending_more_than_asked_is_refused(tmp_path: Path) -> None:
             config=_config(1000, 1),
             on_retry=lambda _: None,
         )
+
+
+def test_the_default_worst_case_is_seconds_not_minutes() -> None:
+    """What docs/troubleshooting.md states a black-holed download can cost a request: the
+    resolution's retry budget plus one transfer attempt's time limits."""
+    assert DEFAULT_TRANSFER.worst_case_seconds() == 15.0 + 2.0 + 10.0

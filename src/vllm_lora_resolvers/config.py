@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -221,6 +221,8 @@ class Settings:
     serve_stale: str
     store_down: str
     plugin_order: tuple[str, ...] | None
+    #: The environment the settings were read from, for `value` (not compared, not shown).
+    environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_environ(
@@ -256,7 +258,13 @@ class Settings:
             store_down=_choice(env, STORE_DOWN, ("next", "fail")),
             # vLLM splits VLLM_PLUGINS on "," without stripping; so do we.
             plugin_order=tuple(plugins.split(",")) if plugins is not None else None,
+            environ=dict(env),
         )
+
+    def value(self, variable: Variable) -> str:
+        """The stripped value of ``variable`` in the environment these settings were read from
+        (``""`` when unset): how another package's plugin reads a variable of its own."""
+        return self.environ.get(variable.name, "").strip()
 
     def require_cache_dir(self, for_what: str) -> Path:
         """The cache root, or a `ConfigurationError` saying it must be set for ``for_what``."""

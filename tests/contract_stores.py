@@ -1,0 +1,453 @@
+"""The stores the store contract suite (``tests/test_store_contract.py``) runs every behaviour on.
+
+Each store is one `StoreUnderTest`: put and delete adapter folders, build its resolver over a
+node cache, count the requests it receives and fault them (through the `devtools.relay.FaultRelay`
+in front of its server, or in-process for the memory store), and name itself to
+``tests/workers/resolve_remote.py`` for the tests that need other processes. What a store cannot
+do is declared in `StoreUnderTest.lacks` with the reason, and a behaviour that needs it is skipped
+with that reason: visible in the report, never silent.
+
+Adding a store is one entry in `STORES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib.util
+import shutil
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import pytest
+from azure_fixtures import AzureContainer
+from conftest import REPO
+from gcs_fixtures import GcsBucket
+from hf_fixtures import REPO_ID, Hub
+from quick_transfer import FAST_TRANSFER
+from s3_fixtures import Bucket, make_bucket
+
+from devtools.file_server import FileServer
+from devtools.memory_store import MemoryResolver, MemoryStore
+from devtools.relay import Fault, FaultRelay
+from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.transfer import TransferConfig
+
+EXAMPLE = REPO / "docs" / "examples" / "http_backend.py"
+
+
+def load_example() -> ModuleType:
+    """``docs/examples/http_backend.py`` as module ``http_backend`` (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("http_backend", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["http_backend"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+http_backend = load_example()
+
+
+class Capability(enum.Enum):
+    """What some stores can do and others cannot."""
+
+    #: Its requests can be faulted: error answers, resets, truncations, stalls.
+    FAULTS = "faults"
+    #: Other processes of the node can reach it (tests/workers/resolve_remote.py).
+    PROCESSES = "processes"
+    #: It declares checksums of the bytes it serves, which the pipeline verifies.
+    CHECKSUMS = "checksums"
+
+
+def settings_for(cache_dir: Path, **variables: str) -> Settings:
+    return Settings.from_environ(
+        {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}, argv=[]
+    )
+
+
+def replace_folder(target: Path, folder: Path) -> None:
+    """Make ``target`` a copy of ``folder``: a copy renamed into place (the old one renamed
+    away first), as a careful writer of a shared folder does."""
+    staging = target.with_name(f".{target.name}.new")
+    shutil.copytree(folder, staging)
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        target.rename(retired)
+        shutil.rmtree(retired)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(target)
+
+
+class StoreUnderTest(ABC):
+    """One store, as every behaviour of the suite sees it."""
+
+    #: The test id.
+    label: ClassVar[str]
+    #: The ``backend`` label of its metrics.
+    backend: ClassVar[str]
+    #: The capabilities it lacks, each with why; a behaviour needing one is skipped with it.
+    lacks: ClassVar[Mapping[Capability, str]] = {}
+    #: What tests/workers/resolve_remote.py opens it by: a declaration and a URI.
+    worker_store: str = ""
+    worker_uri: str = ""
+
+    def name(self, short: str) -> str:
+        """The name clients ask for adapter folder ``short``."""
+        return short
+
+    def require(self, capability: Capability) -> None:
+        """Skip the calling test, saying why, if this store lacks ``capability``."""
+        if capability in self.lacks:
+            pytest.skip(f"not applicable to {self.label}: {self.lacks[capability]}")
+
+    @abstractmethod
+    def put(self, short: str, folder: Path) -> None:
+        """Upload (or replace) adapter ``short`` with the files of ``folder``."""
+
+    @abstractmethod
+    def delete(self, short: str) -> None:
+        """Remove adapter ``short``."""
+
+    @abstractmethod
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        """A resolver of this store over a node cache in ``cache_dir``, as a new server process
+        would have (``variables``: more of our environment variables)."""
+
+    @abstractmethod
+    def requests(self) -> list[tuple[str, str]]:
+        """``(method, path)`` of every request the store received so far."""
+
+    def reset_counters(self) -> None:  # noqa: B027 - a store that counts nothing forgets nothing
+        """Forget the requests and bytes seen."""
+
+    def body_bytes(self) -> int:
+        """Response body bytes the store sent so far."""
+        raise NotImplementedError(self.label)
+
+    def add_fault(self, fault: Fault) -> None:
+        """Apply ``fault`` to the requests it matches (stores with `Capability.FAULTS`)."""
+        raise NotImplementedError(self.label)
+
+    def clear_faults(self) -> None:  # noqa: B027 - a store without faults has none to drop
+        """Drop every fault."""
+
+    def weights_reads(self) -> list[str]:
+        """The paths of the requests that read a weights file."""
+        return [p for method, p in self.requests() if method == "GET" and "adapter_model" in p]
+
+
+class RelayedStore(StoreUnderTest):
+    """A store whose server is reached through a fault relay."""
+
+    relay: FaultRelay
+
+    def requests(self) -> list[tuple[str, str]]:
+        return self.relay.requests
+
+    def reset_counters(self) -> None:
+        self.relay.reset_counters()
+
+    def body_bytes(self) -> int:
+        return self.relay.response_body_bytes
+
+    def add_fault(self, fault: Fault) -> None:
+        self.relay.add_fault(fault)
+
+    def clear_faults(self) -> None:
+        self.relay.clear_faults()
+
+
+# -- the stores ---------------------------------------------------------------------------------
+
+
+class FsStore(StoreUnderTest):
+    """A directory of adapter folders (``lora_fs_resolver``); a lookup is one ``LOOKUP``."""
+
+    label = "fs"
+    backend = "fs"
+    lacks: ClassVar[Mapping[Capability, str]] = {
+        Capability.FAULTS: "a local directory has no network to fault (the pipeline's handling "
+        "of faults is tested on the memory store, tests/test_pipeline.py)",
+        Capability.CHECKSUMS: "a local copy declares no checksum (sizes and file identities "
+        "are checked)",
+    }
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir()
+        self.worker_store, self.worker_uri = "fs", str(root)
+        self._lookups: list[tuple[str, str]] = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+        yield cls(tmp_path / "adapters")
+
+    def put(self, short: str, folder: Path) -> None:
+        replace_folder(self.root / short, folder)
+
+    def delete(self, short: str) -> None:
+        shutil.rmtree(self.root / short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        lookups = self._lookups
+
+        class CountingFilesystemResolver(FilesystemResolver):
+            def locate(self, name: str) -> RemoteAdapter | None:
+                lookups.append(("LOOKUP", name))
+                return super().locate(name)
+
+        settings = settings_for(cache_dir, **variables)
+        cache = NodeCache(cache_dir, settings.cache_max_bytes)
+        return CountingFilesystemResolver(self.root, settings, cache)
+
+    def requests(self) -> list[tuple[str, str]]:
+        return list(self._lookups)
+
+    def reset_counters(self) -> None:
+        self._lookups.clear()
+
+
+class MemoryStoreUnderTest(StoreUnderTest):
+    """The in-memory reference store (devtools/memory_store.py)."""
+
+    label = "memory"
+    backend = MemoryResolver.backend
+    lacks: ClassVar[Mapping[Capability, str]] = {
+        Capability.PROCESSES: "held in this process's memory: no other process can reach it",
+    }
+
+    def __init__(self) -> None:
+        self.store = MemoryStore()
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+        yield cls()
+
+    def put(self, short: str, folder: Path) -> None:
+        self.store.put_folder(short, folder)
+
+    def delete(self, short: str) -> None:
+        self.store.delete(short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        settings = settings_for(cache_dir, **variables)
+        cache = NodeCache(cache_dir, settings.cache_max_bytes)
+        return MemoryResolver(self.store, settings, cache, transfer)
+
+    def requests(self) -> list[tuple[str, str]]:
+        return self.store.requests
+
+    def reset_counters(self) -> None:
+        self.store.reset_counters()
+
+    def body_bytes(self) -> int:
+        return self.store.response_body_bytes
+
+    def add_fault(self, fault: Fault) -> None:
+        self.store.add_fault(fault)
+
+    def clear_faults(self) -> None:
+        self.store.clear_faults()
+
+
+class S3Store(RelayedStore):
+    """A bucket of an S3 server (s3_fixtures.Bucket)."""
+
+    label = "s3"
+    backend = "s3"
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket, self.relay = bucket, bucket.relay
+        self.worker_store, self.worker_uri = "s3", bucket.uri
+
+    @classmethod
+    @contextlib.contextmanager
+    def on(cls, server: str, request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        endpoint = request.getfixturevalue(server)
+        with contextlib.contextmanager(make_bucket)(endpoint, monkeypatch) as bucket:
+            yield cls(bucket)
+
+    def put(self, short: str, folder: Path) -> None:
+        self.bucket.upload(short, folder)
+
+    def delete(self, short: str) -> None:
+        self.bucket.delete(short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        return self.bucket.resolver(cache_dir, transfer, **variables)
+
+
+class GcsStore(RelayedStore):
+    """A bucket of fake-gcs-server (gcs_fixtures.GcsBucket)."""
+
+    label = "gcs"
+    backend = "gcs"
+
+    def __init__(self, bucket: GcsBucket) -> None:
+        self.bucket, self.relay = bucket, bucket.relay
+        self.worker_store, self.worker_uri = "gcs", bucket.uri
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+        yield cls(request.getfixturevalue("gcs_bucket"))
+
+    def put(self, short: str, folder: Path) -> None:
+        self.bucket.upload(short, folder)
+
+    def delete(self, short: str) -> None:
+        self.bucket.delete(short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        return self.bucket.resolver(cache_dir, transfer, **variables)
+
+
+class AzureStore(RelayedStore):
+    """A container of Azurite (azure_fixtures.AzureContainer)."""
+
+    label = "azure"
+    backend = "azure"
+
+    def __init__(self, container: AzureContainer) -> None:
+        self.container, self.relay = container, container.relay
+        self.worker_store, self.worker_uri = "azure", container.uri
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+        yield cls(request.getfixturevalue("azure_container"))
+
+    def put(self, short: str, folder: Path) -> None:
+        self.container.upload(short, folder)
+
+    def delete(self, short: str) -> None:
+        self.container.delete(short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        return self.container.resolver(cache_dir, transfer, **variables)
+
+
+class HubStore(RelayedStore):
+    """Folders of one repo of our Hub-compatible server (hf_fixtures.Hub); each put or delete
+    is a commit on ``main``."""
+
+    label = "hf"
+    backend = "hf"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub, self.relay = hub, hub.relay
+        self.worker_store, self.worker_uri = "hf", f"hf://{REPO_ID}"
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+        yield cls(request.getfixturevalue("hub"))
+
+    def name(self, short: str) -> str:
+        return f"{REPO_ID}/{short}"
+
+    def put(self, short: str, folder: Path) -> None:
+        self.hub.server.push(REPO_ID, {short: folder})
+
+    def delete(self, short: str) -> None:
+        self.hub.server.remove(REPO_ID, short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        return self.hub.resolver(cache_dir, transfer=transfer, **variables)
+
+
+class HttpStore(RelayedStore):
+    """The documentation's example backend (docs/examples/http_backend.py) on a loopback file
+    server that answers as nginx does (devtools/file_server.py)."""
+
+    label = "http-example"
+    backend = "http"
+    lacks: ClassVar[Mapping[Capability, str]] = {
+        Capability.CHECKSUMS: "a plain file server declares no checksum: a flipped bit is not "
+        "seen (sizes are checked)",
+    }
+
+    def __init__(self, server: FileServer, relay: FaultRelay) -> None:
+        self.server, self.relay = server, relay
+        self.worker_store, self.worker_uri = f"{EXAMPLE}:HTTP", relay.url
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+        root = tmp_path / "served"
+        root.mkdir()
+        with FileServer(root) as server, FaultRelay(server.port) as relay:
+            yield cls(server, relay)
+
+    def put(self, short: str, folder: Path) -> None:
+        replace_folder(self.server.root / short, folder)
+
+    def delete(self, short: str) -> None:
+        shutil.rmtree(self.server.root / short)
+
+    def resolver(
+        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
+    ) -> BaseStorageResolver:
+        settings = settings_for(cache_dir, **variables)
+        cache = NodeCache(cache_dir, settings.cache_max_bytes)
+        resolver: BaseStorageResolver = http_backend.HttpResolver(
+            self.relay.url, settings, cache, transfer
+        )
+        return resolver
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """How to open one store for a test: ``open(request, tmp_path)``, a context manager."""
+
+    label: str
+    open: Callable[[pytest.FixtureRequest, Path], contextlib.AbstractContextManager[Any]]
+
+
+#: Every store the suite runs on.
+STORES: tuple[StoreEntry, ...] = (
+    StoreEntry("memory", MemoryStoreUnderTest.open),
+    StoreEntry("fs", FsStore.open),
+    StoreEntry("s3-seaweedfs", lambda request, _: S3Store.on("seaweed", request)),
+    StoreEntry("s3-moto", lambda request, _: S3Store.on("moto", request)),
+    StoreEntry("gcs", GcsStore.open),
+    StoreEntry("azure", AzureStore.open),
+    StoreEntry("hf", HubStore.open),
+    StoreEntry("http-example", HttpStore.open),
+)
+
+
+@pytest.fixture(name="store", params=STORES, ids=[entry.label for entry in STORES])
+def store_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    """Each store of `STORES` in turn, fresh for the test."""
+    entry: StoreEntry = request.param
+    with entry.open(request, tmp_path) as opened:
+        assert isinstance(opened, StoreUnderTest)
+        yield opened
