@@ -22,15 +22,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pytest
-from azure_fixtures import AzureContainer
 from conftest import REPO
-from gcs_fixtures import GcsBucket
 from hf_fixtures import REPO_ID, Hub
 from quick_transfer import FAST_TRANSFER
-from s3_fixtures import Bucket, make_bucket
+from s3_fixtures import make_bucket
 
 from devtools.file_server import FileServer
 from devtools.memory_store import MemoryResolver, MemoryStore
@@ -92,9 +90,9 @@ class StoreUnderTest(ABC):
     """One store, as every behaviour of the suite sees it."""
 
     #: The test id.
-    label: ClassVar[str]
+    label: str
     #: The ``backend`` label of its metrics.
-    backend: ClassVar[str]
+    backend: str
     #: The capabilities it lacks, each with why; a behaviour needing one is skipped with it.
     lacks: ClassVar[Mapping[Capability, str]] = {}
     #: What tests/workers/resolve_remote.py opens it by: a declaration and a URI.
@@ -268,23 +266,52 @@ class MemoryStoreUnderTest(StoreUnderTest):
         self.store.clear_faults()
 
 
-class S3Store(RelayedStore):
-    """A bucket of an S3 server (s3_fixtures.Bucket)."""
+class BucketFixture(Protocol):
+    """A bucket (an Azure container) of a server on 127.0.0.1 behind a fault relay, as the
+    fixtures give it: s3_fixtures.Bucket, gcs_fixtures.GcsBucket, azure_fixtures.AzureContainer."""
 
-    label = "s3"
-    backend = "s3"
+    relay: FaultRelay
 
-    def __init__(self, bucket: Bucket) -> None:
+    @property
+    def uri(self) -> str: ...
+
+    def upload(self, name: str, folder: Path) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def resolver(
+        self, cache_dir: Path, transfer: TransferConfig = ..., **variables: str
+    ) -> BaseStorageResolver: ...
+
+
+class BucketStore(RelayedStore):
+    """A bucket-shaped store (S3, GCS, Azure) through its fixture."""
+
+    def __init__(self, label: str, backend: str, bucket: BucketFixture) -> None:
+        self.label, self.backend = label, backend
         self.bucket, self.relay = bucket, bucket.relay
-        self.worker_store, self.worker_uri = "s3", bucket.uri
+        self.worker_store, self.worker_uri = backend, bucket.uri
+
+    @classmethod
+    def opened_by(
+        cls, fixture: str, backend: str
+    ) -> Callable[[pytest.FixtureRequest, Path], contextlib.AbstractContextManager[Any]]:
+        """How to open the store of pytest fixture ``fixture``, a `BucketFixture`."""
+
+        @contextlib.contextmanager
+        def open_store(request: pytest.FixtureRequest, _: Path) -> Iterator[StoreUnderTest]:
+            yield cls(backend, backend, request.getfixturevalue(fixture))
+
+        return open_store
 
     @classmethod
     @contextlib.contextmanager
-    def on(cls, server: str, request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+    def on_s3(cls, server: str, request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+        """A bucket of the S3 server of fixture ``server`` (``seaweed``, ``moto``)."""
         monkeypatch = request.getfixturevalue("monkeypatch")
         endpoint = request.getfixturevalue(server)
         with contextlib.contextmanager(make_bucket)(endpoint, monkeypatch) as bucket:
-            yield cls(bucket)
+            yield cls(f"s3-{server}", "s3", bucket)
 
     def put(self, short: str, folder: Path) -> None:
         self.bucket.upload(short, folder)
@@ -296,60 +323,6 @@ class S3Store(RelayedStore):
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
     ) -> BaseStorageResolver:
         return self.bucket.resolver(cache_dir, transfer, **variables)
-
-
-class GcsStore(RelayedStore):
-    """A bucket of fake-gcs-server (gcs_fixtures.GcsBucket)."""
-
-    label = "gcs"
-    backend = "gcs"
-
-    def __init__(self, bucket: GcsBucket) -> None:
-        self.bucket, self.relay = bucket, bucket.relay
-        self.worker_store, self.worker_uri = "gcs", bucket.uri
-
-    @classmethod
-    @contextlib.contextmanager
-    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
-        yield cls(request.getfixturevalue("gcs_bucket"))
-
-    def put(self, short: str, folder: Path) -> None:
-        self.bucket.upload(short, folder)
-
-    def delete(self, short: str) -> None:
-        self.bucket.delete(short)
-
-    def resolver(
-        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
-        return self.bucket.resolver(cache_dir, transfer, **variables)
-
-
-class AzureStore(RelayedStore):
-    """A container of Azurite (azure_fixtures.AzureContainer)."""
-
-    label = "azure"
-    backend = "azure"
-
-    def __init__(self, container: AzureContainer) -> None:
-        self.container, self.relay = container, container.relay
-        self.worker_store, self.worker_uri = "azure", container.uri
-
-    @classmethod
-    @contextlib.contextmanager
-    def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
-        yield cls(request.getfixturevalue("azure_container"))
-
-    def put(self, short: str, folder: Path) -> None:
-        self.container.upload(short, folder)
-
-    def delete(self, short: str) -> None:
-        self.container.delete(short)
-
-    def resolver(
-        self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
-        return self.container.resolver(cache_dir, transfer, **variables)
 
 
 class HubStore(RelayedStore):
@@ -435,10 +408,10 @@ class StoreEntry:
 STORES: tuple[StoreEntry, ...] = (
     StoreEntry("memory", MemoryStoreUnderTest.open),
     StoreEntry("fs", FsStore.open),
-    StoreEntry("s3-seaweedfs", lambda request, _: S3Store.on("seaweed", request)),
-    StoreEntry("s3-moto", lambda request, _: S3Store.on("moto", request)),
-    StoreEntry("gcs", GcsStore.open),
-    StoreEntry("azure", AzureStore.open),
+    StoreEntry("s3-seaweedfs", lambda request, _: BucketStore.on_s3("seaweed", request)),
+    StoreEntry("s3-moto", lambda request, _: BucketStore.on_s3("moto", request)),
+    StoreEntry("gcs", BucketStore.opened_by("gcs_bucket", "gcs")),
+    StoreEntry("azure", BucketStore.opened_by("azure_container", "azure")),
     StoreEntry("hf", HubStore.open),
     StoreEntry("http-example", HttpStore.open),
 )
