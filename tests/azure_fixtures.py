@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
-from quick_transfer import FAST_TRANSFER
+from resolver_setup import FAST_TRANSFER, Relayed, open_resolver
 
 from devtools.azure_server import Azurite
 from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.azure import AzureBlobResolver
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _containers = itertools.count()
@@ -36,7 +34,7 @@ def azurite() -> Iterator[Azurite]:
 
 
 @dataclass
-class AzureContainer:
+class AzureContainer(Relayed):
     """A fresh container on Azurite, reached through a fault relay, adapters under ``adapters/``.
 
     The environment holds a connection string to it through the relay."""
@@ -64,16 +62,10 @@ class AzureContainer:
         for blob in self.client.list_blobs(name_starts_with=f"adapters/{name}/"):
             self.client.delete_blob(blob.name)
 
-    def requests(self, method: str | None = None) -> list[tuple[str, str]]:
-        return [r for r in self.relay.requests if method is None or r[0] == method]
-
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
     ) -> AzureBlobResolver:
-        environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
-        settings = Settings.from_environ(environ, argv=[])
-        cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return AzureBlobResolver(self.uri, settings, cache, transfer)
+        return open_resolver(AzureBlobResolver, self.uri, cache_dir, transfer, **variables)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 import pytest
 from conftest import REPO
 from hf_fixtures import REPO_ID, Hub
-from quick_transfer import FAST_TRANSFER
+from resolver_setup import FAST_TRANSFER, settings_for
 from s3_fixtures import make_bucket
 
 from devtools.file_server import FileServer
@@ -35,7 +35,6 @@ from devtools.memory_store import MemoryResolver, MemoryStore
 from devtools.relay import Fault, FaultRelay
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.remote import RemoteAdapter
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.transfer import TransferConfig
@@ -65,12 +64,6 @@ class Capability(enum.Enum):
     PROCESSES = "processes"
     #: It declares checksums of the bytes it serves, which the pipeline verifies.
     CHECKSUMS = "checksums"
-
-
-def settings_for(cache_dir: Path, **variables: str) -> Settings:
-    return Settings.from_environ(
-        {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}, argv=[]
-    )
 
 
 def replace_folder(target: Path, folder: Path) -> None:

@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
-from quick_transfer import FAST_TRANSFER
+from resolver_setup import FAST_TRANSFER, Relayed, open_resolver
 
 from devtools.gcs_server import FakeGcs
 from devtools.relay import FaultRelay
 from vllm_lora_resolvers.backends.gcs import GcsResolver
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
@@ -29,7 +27,7 @@ def fake_gcs() -> Iterator[str]:
 
 
 @dataclass
-class GcsBucket:
+class GcsBucket(Relayed):
     """A fresh bucket on fake-gcs-server, reached through a fault relay."""
 
     client: storage.Client
@@ -49,16 +47,10 @@ class GcsBucket:
         for blob in self.client.list_blobs(self.name, prefix=f"adapters/{name}/"):
             blob.delete()
 
-    def requests(self, method: str | None = None) -> list[tuple[str, str]]:
-        return [r for r in self.relay.requests if method is None or r[0] == method]
-
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
     ) -> GcsResolver:
-        environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
-        settings = Settings.from_environ(environ, argv=[])
-        cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return GcsResolver(self.uri, settings, cache, transfer)
+        return open_resolver(GcsResolver, self.uri, cache_dir, transfer, **variables)
 
 
 @pytest.fixture

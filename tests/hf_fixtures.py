@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
-from quick_transfer import FAST_TRANSFER
+from resolver_setup import FAST_TRANSFER, Relayed
 
 from devtools.hub_server import HubServer
 from devtools.relay import FaultRelay
@@ -25,15 +25,11 @@ REPO_ID = "org/adapters"
 
 
 @dataclass
-class Hub:
+class Hub(Relayed):
     """A local Hub (``server``: push, tag, make private or gated) behind ``relay``."""
 
     server: HubServer
     relay: FaultRelay
-
-    def requests(self, method: str | None = None) -> list[tuple[str, str]]:
-        """Requests that reached the relay (faulted ones included), optionally of one method."""
-        return [r for r in self.relay.requests if method is None or r[0] == method]
 
     def resolver(
         self,

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from quick_transfer import FAST_TRANSFER
+from resolver_setup import FAST_TRANSFER, Relayed, open_resolver
 
 from devtools.relay import FaultRelay
 from devtools.stores import MotoS3, S3Endpoint, SeaweedS3, upload_folder
 from vllm_lora_resolvers.backends.s3 import S3Resolver
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
@@ -33,7 +31,7 @@ def moto() -> Iterator[S3Endpoint]:
 
 
 @dataclass
-class Bucket:
+class Bucket(Relayed):
     """A fresh bucket, reached through a fault relay, with adapters under ``adapters/``."""
 
     endpoint: S3Endpoint
@@ -53,16 +51,10 @@ class Bucket:
         for item in listing.get("Contents", []):
             client.delete_object(Bucket=self.name, Key=item["Key"])
 
-    def requests(self, method: str | None = None) -> list[tuple[str, str]]:
-        return [r for r in self.relay.requests if method is None or r[0] == method]
-
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
     ) -> S3Resolver:
-        environ = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir), **variables}
-        settings = Settings.from_environ(environ, argv=[])
-        cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return S3Resolver(self.uri, settings, cache, transfer)
+        return open_resolver(S3Resolver, self.uri, cache_dir, transfer, **variables)
 
 
 def make_bucket(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:

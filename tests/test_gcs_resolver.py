@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import BASE_MODEL, files_of
 from gcs_fixtures import GcsBucket
-from quick_transfer import fast_transfer
+from resolver_setup import fast_transfer
 
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers.backends.gcs import parse_gcs_uri

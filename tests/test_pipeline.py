@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import BASE_MODEL, files_of, snapshot_dirs, staging_entries
-from quick_transfer import fast_transfer
+from resolver_setup import fast_transfer
 
 from devtools.memory_store import MemoryResolver, MemoryStore
 from devtools.models import write_lora_adapter

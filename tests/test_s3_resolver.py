@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, files_of
-from quick_transfer import fast_transfer
+from resolver_setup import fast_transfer
 from s3_fixtures import Bucket
 
 from devtools.models import write_lora_adapter

@@ -21,7 +21,7 @@ import pytest
 from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
 from contract_stores import Capability, StoreUnderTest, store_fixture  # noqa: F401 - the fixture
 from hf_fixtures import hub_fixture  # noqa: F401 - the fixture, for the Hub store
-from quick_transfer import fast_transfer
+from resolver_setup import fast_transfer
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
