@@ -15,11 +15,11 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from devtools.relay import Fault
+from devtools.relay import Fault, FaultLedger
 from vllm_lora_resolvers.adapter import adapter_from_listing
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
@@ -45,13 +45,7 @@ class StoredFile:
     generation: str
 
 
-@dataclass
-class _Rule:
-    fault: Fault
-    left: int = field(default=0)
-
-
-class MemoryStore:
+class MemoryStore(FaultLedger):
     """Adapter folders by name (``{file name: bytes}``), thread-safe, counting and faultable.
 
     ``on_request(method, path)``, when set, runs before each request is answered (after its
@@ -61,10 +55,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._folders: dict[str, dict[str, StoredFile]] = {}
         self._generations = itertools.count(1)
+        super().__init__()
         self._lock = threading.Lock()
-        self._requests: list[tuple[str, str]] = []
-        self._rules: list[_Rule] = []
-        self._body_bytes = 0
         self.on_request: Callable[[str, str], None] | None = None
 
     # -- changing the store ---------------------------------------------------------------
@@ -88,49 +80,12 @@ class MemoryStore:
         with self._lock:
             self._folders.pop(name, None)
 
-    # -- observing and faulting -----------------------------------------------------------
-
-    @property
-    def requests(self) -> list[tuple[str, str]]:
-        """``(method, path)`` of every request so far, faulted ones included."""
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def response_body_bytes(self) -> int:
-        """Bytes handed to readers so far."""
-        with self._lock:
-            return self._body_bytes
-
-    def reset_counters(self) -> None:
-        """Forget the requests seen and the bytes read."""
-        with self._lock:
-            self._requests.clear()
-            self._body_bytes = 0
-
-    def add_fault(self, fault: Fault) -> None:
-        """Add a rule; the earliest added rule that matches a request applies to it."""
-        with self._lock:
-            self._rules.append(_Rule(fault, fault.times))
-
-    def clear_faults(self) -> None:
-        """Drop every rule."""
-        with self._lock:
-            self._rules.clear()
-
     # -- what the resolver asks -----------------------------------------------------------
 
     def request(self, method: str, path: str, read_timeout: float) -> Fault | None:
         """Count a request; the fault to apply to it, if a rule matches (status and delay
         faults are applied here: they raise; a delay beyond ``read_timeout`` is a timeout)."""
-        with self._lock:
-            self._requests.append((method, path))
-            fault = None
-            for rule in self._rules:
-                if rule.left > 0 and rule.fault.matches(method, path):
-                    rule.left -= 1
-                    fault = rule.fault
-                    break
+        fault = self.take_fault(method, path)
         if self.on_request is not None:
             self.on_request(method, path)
         if fault is not None and fault.kind == "status":
@@ -162,10 +117,6 @@ class MemoryStore:
                 if name.startswith(prefix)
             }
         return sorted(found)
-
-    def count_body_bytes(self, count: int) -> None:
-        with self._lock:
-            self._body_bytes += count
 
 
 class MemoryResolver(BaseStorageResolver):

@@ -80,7 +80,62 @@ class _Rule:
     left: int
 
 
-class FaultRelay:
+class FaultLedger:
+    """What a faultable server counts and which faults it injects: the requests it received, the
+    body bytes it sent, and the fault rules. Thread-safe; shared by `FaultRelay` and the in-memory
+    store (devtools/memory_store.py)."""
+
+    def __init__(self) -> None:
+        self._ledger_lock = threading.Lock()
+        self._requests: list[tuple[str, str]] = []
+        self._body_bytes = 0
+        self._rules: list[_Rule] = []
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path with query) of every request received so far, faulted ones included."""
+        with self._ledger_lock:
+            return list(self._requests)
+
+    @property
+    def response_body_bytes(self) -> int:
+        """Response body bytes sent to clients (injected error bodies excluded)."""
+        with self._ledger_lock:
+            return self._body_bytes
+
+    def reset_counters(self) -> None:
+        """Forget the requests seen and the bytes sent."""
+        with self._ledger_lock:
+            self._requests.clear()
+            self._body_bytes = 0
+
+    def add_fault(self, fault: Fault) -> None:
+        """Add a rule; the earliest added rule that matches a request applies to it."""
+        with self._ledger_lock:
+            self._rules.append(_Rule(fault, fault.times))
+
+    def clear_faults(self) -> None:
+        """Drop every rule."""
+        with self._ledger_lock:
+            self._rules.clear()
+
+    def count_body_bytes(self, count: int) -> None:
+        """Count ``count`` more body bytes sent (before the client can see them)."""
+        with self._ledger_lock:
+            self._body_bytes += count
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """Count a request; the fault of the earliest rule it matches that has uses left."""
+        with self._ledger_lock:
+            self._requests.append((method, path))
+            for rule in self._rules:
+                if rule.left > 0 and rule.fault.matches(method, path):
+                    rule.left -= 1
+                    return rule.fault
+        return None
+
+
+class FaultRelay(FaultLedger):
     """Relay 127.0.0.1:``port`` to 127.0.0.1:``upstream_port``, counting requests, injecting faults.
 
     Counters and rules are thread-safe and can change while clients are connected. A context
@@ -88,12 +143,9 @@ class FaultRelay:
     """
 
     def __init__(self, upstream_port: int) -> None:
+        super().__init__()
         self.upstream_port = upstream_port
         self.port = 0
-        self._lock = threading.Lock()
-        self._requests: list[tuple[str, str]] = []
-        self._body_bytes = 0
-        self._rules: list[_Rule] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="FaultRelay")
         self._server: asyncio.Server | None = None
@@ -103,34 +155,6 @@ class FaultRelay:
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` of the relay."""
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def requests(self) -> list[tuple[str, str]]:
-        """(method, path with query) of every request received so far, faulted ones included."""
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def response_body_bytes(self) -> int:
-        """Response body bytes relayed from upstream to clients (injected error bodies excluded)."""
-        with self._lock:
-            return self._body_bytes
-
-    def reset_counters(self) -> None:
-        """Forget the requests seen and the bytes relayed."""
-        with self._lock:
-            self._requests.clear()
-            self._body_bytes = 0
-
-    def add_fault(self, fault: Fault) -> None:
-        """Add a rule; the earliest added rule that matches a request applies to it."""
-        with self._lock:
-            self._rules.append(_Rule(fault, fault.times))
-
-    def clear_faults(self) -> None:
-        """Drop every rule."""
-        with self._lock:
-            self._rules.clear()
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -164,15 +188,6 @@ class FaultRelay:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        with self._lock:
-            self._requests.append((method, path))
-            for rule in self._rules:
-                if rule.left > 0 and rule.fault.matches(method, path):
-                    rule.left -= 1
-                    return rule.fault
-        return None
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay one client connection, request by request."""
         task = asyncio.current_task()
@@ -185,7 +200,7 @@ class FaultRelay:
             while (message := await _read_head(reader)) is not None:
                 head, request_line, headers = message
                 method, path, _ = request_line.split(" ", 2)
-                fault = self._take_fault(method, path)
+                fault = self.take_fault(method, path)
                 if fault is not None and fault.kind == "status":
                     await _answer_error(reader, writer, fault, method, path)
                     return
@@ -243,8 +258,7 @@ class FaultRelay:
                             piece = piece[: cut.after_bytes - sent]  # noqa: PLW2901
                         if corrupt is not None and 0 <= corrupt.after_bytes - sent < len(piece):
                             piece = _flip_bit(piece, corrupt.after_bytes - sent)  # noqa: PLW2901
-                        with self._lock:  # counted before the client can see the bytes
-                            self._body_bytes += len(piece)
+                        self.count_body_bytes(len(piece))
                         client.write(piece)
                         await client.drain()
                         sent += len(piece)
