@@ -19,6 +19,7 @@ from devtools.models import write_large_adapter, write_lora_adapter
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.edge import VllmResolver
 
 BASE_MODEL = "/models/tiny-llama"
 HIT_CALLS = 5000
@@ -43,7 +44,7 @@ def cached_resolve(work: Path) -> tuple[float, float]:
     adapters, cache = work / "adapters", work / "cache"
     write_lora_adapter(adapters / "sql", base_model=BASE_MODEL)
     settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
-    ours = FilesystemResolver(adapters, settings, NodeCache(cache))
+    ours = VllmResolver(FilesystemResolver(adapters, settings, NodeCache(cache)))
     theirs = VllmFs(str(adapters))
 
     async def measure() -> tuple[float, float]:

@@ -37,12 +37,13 @@ if which == "ours":
     from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
     from vllm_lora_resolvers.cache import NodeCache
     from vllm_lora_resolvers.config import Settings
+    from vllm_lora_resolvers.edge import VllmResolver
 
     settings = Settings.from_environ(
         {"VLLM_LORA_RESOLVER_CACHE_DIR": cache, "VLLM_LORA_RESOLVER_MAX_RANK": "100000000"},
         argv=[],
     )
-    resolver = HfHubResolver([repo], settings, NodeCache(Path(cache)))
+    resolver = VllmResolver(HfHubResolver([repo], settings, NodeCache(Path(cache))))
 else:
     from vllm.plugins.lora_resolvers.hf_hub_resolver import HfHubResolver
 

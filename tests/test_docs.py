@@ -53,6 +53,7 @@ from vllm_lora_resolvers.adapter import (
 from vllm_lora_resolvers.backends import gcs, hf_hub, s3
 from vllm_lora_resolvers.cache import NodeCache, cache_write_error
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
     StoreRefusedError,
     StoreUnavailableError,
@@ -859,7 +860,7 @@ async def test_runbook_quotes_the_real_warning_of_a_store_that_cannot_answer(
 ) -> None:
     resolver = RefusingStore("s3://my-adapters/prod", make_settings(), NodeCache(cache_dir))
     with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers"):
-        assert await resolver.resolve_lora(BASE_MODEL, "sql-expert") is None  # the next one
+        assert await VllmResolver(resolver).resolve_lora(BASE_MODEL, "sql-expert") is None
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert re.search(rf"\] {re.escape(warning)}$", page("troubleshooting.md"), re.M)
 

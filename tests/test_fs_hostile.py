@@ -25,6 +25,7 @@ from vllm_lora_resolvers.adapter import CONFIG_FILE
 from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError
 from vllm_lora_resolvers.remote import RemoteAdapter
 
@@ -112,7 +113,7 @@ def _exchange(first: Path, second: Path) -> None:
 async def _resolve_concurrently(resolver: FilesystemResolver, times: int) -> list[Path]:
     async def one() -> Path | None:
         try:
-            request = await resolver.resolve_lora(BASE_MODEL, "sql")
+            request = await VllmResolver(resolver).resolve_lora(BASE_MODEL, "sql")
         except ResolverError:
             return None  # changed twice under one resolution: an honest error
         return None if request is None else Path(request.lora_path)

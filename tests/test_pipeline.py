@@ -22,6 +22,7 @@ from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import ConfigurationError, Settings
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
     IntegrityError,
     InvalidAdapterError,
@@ -182,13 +183,13 @@ def test_a_store_down_lets_the_next_resolver_answer_or_fails_the_request(
     memory: MemoryStore, open_resolver: Callable[..., MemoryResolver]
 ) -> None:
     memory.add_fault(EVERYTHING_REFUSED)
-    assert asyncio.run(open_resolver().resolve_lora(BASE_MODEL, "other")) is None
+    assert asyncio.run(VllmResolver(open_resolver()).resolve_lora(BASE_MODEL, "other")) is None
     memory.clear_faults()
     memory.add_fault(EVERYTHING_DOWN)
-    assert asyncio.run(open_resolver().resolve_lora(BASE_MODEL, "other")) is None
+    assert asyncio.run(VllmResolver(open_resolver()).resolve_lora(BASE_MODEL, "other")) is None
     failing = open_resolver(VLLM_LORA_RESOLVER_STORE_DOWN="fail")
     with pytest.raises(StoreUnavailableError, match="HTTP 503"):
-        asyncio.run(failing.resolve_lora(BASE_MODEL, "other"))
+        asyncio.run(VllmResolver(failing).resolve_lora(BASE_MODEL, "other"))
 
 
 def test_the_policies_refuse_unknown_values(make_settings: Callable[..., Settings]) -> None:

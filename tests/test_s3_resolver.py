@@ -18,6 +18,7 @@ from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.backends.s3 import S3Resolver, head_checksums, parse_s3_uri
 from vllm_lora_resolvers.config import ConfigurationError
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
 )
@@ -119,7 +120,7 @@ async def test_concurrent_coroutines_for_one_absent_name_cost_one_listing(
 ) -> None:
     resolver = bucket.resolver(cache_dir)
     answers = await asyncio.gather(
-        *(resolver.resolve_lora(BASE_MODEL, "absent") for _ in range(32))
+        *(VllmResolver(resolver).resolve_lora(BASE_MODEL, "absent") for _ in range(32))
     )
     assert answers == [None] * 32
     assert len(bucket.requests()) == 1

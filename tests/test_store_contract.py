@@ -26,6 +26,7 @@ from resolver_setup import fast_transfer
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     TransientStoreError,
@@ -179,7 +180,7 @@ async def test_32_coroutines_fetch_a_new_adapter_once(
     pytest.importorskip("vllm")
     source = put_adapter(store, tmp_path, "sql")
     size = sum(path.stat().st_size for path in source.iterdir())
-    resolver = store.resolver(cache_dir)
+    resolver = VllmResolver(store.resolver(cache_dir))
     fetched, before = counted(store, metrics.RESOLUTIONS, "fetched"), fetched_bytes(store)
     requests = await asyncio.gather(
         *(resolver.resolve_lora(BASE_MODEL, store.name("sql")) for _ in range(32))

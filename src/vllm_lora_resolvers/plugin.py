@@ -25,6 +25,7 @@ from vllm_lora_resolvers import stores
 from vllm_lora_resolvers.adapter import CONFIG_FILE, AdapterPolicy, check_adapter_folder
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import ConfigurationError, Settings
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.stores import StoreDeclaration
@@ -169,7 +170,7 @@ def _register(store: StoreDeclaration) -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     settings = Settings.from_environ()
-    LoRAResolver.register(BaseStorageResolver)  # type: ignore[type-abstract]
+    LoRAResolver.register(VllmResolver)
     LoRAResolver.register(GuardedFilesystemResolver)
     if not isinstance(LoRAResolverRegistry.resolvers, PluginOrderedResolvers):
         LoRAResolverRegistry.resolvers = PluginOrderedResolvers(
@@ -179,7 +180,8 @@ def _register(store: StoreDeclaration) -> None:
         return
     resolver = _build(store, settings)
     if resolver is not None:
-        LoRAResolverRegistry.register_resolver(store.plugin, cast("LoRAResolver", resolver))
+        edge = cast("LoRAResolver", VllmResolver(resolver))
+        LoRAResolverRegistry.register_resolver(store.plugin, edge)
         logger.info("%s registered for %s", store.plugin, resolver.source)
 
 

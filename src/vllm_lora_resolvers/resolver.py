@@ -8,16 +8,14 @@ adapter checks, atomic publishing, leases, eviction, retries, metrics and logs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.adapter import (
@@ -62,9 +60,6 @@ from vllm_lora_resolvers.transfer import (
     fetch_file,
 )
 
-if TYPE_CHECKING:
-    from vllm.lora.request import LoRARequest
-
 logger = logging.getLogger("vllm.lora_resolvers")
 
 #: How long an unreachable store is remembered as such (at most the miss TTL).
@@ -95,22 +90,14 @@ class ResolvedAdapter:
         """The absolute, immutable folder vLLM loads the adapter from."""
         return self.snapshot.adapter_dir
 
-    def to_lora_request(self) -> LoRARequest:
-        """The vLLM request for this adapter (imports vLLM, which only the server needs)."""
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(
-            lora_name=self.name, lora_int_id=self.lora_int_id, lora_path=str(self.path)
-        )
-
 
 class BaseStorageResolver(ABC):
-    """A vLLM ``LoRAResolver`` for adapters kept in a store, cached on the node.
+    """The resolution pipeline over one store, its adapters cached on the node.
 
     Subclasses set `backend` and implement `locate` and `download`. ``source`` identifies the
-    store (``s3://bucket/prefix``); it keys the cache, so two stores never share a snapshot.
-    vLLM's ``LoRAResolver`` ABC is registered as a virtual base by `plugin`, so this package
-    imports without vLLM (for the command line and tests).
+    store (``s3://bucket/prefix``); it keys the cache, so two stores never share a snapshot. The
+    server (through `edge.VllmResolver`), ``vllm-lora pull``, ``validate``, ``ls`` and
+    ``sync`` all call it as it is; it imports no vLLM.
     """
 
     backend: ClassVar[str]
@@ -148,9 +135,6 @@ class BaseStorageResolver(ABC):
             )
             for outcome in metrics.OUTCOMES
         }
-        self._executor = ThreadPoolExecutor(
-            max_workers=16, thread_name_prefix=f"lora-{self.backend}"
-        )
 
     # -- what a backend provides ----------------------------------------------------------
 
@@ -207,37 +191,13 @@ class BaseStorageResolver(ABC):
 
     # -- the pipeline ---------------------------------------------------------------------
 
-    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        """vLLM's entry point: a ``LoRARequest``, or ``None`` if this store has no such adapter.
-
-        Answers that need no blocking call are given on the event loop; everything else (store
-        calls, downloads, locks) runs in this resolver's thread pool.
-        """
-        answered, resolved = self._answer_without_blocking(base_model_name, lora_name)
-        if not answered:
-            loop = asyncio.get_running_loop()
-            try:
-                resolved = await loop.run_in_executor(
-                    self._executor, self.resolve, base_model_name, lora_name
-                )
-            except StoreUnavailableError as error:
-                if self.settings.store_down == "fail":
-                    raise
-                logger.warning(
-                    "%s store cannot answer for %r (%s); trying the next resolver "
-                    "(VLLM_LORA_RESOLVER_STORE_DOWN=next)",
-                    self.backend,
-                    lora_name[:300],
-                    error,
-                )
-                return None
-        return None if resolved is None else resolved.to_lora_request()
-
-    def _answer_without_blocking(
+    def answer_at_once(
         self, base_model_name: str, lora_name: str
     ) -> tuple[bool, ResolvedAdapter | None]:
         """``(True, answer)`` for refused names, remembered misses and — when `locate` is local
-        and cheap — snapshots this process already serves; ``(False, None)`` otherwise."""
+        and cheap — snapshots this process already serves; ``(False, None)`` otherwise: then
+        `resolve` answers, off the event loop. Never blocks (the vLLM edge calls it on the loop).
+        """
         started = time.perf_counter()
         if not is_safe_name(lora_name):
             self._record(lora_name, "rejected", "-", 0, started)
