@@ -126,6 +126,7 @@ def _figures(
         "wrong_examples": [r["problem"] for r in wrong[:5]],
         "rereads": len(rereads),
         "vanished_or_changed": sum(1 for r in rereads if r["problem"]),
+        "reread_examples": [f"{r['path']}: {r['problem']}" for r in rereads if r["problem"]][:5],
         "errors_by_type": dict(errors),
         "error_examples": sorted({r["error"] for r in resolves if r["answer"] == "error"})[:5],
         "unexpected_error_examples": sorted(
@@ -189,7 +190,7 @@ def _checks(observed: Observed, figures: dict[str, Any]) -> dict[str, dict[str, 
         "ran": check(figures["resolutions"] > 0, figures["resolutions"]),
         "zero wrong answers": check(figures["wrong_answers"] == 0, figures["wrong_examples"]),
         "zero vanished or changed paths": check(
-            figures["vanished_or_changed"] == 0, figures["vanished_or_changed"]
+            figures["vanished_or_changed"] == 0, figures["reread_examples"]
         ),
         "no unexpected errors": check(not other_errors, other_errors),
         "store errors within budget": check(

@@ -6,6 +6,10 @@ resolution is appended to ``OUT.jsonl`` as it ends (so a worker killed with ``-9
 record). Each path handed out is checked against the version table (the bytes must be those of
 the version its manifest claims) and remembered; random earlier paths are re-read later, as vLLM's
 engine re-reads an adapter after its own LRU evicted it, and must be unchanged.
+
+The worker keeps vLLM's rules for a name (``OpenAIServingModels``): one resolution of a name at a
+time, and a name is asked about again only after vLLM dropped it (an unload), so the path it
+resolved to before is no longer held and may be evicted once no one else leases it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import random
 import sys
 import time
 import traceback
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -74,7 +79,8 @@ class Worker:
         self.versions = load_versions(self.table_path)
         self.kinds: dict[str, str] = plan["kinds"]
         self.out = out
-        self.handed: dict[str, Handed] = {}
+        self.handed: dict[str, Handed] = {}  # by name: the path vLLM holds for it
+        self.name_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def emit(self, record: dict[str, Any]) -> None:
         """Append one record to the output, flushed at once."""
@@ -98,13 +104,19 @@ class Worker:
             while next(counter) < requests and time.time() < deadline:
                 await self.one(resolvers)
                 if self.handed and self.rng.random() < self.plan["reread_share"]:
-                    await asyncio.to_thread(self.reread, self.rng.choice(list(self.handed)))
+                    await self.reread(self.rng.choice(list(self.handed)))
 
         await asyncio.gather(*(loop() for _ in range(self.plan["in_flight"])))
 
     async def one(self, resolvers: list[Any]) -> None:
         """Resolve one name as vLLM's ``OpenAIServingModels`` does, check and record it."""
         kind, name = self.names.next()
+        async with self.name_locks[name]:
+            self.handed.pop(name, None)  # vLLM unloaded it before asking again
+            await self.resolve_and_check(resolvers, kind, name)
+
+    async def resolve_and_check(self, resolvers: list[Any], kind: str, name: str) -> None:
+        """Resolve ``name`` through the resolvers in order, check the answer and record it."""
         started_wall, started = time.time(), time.perf_counter()
         record: dict[str, Any] = {"event": "resolve", "class": kind, "name": name}
         path: str | None = None
@@ -143,15 +155,13 @@ class Worker:
         result: dict[str, Any] = {"version": manifest["version"], "fetched": fetched}
         if manifest["name"] != name:
             return {**result, "problem": f"wrong answer: {path} is {manifest['name']!r}"}
-        if path in self.handed:
-            return result
         expected = self.expected_digests(name, manifest["version"])
         if expected is None:
             return {**result, "problem": f"wrong answer: unknown version {manifest['version']}"}
         found = {file.name: file_digest(file) for file in Path(path).iterdir()}
         if found != expected:
             return {**result, "problem": f"wrong answer: bytes of {path} differ from its version"}
-        self.handed[path] = Handed(path, name, manifest["version"], expected)
+        self.handed[name] = Handed(path, name, manifest["version"], expected)
         return result
 
     def expected_digests(self, name: str, version: str) -> dict[str, str] | None:
@@ -164,9 +174,16 @@ class Worker:
             self.versions = load_versions(self.table_path)
         return {file: str(entry[0]) for file, entry in self.versions[name][version].items()}
 
-    def reread(self, path: str) -> None:
-        """Re-read an earlier path: it must still exist with the same bytes."""
-        handed = self.handed[path]
+    async def reread(self, name: str) -> None:
+        """Re-read the path vLLM holds for ``name``: it must still exist with the same bytes."""
+        async with self.name_locks[name]:
+            handed = self.handed.get(name)
+            if handed is not None:
+                await asyncio.to_thread(self.reread_path, handed)
+
+    def reread_path(self, handed: Handed) -> None:
+        """Read every file of ``handed`` again and record whether it vanished or changed."""
+        path = handed.path
         try:
             found = {file.name: file_digest(file) for file in Path(path).iterdir()}
         except OSError as error:
