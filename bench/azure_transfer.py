@@ -17,9 +17,10 @@ from azure.storage.blob import BlobServiceClient
 from bench.common import median_seconds, report
 from devtools.azure_server import Azurite
 from devtools.models import write_large_adapter
-from vllm_lora_resolvers.backends.azure import AzureBlobResolver
+from vllm_lora_resolvers.backends.azure import AzureBlobStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 
 BASE_MODEL = "/models/tiny-llama"
 RUNS = 5
@@ -48,7 +49,9 @@ def main() -> None:
 
         def ours() -> None:
             shutil.rmtree(target, ignore_errors=True)
-            resolver = AzureBlobResolver("az://bench-azure/adapters", settings, NodeCache(target))
+            resolver = Resolver(
+                AzureBlobStore("az://bench-azure/adapters", settings, NodeCache(target))
+            )
             assert resolver.resolve(BASE_MODEL, "big") is not None
 
         def sdk() -> None:

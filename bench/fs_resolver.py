@@ -16,10 +16,11 @@ from pathlib import Path
 
 from bench.common import median_seconds, report
 from devtools.models import write_large_adapter, write_lora_adapter
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
+from vllm_lora_resolvers.resolver import Resolver
 
 BASE_MODEL = "/models/tiny-llama"
 HIT_CALLS = 5000
@@ -44,7 +45,7 @@ def cached_resolve(work: Path) -> tuple[float, float]:
     adapters, cache = work / "adapters", work / "cache"
     write_lora_adapter(adapters / "sql", base_model=BASE_MODEL)
     settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
-    ours = VllmResolver(FilesystemResolver(adapters, settings, NodeCache(cache)))
+    ours = VllmResolver(Resolver(FilesystemStore(adapters, settings, NodeCache(cache))))
     theirs = VllmFs(str(adapters))
 
     async def measure() -> tuple[float, float]:
@@ -74,7 +75,7 @@ def cold_resolve(work: Path, size_bytes: int) -> tuple[float, float]:
 
     def ours() -> None:
         cache = work / f"cache-{next(runs)}"
-        resolver = FilesystemResolver(adapters, settings, NodeCache(cache))
+        resolver = Resolver(FilesystemStore(adapters, settings, NodeCache(cache)))
         assert resolver.resolve(BASE_MODEL, "big") is not None
         shutil.rmtree(cache)
 

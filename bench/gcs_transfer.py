@@ -18,9 +18,10 @@ from google.cloud import storage
 from bench.common import median_seconds, report
 from devtools.gcs_server import FakeGcs
 from devtools.models import write_large_adapter
-from vllm_lora_resolvers.backends.gcs import GcsResolver
+from vllm_lora_resolvers.backends.gcs import GcsStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 
 BASE_MODEL = "/models/tiny-llama"
 RUNS = 5
@@ -51,7 +52,7 @@ def main() -> None:
 
         def ours() -> None:
             shutil.rmtree(target, ignore_errors=True)
-            resolver = GcsResolver("gs://bench-gcs/adapters", settings, NodeCache(target))
+            resolver = Resolver(GcsStore("gs://bench-gcs/adapters", settings, NodeCache(target)))
             assert resolver.resolve(BASE_MODEL, "big") is not None
 
         def plain_gcsfs() -> None:

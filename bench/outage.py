@@ -26,17 +26,17 @@ from devtools.hub_server import HubServer
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault, FaultRelay
 from devtools.stores import S3Endpoint, SeaweedS3, upload_folder
-from vllm_lora_resolvers.backends.gcs import GcsResolver
-from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
-from vllm_lora_resolvers.backends.s3 import S3Resolver
+from vllm_lora_resolvers.backends.gcs import GcsStore
+from vllm_lora_resolvers.backends.hf_hub import HfHubStore
+from vllm_lora_resolvers.backends.s3 import S3Store
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 
 BASE_MODEL = "/models/tiny-llama"
 RUNS = 5
 BLACK_HOLE = Fault("delay", seconds=3600, times=1_000_000)
-NewResolver = Callable[[], BaseStorageResolver]
+NewResolver = Callable[[], Resolver]
 
 
 def _settings(cache: Path, **variables: str) -> Settings:
@@ -56,7 +56,9 @@ def s3_store(work: Path, adapter: Path) -> Iterator[tuple[FaultRelay, NewResolve
             settings = _settings(work / "cache-s3")
             yield (
                 relay,
-                lambda: S3Resolver("s3://bench/adapters", settings, NodeCache(work / "cache-s3")),
+                lambda: Resolver(
+                    S3Store("s3://bench/adapters", settings, NodeCache(work / "cache-s3"))
+                ),
                 "sql",
             )
 
@@ -77,7 +79,9 @@ def gcs_store(work: Path, adapter: Path) -> Iterator[tuple[FaultRelay, NewResolv
             settings = _settings(work / "cache-gcs")
             yield (
                 relay,
-                lambda: GcsResolver("gs://bench/adapters", settings, NodeCache(work / "cache-gcs")),
+                lambda: Resolver(
+                    GcsStore("gs://bench/adapters", settings, NodeCache(work / "cache-gcs"))
+                ),
                 "sql",
             )
 
@@ -93,7 +97,9 @@ def hub_store(work: Path, adapter: Path) -> Iterator[tuple[FaultRelay, NewResolv
         settings = _settings(work / "cache-hub", VLLM_LORA_RESOLVER_HF_REPO_LIST="acme/adapters")
         yield (
             relay,
-            lambda: HfHubResolver(settings.hf_repos, settings, NodeCache(work / "cache-hub")),
+            lambda: Resolver(
+                HfHubStore(settings.hf_repos, settings, NodeCache(work / "cache-hub"))
+            ),
             "acme/adapters/sql",
         )
 
@@ -103,7 +109,7 @@ def measure(store: AbstractContextManager[tuple[FaultRelay, NewResolver, str]]) 
     with store as (relay, new_resolver, name):
         assert new_resolver().resolve(BASE_MODEL, name) is not None  # cached now
 
-        def timed(resolver: BaseStorageResolver) -> float:
+        def timed(resolver: Resolver) -> float:
             started = time.perf_counter()
             assert resolver.resolve(BASE_MODEL, name) is not None
             return time.perf_counter() - started

@@ -31,9 +31,10 @@ MB = 10**6
 _RESOLVE_ONCE = """
 import json, sys, threading, time
 from pathlib import Path
-from vllm_lora_resolvers.backends.s3 import S3Resolver
+from vllm_lora_resolvers.backends.s3 import S3Store
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 
 def rss_kib():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -44,7 +45,7 @@ uri, cache, name = sys.argv[1:4]
 settings = Settings.from_environ(
     {"VLLM_LORA_RESOLVER_CACHE_DIR": cache, "VLLM_LORA_RESOLVER_MAX_RANK": "100000000"}, argv=[]
 )
-resolver = S3Resolver(uri, settings, NodeCache(Path(cache)))
+resolver = Resolver(S3Store(uri, settings, NodeCache(Path(cache))))
 before, peak, done = rss_kib(), [0], threading.Event()
 
 def sample():  # the peak while resolving, sampled every 5 ms (ru_maxrss also counts start-up)
@@ -179,9 +180,10 @@ def _fill_bucket(client: Any, bucket: str, count: int, config: bytes) -> None:
 
 
 def requests_per_resolve(endpoint: S3Endpoint, work: Path) -> list[tuple[str, str]]:
-    from vllm_lora_resolvers.backends.s3 import S3Resolver
+    from vllm_lora_resolvers.backends.s3 import S3Store
     from vllm_lora_resolvers.cache import NodeCache
     from vllm_lora_resolvers.config import Settings
+    from vllm_lora_resolvers.resolver import Resolver
 
     client = endpoint.client()
     source = write_large_adapter(work / "small", base_model=BASE_MODEL, size_bytes=MB)
@@ -205,7 +207,7 @@ def requests_per_resolve(endpoint: S3Endpoint, work: Path) -> list[tuple[str, st
                     },
                     argv=[],
                 )
-                resolver = S3Resolver(f"s3://{bucket}/adapters", settings, NodeCache(cache))
+                resolver = Resolver(S3Store(f"s3://{bucket}/adapters", settings, NodeCache(cache)))
                 relay.reset_counters()
                 resolver.resolve(BASE_MODEL, "target")
                 cold = len(relay.requests)

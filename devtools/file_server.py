@@ -4,7 +4,7 @@ and an HTML index of each folder. It serves the example backend of ``docs/writin
 in the tests::
 
     with FileServer(root) as server:
-        resolver = HttpResolver(server.url, settings, cache)
+        resolver = Resolver(HttpStore(server.url, settings, cache))
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The smallest correct store: adapters held in a dict, read through `MemoryResolver`.
+"""The smallest correct store: adapters held in a dict, read through `MemoryStore`.
 
 It is the reference the store contract suite (``tests/test_store_contract.py``) holds every other
 store to, and the fast way to test the pipeline itself (``tests/test_pipeline.py``): no server, no
 client library, yet every request can be counted and faulted like a real store's, with the same
 `devtools.relay.Fault` rules the fault relay takes. Requests are ``("LIST", NAME)`` for a lookup and
 ``("GET", NAME/FILE)`` for a ranged read. Each file declares its SHA-256, as S3, GCS and the Hub
-declare theirs, and its version (etag) changes with every `MemoryStore.put`.
+declare theirs, and its version (etag) changes with every `MemoryBucket.put`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from devtools.relay import Fault, FaultLedger
 from vllm_lora_resolvers.adapter import adapter_from_listing
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
@@ -30,7 +31,6 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _CHUNK = 64 << 10
@@ -45,7 +45,7 @@ class StoredFile:
     generation: str
 
 
-class MemoryStore(FaultLedger):
+class MemoryBucket(FaultLedger):
     """Adapter folders by name (``{file name: bytes}``), thread-safe, counting and faultable.
 
     ``on_request(method, path)``, when set, runs before each request is answered (after its
@@ -119,15 +119,15 @@ class MemoryStore(FaultLedger):
         return sorted(found)
 
 
-class MemoryResolver(BaseStorageResolver):
-    """Resolve ``NAME`` to folder ``NAME`` of a `MemoryStore`: one ``LIST`` per lookup, ranged
+class MemoryStore(Store):
+    """Resolve ``NAME`` to folder ``NAME`` of a `MemoryBucket`: one ``LIST`` per lookup, ranged
     ``GET``s in parallel parts for the bytes, each file's SHA-256 declared."""
 
     backend: ClassVar[str] = "memory"
 
     def __init__(
         self,
-        store: MemoryStore,
+        store: MemoryBucket,
         settings: Settings,
         cache: NodeCache,
         transfer: TransferConfig = DEFAULT_TRANSFER,

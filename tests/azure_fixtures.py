@@ -13,7 +13,8 @@ from resolver_setup import FAST_TRANSFER, Relayed, open_resolver
 
 from devtools.azure_server import Azurite
 from devtools.relay import FaultRelay
-from vllm_lora_resolvers.backends.azure import AzureBlobResolver
+from vllm_lora_resolvers.backends.azure import AzureBlobStore
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _containers = itertools.count()
@@ -64,8 +65,8 @@ class AzureContainer(Relayed):
 
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> AzureBlobResolver:
-        return open_resolver(AzureBlobResolver, self.uri, cache_dir, transfer, **variables)
+    ) -> Resolver:
+        return open_resolver(AzureBlobStore, self.uri, cache_dir, transfer, **variables)
 
 
 @pytest.fixture

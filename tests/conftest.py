@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import PROCESS_DIR_PREFIX, NodeCache, is_locked
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 
 REPO = Path(__file__).resolve().parents[1]
 #: What a test's worker process imports: this checkout's package (a git worktree's too), devtools
@@ -70,8 +71,8 @@ def make_settings(cache_dir: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def fs_resolver(
     adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
-) -> Iterator[FilesystemResolver]:
-    yield FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+) -> Iterator[Resolver]:
+    yield Resolver(FilesystemStore(adapters_dir, make_settings(), NodeCache(cache_dir)))
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

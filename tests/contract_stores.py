@@ -31,12 +31,12 @@ from resolver_setup import FAST_TRANSFER, settings_for
 from s3_fixtures import make_bucket
 
 from devtools.file_server import FileServer
-from devtools.memory_store import MemoryResolver, MemoryStore
+from devtools.memory_store import MemoryBucket, MemoryStore
 from devtools.relay import Fault, FaultRelay
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.remote import RemoteAdapter
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 EXAMPLE = REPO / "docs" / "examples" / "http_backend.py"
@@ -112,7 +112,7 @@ class StoreUnderTest(ABC):
     @abstractmethod
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
+    ) -> Resolver:
         """A resolver of this store over a node cache in ``cache_dir``, as a new server process
         would have (``variables``: more of our environment variables)."""
 
@@ -194,17 +194,17 @@ class FsStore(StoreUnderTest):
 
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
+    ) -> Resolver:
         lookups = self._lookups
 
-        class CountingFilesystemResolver(FilesystemResolver):
+        class CountingFilesystemStore(FilesystemStore):
             def locate(self, name: str) -> RemoteAdapter | None:
                 lookups.append(("LOOKUP", name))
                 return super().locate(name)
 
         settings = settings_for(cache_dir, **variables)
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return CountingFilesystemResolver(self.root, settings, cache)
+        return Resolver(CountingFilesystemStore(self.root, settings, cache))
 
     def requests(self) -> list[tuple[str, str]]:
         return list(self._lookups)
@@ -217,13 +217,13 @@ class MemoryStoreUnderTest(StoreUnderTest):
     """The in-memory reference store (devtools/memory_store.py)."""
 
     label = "memory"
-    backend = MemoryResolver.backend
+    backend = MemoryStore.backend
     lacks: ClassVar[Mapping[Capability, str]] = {
         Capability.PROCESSES: "held in this process's memory: no other process can reach it",
     }
 
     def __init__(self) -> None:
-        self.store = MemoryStore()
+        self.store = MemoryBucket()
 
     @classmethod
     @contextlib.contextmanager
@@ -238,10 +238,10 @@ class MemoryStoreUnderTest(StoreUnderTest):
 
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
+    ) -> Resolver:
         settings = settings_for(cache_dir, **variables)
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return MemoryResolver(self.store, settings, cache, transfer)
+        return Resolver(MemoryStore(self.store, settings, cache, transfer))
 
     def requests(self) -> list[tuple[str, str]]:
         return self.store.requests
@@ -274,7 +274,7 @@ class BucketFixture(Protocol):
 
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = ..., **variables: str
-    ) -> BaseStorageResolver: ...
+    ) -> Resolver: ...
 
 
 class BucketStore(RelayedStore):
@@ -314,7 +314,7 @@ class BucketStore(RelayedStore):
 
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
+    ) -> Resolver:
         return self.bucket.resolver(cache_dir, transfer, **variables)
 
 
@@ -345,7 +345,7 @@ class HubStore(RelayedStore):
 
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
+    ) -> Resolver:
         return self.hub.resolver(cache_dir, transfer=transfer, **variables)
 
 
@@ -380,12 +380,10 @@ class HttpStore(RelayedStore):
 
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> BaseStorageResolver:
+    ) -> Resolver:
         settings = settings_for(cache_dir, **variables)
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        resolver: BaseStorageResolver = http_backend.HttpResolver(
-            self.relay.url, settings, cache, transfer
-        )
+        resolver: Resolver = http_backend.HttpStore(self.relay.url, settings, cache, transfer)
         return resolver
 
 

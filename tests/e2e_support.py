@@ -140,13 +140,14 @@ def metric(server: VllmServer, sample: str, **labels: str) -> float:
 _PULL = """
 import sys
 from pathlib import Path
-from vllm_lora_resolvers.backends.s3 import S3Resolver
+from vllm_lora_resolvers.backends.s3 import S3Store
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 
 uri, cache, name, base = sys.argv[1:]
 settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": cache}, argv=[])
-resolved = S3Resolver(uri, settings, NodeCache(Path(cache))).resolve(base, name)
+resolved = Resolver(S3Store(uri, settings, NodeCache(Path(cache)))).resolve(base, name)
 assert resolved is not None, name
 print(resolved.path)
 """

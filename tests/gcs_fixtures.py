@@ -14,7 +14,8 @@ from resolver_setup import FAST_TRANSFER, Relayed, open_resolver
 
 from devtools.gcs_server import FakeGcs
 from devtools.relay import FaultRelay
-from vllm_lora_resolvers.backends.gcs import GcsResolver
+from vllm_lora_resolvers.backends.gcs import GcsStore
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
@@ -49,8 +50,8 @@ class GcsBucket(Relayed):
 
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> GcsResolver:
-        return open_resolver(GcsResolver, self.uri, cache_dir, transfer, **variables)
+    ) -> Resolver:
+        return open_resolver(GcsStore, self.uri, cache_dir, transfer, **variables)
 
 
 @pytest.fixture

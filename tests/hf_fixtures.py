@@ -16,9 +16,10 @@ from resolver_setup import FAST_TRANSFER, Relayed
 
 from devtools.hub_server import HubServer
 from devtools.relay import FaultRelay
-from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
+from vllm_lora_resolvers.backends.hf_hub import HfHubStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 REPO_ID = "org/adapters"
@@ -37,7 +38,7 @@ class Hub(Relayed):
         repos: str = REPO_ID,
         transfer: TransferConfig = FAST_TRANSFER,
         **variables: str,
-    ) -> HfHubResolver:
+    ) -> Resolver:
         """A resolver of ``repos`` (a comma list) with a node cache in ``cache_dir``."""
         environ = {
             "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir),
@@ -46,7 +47,7 @@ class Hub(Relayed):
         }
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return HfHubResolver(settings.hf_repos, settings, cache, transfer)
+        return Resolver(HfHubStore(settings.hf_repos, settings, cache, transfer))
 
 
 @pytest.fixture(name="hub")

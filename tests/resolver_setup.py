@@ -7,16 +7,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from devtools.relay import FaultRelay
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import TransferConfig
-
-R = TypeVar("R", bound=BaseStorageResolver)
 
 #: Stores on loopback: quick retries, so fault tests stay short.
 FAST_TRANSFER = TransferConfig(
@@ -37,17 +36,17 @@ def settings_for(cache_dir: Path, **variables: str) -> Settings:
 
 
 def open_resolver(
-    resolver_class: Callable[[Any, Settings, NodeCache, TransferConfig], R],
+    store_class: Callable[[Any, Settings, NodeCache, TransferConfig], Store],
     source: Any,
     cache_dir: Path,
     transfer: TransferConfig,
     **variables: str,
-) -> R:
-    """A resolver of ``source`` as a new server process would build it, over ``cache_dir``."""
+) -> Resolver:
+    """A resolver of the store ``source`` as a new server process would build it, over
+    ``cache_dir``."""
     settings = settings_for(cache_dir, **variables)
-    return resolver_class(
-        source, settings, NodeCache(cache_dir, settings.cache_max_bytes), transfer
-    )
+    cache = NodeCache(cache_dir, settings.cache_max_bytes)
+    return Resolver(store_class(source, settings, cache, transfer))
 
 
 class Relayed:

@@ -12,7 +12,8 @@ from resolver_setup import FAST_TRANSFER, Relayed, open_resolver
 
 from devtools.relay import FaultRelay
 from devtools.stores import MotoS3, S3Endpoint, SeaweedS3, upload_folder
-from vllm_lora_resolvers.backends.s3 import S3Resolver
+from vllm_lora_resolvers.backends.s3 import S3Store
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
@@ -53,8 +54,8 @@ class Bucket(Relayed):
 
     def resolver(
         self, cache_dir: Path, transfer: TransferConfig = FAST_TRANSFER, **variables: str
-    ) -> S3Resolver:
-        return open_resolver(S3Resolver, self.uri, cache_dir, transfer, **variables)
+    ) -> Resolver:
+        return open_resolver(S3Store, self.uri, cache_dir, transfer, **variables)
 
 
 def make_bucket(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:

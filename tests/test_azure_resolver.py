@@ -20,10 +20,11 @@ from test_cli import vllm_lora
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
-from vllm_lora_resolvers.backends.azure import AzureBlobResolver, parse_azure_uri
+from vllm_lora_resolvers.backends.azure import AzureBlobStore, parse_azure_uri
 from vllm_lora_resolvers.backends.published import POINTER_FILE
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import StoreRefusedError, StoreUnavailableError
+from vllm_lora_resolvers.resolver import Resolver
 
 
 def adapter(folder: Path, seed: int = 0) -> Path:
@@ -58,11 +59,11 @@ def test_the_account_comes_from_the_uri_or_the_environment_and_keys_the_cache(
         monkeypatch.delenv(variable, raising=False)
     settings, cache = make_settings(), NodeCache(cache_dir)
     with pytest.raises(ConfigurationError, match="AZURE_STORAGE_ACCOUNT_NAME"):
-        AzureBlobResolver("az://adapters/prod", settings, cache)  # type: ignore[arg-type]
+        AzureBlobStore("az://adapters/prod", settings, cache)  # type: ignore[arg-type]
     abfss = "abfss://adapters@acct.dfs.core.windows.net/prod"
-    from_uri = AzureBlobResolver(abfss, settings, cache)  # type: ignore[arg-type]
+    from_uri = AzureBlobStore(abfss, settings, cache)  # type: ignore[arg-type]
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", "acct")
-    from_environment = AzureBlobResolver("az://adapters/prod", settings, cache)  # type: ignore[arg-type]
+    from_environment = AzureBlobStore("az://adapters/prod", settings, cache)  # type: ignore[arg-type]
     assert from_uri.source == from_environment.source
     assert from_uri.source == "az://adapters/prod@https://acct.blob.core.windows.net"
     assert from_uri.location("prod/sql/") == f"{abfss.rsplit('/', 1)[0]}/prod/sql/"
@@ -102,7 +103,7 @@ def test_the_lookup_skips_the_rest_of_the_folder(
     for clutter in ("0001/checkpoint", "adapter_config.json.bak/x", "adapter_zz", "zz/logs"):
         azure_container.client.upload_blob(f"adapters/sql/{clutter}", b"x")
     azure_container.upload("sql", adapter(tmp_path / "sql"))
-    found = azure_container.resolver(cache_dir).locate("sql")
+    found = azure_container.resolver(cache_dir).store.locate("sql")
     assert found is not None
     assert [file.path for file in found.files] == [
         "adapter_config.json",
@@ -187,7 +188,7 @@ def test_a_blob_replaced_mid_download_is_fetched_again_at_its_new_version(
     azure_container.upload("big", v1)
     built = azure_container.resolver(cache_dir, VLLM_LORA_RESOLVER_MAX_RANK="1000000")
 
-    class ReplacedAfterTheFirstPart(AzureBlobResolver):
+    class ReplacedAfterTheFirstPart(AzureBlobStore):
         replaced = False
 
         def download_ranges(self, destination, size, fetch_range):  # type: ignore[no-untyped-def]
@@ -201,11 +202,11 @@ def test_a_blob_replaced_mid_download_is_fetched_again_at_its_new_version(
 
     # The parts one after the other: the second one sees the new blob.
     one_at_a_time = replace(fast_transfer(256 << 10), parts_in_flight=1)
-    resolver = ReplacedAfterTheFirstPart(
+    store = ReplacedAfterTheFirstPart(
         azure_container.uri, built.settings, built.cache, one_at_a_time
     )
-    resolved = resolver.resolve(BASE_MODEL, "big")
-    assert resolver.replaced and resolved is not None
+    resolved = Resolver(store).resolve(BASE_MODEL, "big")
+    assert store.replaced and resolved is not None
     assert files_of(resolved.path) == files_of(v2)
     assert len(snapshot_dirs(cache_dir)) == 1
 

@@ -15,20 +15,22 @@ from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, w
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from vllm_lora_resolvers.adapter import CONFIG_FILE
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.resolver import Resolver
 
 # Resolves "sql" and dies (SIGKILL) at exactly the moment a name link is being swapped in: the
 # temporary link exists, the rename over CACHE_DIR/NAME has not happened.
 _DIE_WHILE_SWAPPING_THE_NAME_LINK = """
 import os, signal, sys
 from pathlib import Path
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 
 swap = Path.replace
 def die_before_the_swap(self, target):
@@ -39,7 +41,7 @@ Path.replace = die_before_the_swap
 
 adapters, cache = Path(sys.argv[1]), Path(sys.argv[2])
 settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
-FilesystemResolver(adapters, settings, NodeCache(cache)).resolve("/models/tiny-llama", "sql")
+Resolver(FilesystemStore(adapters, settings, NodeCache(cache))).resolve("/models/tiny-llama", "sql")
 """
 
 
@@ -121,7 +123,7 @@ def test_opening_the_cache_evicts_down_to_the_cap_what_no_live_process_leases(
     assert not os.path.lexists(cache_dir / "a")
 
 
-class CacheWatchingResolver(FilesystemResolver):
+class CacheWatchingStore(FilesystemStore):
     """Records the bytes of complete snapshots when each weights file starts downloading."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -145,11 +147,11 @@ def test_room_is_made_under_the_cap_before_the_weights_are_downloaded(
     one = _adapter_bytes(adapters_dir / "a")
     cap = 2 * one
     settings = make_settings(VLLM_LORA_RESOLVER_CACHE_MAX_BYTES=str(cap))
-    resolver = CacheWatchingResolver(adapters_dir, settings, NodeCache(cache_dir, cap))
+    store = CacheWatchingStore(adapters_dir, settings, NodeCache(cache_dir, cap))
     assert _cached_bytes(cache_dir) == cap  # at the cap, not above: opening evicted nothing
 
-    assert resolver.resolve(BASE_MODEL, "new") is not None
-    [cached_then] = resolver.cached_at_weights_download
+    assert Resolver(store).resolve(BASE_MODEL, "new") is not None
+    [cached_then] = store.cached_at_weights_download
     assert cached_then + one <= cap
     assert _cached_bytes(cache_dir) <= cap
 
@@ -177,7 +179,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
 
-class DiskFillingResolver(FilesystemResolver):
+class DiskFillingStore(FilesystemStore):
     """Another tenant of the disk writes ``filler_bytes`` just as our first weights download
     starts, so the download runs out of space half way."""
 
@@ -205,9 +207,10 @@ def test_a_full_disk_evicts_unleased_snapshots_and_the_fetch_is_tried_again(
     settings = make_settings(
         VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir), VLLM_LORA_RESOLVER_MAX_RANK=str(LARGE_RANK)
     )
-    resolver = DiskFillingResolver(adapters_dir, settings, NodeCache(cache_dir))
-    resolver.filler_bytes = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-    resolver.filler_bytes -= 512 << 10  # leaves half a weights file's room: ENOSPC half way
+    store = DiskFillingStore(adapters_dir, settings, NodeCache(cache_dir))
+    store.filler_bytes = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    store.filler_bytes -= 512 << 10  # leaves half a weights file's room: ENOSPC half way
+    resolver = Resolver(store)
 
     resolved = resolver.resolve(BASE_MODEL, "new")
     assert resolved is not None
@@ -237,9 +240,10 @@ def test_a_disk_full_of_leased_snapshots_is_explained_and_leaves_nothing_behind(
             VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
             VLLM_LORA_RESOLVER_MAX_RANK=str(LARGE_RANK),
         )
-        resolver = DiskFillingResolver(adapters_dir, settings, NodeCache(cache_dir))
-        resolver.filler_bytes = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-        resolver.filler_bytes -= 512 << 10
+        store = DiskFillingStore(adapters_dir, settings, NodeCache(cache_dir))
+        store.filler_bytes = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        store.filler_bytes -= 512 << 10
+        resolver = Resolver(store)
         with (
             caplog.at_level(logging.WARNING, "vllm.lora_resolvers"),
             pytest.raises(CacheFullError, match="the disk is full"),
@@ -252,7 +256,7 @@ def test_a_disk_full_of_leased_snapshots_is_explained_and_leaves_nothing_behind(
         holder.wait()
 
 
-class EvictedAfterLookupResolver(FilesystemResolver):
+class EvictedAfterLookupStore(FilesystemStore):
     """Evicts every unleased snapshot right after each of its first ``races`` lookups, as
     another process's eviction might."""
 
@@ -273,9 +277,9 @@ def test_a_cached_snapshot_evicted_between_lookup_and_lease_is_never_refused(
     _resolve_in_processes_that_exit(adapters_dir, cache_dir, "sql")  # CACHE_DIR/sql -> snapshot
     settings = make_settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0")
     cache = NodeCache(cache_dir)
-    FilesystemResolver(adapters_dir, settings, cache)  # this process serves that store too
+    Resolver(FilesystemStore(adapters_dir, settings, cache))  # this process serves that store too
     # The default layout: the filesystem resolver reads the cache dir, links included.
-    resolver = EvictedAfterLookupResolver(cache_dir, settings, cache)
+    resolver = Resolver(EvictedAfterLookupStore(cache_dir, settings, cache))
 
     assert resolver.resolve(BASE_MODEL, "sql") is None  # evicted, so no longer here
 
@@ -285,7 +289,7 @@ def test_a_cached_snapshot_evicted_between_lookup_and_lease_is_never_refused(
     assert (resolved.path / CONFIG_FILE).is_file()
 
 
-class ReuploadedDuringFetchResolver(FilesystemResolver):
+class ReuploadedDuringFetchStore(FilesystemStore):
     """The adapter is rewritten in the store between its lookup and its weights download."""
 
     rewrite: Callable[[], None] | None = None
@@ -304,18 +308,18 @@ def test_an_adapter_rewritten_while_being_fetched_is_served_at_its_new_version(
 ) -> None:
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
     new = write_lora_adapter(adapters_dir.parent / "v2", base_model=BASE_MODEL, seed=2)
-    resolver = ReuploadedDuringFetchResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    store = ReuploadedDuringFetchStore(adapters_dir, make_settings(), NodeCache(cache_dir))
 
     def rewrite() -> None:
         weights = adapters_dir / "sql" / "adapter_model.safetensors"
         weights.write_bytes((new / "adapter_model.safetensors").read_bytes())
 
-    resolver.rewrite = rewrite
-    resolved = resolver.resolve(BASE_MODEL, "sql")
+    store.rewrite = rewrite
+    resolved = Resolver(store).resolve(BASE_MODEL, "sql")
     assert resolved is not None
     served = (resolved.path / "adapter_model.safetensors").read_bytes()
     assert served == (new / "adapter_model.safetensors").read_bytes()
-    current = resolver.locate("sql")
+    current = store.locate("sql")
     assert current is not None
     assert resolved.snapshot.manifest.version == current.version
 
@@ -331,7 +335,7 @@ def test_a_damaged_manifest_is_quarantined_and_everything_else_goes_on(
     one = _adapter_bytes(adapters_dir / "a")
 
     cache = NodeCache(cache_dir, max_bytes=2 * one)  # opening it evicts: must not stop there
-    resolver = FilesystemResolver(adapters_dir, make_settings(), cache)
+    resolver = Resolver(FilesystemStore(adapters_dir, make_settings(), cache))
     assert resolver.resolve(BASE_MODEL, "c") is not None  # other adapters' first fetch
     assert cache.quarantined() and cache.quarantined()[0].startswith(damaged.name)
     assert not damaged.exists()
@@ -364,7 +368,7 @@ def test_a_cache_remounted_read_only_serves_what_it_holds_and_explains_the_rest(
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
 
     settings = make_settings(VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir))
-    resolver = FilesystemResolver(adapters_dir, settings, NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, settings, NodeCache(cache_dir)))
     served = resolver.resolve(BASE_MODEL, "cached")
     assert served is not None and (served.path / CONFIG_FILE).is_file()
     with pytest.raises(CacheError) as refused:
@@ -378,7 +382,7 @@ def test_a_cache_folder_removed_under_a_running_server_is_recreated(
 ) -> None:
     for seed, name in enumerate(("a", "b")):
         write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
-    resolver = FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, make_settings(), NodeCache(cache_dir)))
     assert resolver.resolve(BASE_MODEL, "a") is not None
     for entry in cache_dir.iterdir():
         if entry.is_symlink():
@@ -398,7 +402,7 @@ def test_lock_files_do_not_pile_up(
     for seed in range(5):
         write_lora_adapter(adapters_dir / f"a{seed}", base_model=BASE_MODEL, seed=seed)
     _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a0", "a1")
-    resolver = FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, make_settings(), NodeCache(cache_dir)))
     for seed in range(2, 5):
         assert resolver.resolve(BASE_MODEL, f"a{seed}") is not None
     locks = cache_dir / ".vllm-lora" / "locks"

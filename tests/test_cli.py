@@ -17,11 +17,12 @@ from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
 
 from devtools.models import write_broken_safetensors, write_lora_adapter
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.cli.system import filesystem_type, flock_holders, is_network_filesystem
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError
+from vllm_lora_resolvers.resolver import Resolver
 
 CLI = Path(sys.executable).with_name("vllm-lora")
 SECRET = "s3cr3t-never-printed"
@@ -157,7 +158,7 @@ def test_validate_refuses_a_file_linked_from_outside_the_folder_as_the_resolver_
     (folder / linked).rename(outside / linked)
     (folder / linked).symlink_to(outside / linked)
     settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}, argv=[])
-    resolver = FilesystemResolver(tmp_path / "adapters", settings, NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(tmp_path / "adapters", settings, NodeCache(cache_dir)))
     with pytest.raises(InvalidAdapterError, match="outside the adapter folder"):
         resolver.resolve(BASE_MODEL, "sql")
     result = vllm_lora("validate", str(folder), "--json")

@@ -51,6 +51,7 @@ from vllm_lora_resolvers.adapter import (
     parse_adapter_config,
 )
 from vllm_lora_resolvers.backends import gcs, hf_hub, s3
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import NodeCache, cache_write_error
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
@@ -58,7 +59,7 @@ from vllm_lora_resolvers.errors import (
     StoreRefusedError,
     StoreUnavailableError,
 )
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 DOCS = REPO / "docs"
@@ -87,7 +88,7 @@ def http_resolver(
     file_server: FileServer, cache_dir: Path, make_settings: Callable[..., Settings]
 ) -> Any:
     # Small parts, so that one adapter's weights come in several parallel ranged GETs.
-    return http_backend.HttpResolver(
+    return http_backend.HttpStore(
         file_server.url, make_settings(), NodeCache(cache_dir), TransferConfig(part_size=4096)
     )
 
@@ -113,7 +114,7 @@ def test_example_backend_reports_an_unreachable_server_as_store_unavailable(
 ) -> None:
     with FileServer(cache_dir) as closed:
         url = closed.url  # nothing listens on its port once closed
-    resolver = http_backend.HttpResolver(url, make_settings(), NodeCache(cache_dir))
+    resolver = http_backend.HttpStore(url, make_settings(), NodeCache(cache_dir))
     with pytest.raises(StoreUnavailableError, match="looking up 'sql-expert' failed: Connection"):
         resolver.resolve(BASE_MODEL, "sql-expert")
 
@@ -842,7 +843,7 @@ def test_the_quoted_start_up_lines_are_the_plugins_own() -> None:
     assert skipped == [("lora_gcs_resolver", config.GCS_URI.name)]
 
 
-class RefusingStore(BaseStorageResolver):
+class RefusingStore(Store):
     """An S3-like store that refuses our credentials, as S3's AccessDenied does."""
 
     backend = "s3"
@@ -854,11 +855,16 @@ class RefusingStore(BaseStorageResolver):
     def download(self, adapter: Any, file: Any, destination: Path) -> dict[str, str]:
         raise AssertionError("never reached")
 
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        raise AssertionError("never reached")
+
 
 async def test_runbook_quotes_the_real_warning_of_a_store_that_cannot_answer(
     cache_dir: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
-    resolver = RefusingStore("s3://my-adapters/prod", make_settings(), NodeCache(cache_dir))
+    resolver = Resolver(
+        RefusingStore("s3://my-adapters/prod", make_settings(), NodeCache(cache_dir))
+    )
     with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers"):
         assert await VllmResolver(resolver).resolve_lora(BASE_MODEL, "sql-expert") is None
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -933,7 +939,7 @@ def test_the_site_builds_without_a_warning(tmp_path: Path) -> None:
     )
     assert built.returncode == 0, built.stderr[-3000:]
     assert "WARNING" not in built.stderr
-    assert "class HttpResolver" in (tmp_path / "writing-a-resolver" / "index.html").read_text()
+    assert "class HttpStore" in (tmp_path / "writing-a-resolver" / "index.html").read_text()
 
 
 def test_runbook_shows_the_commands_own_output(

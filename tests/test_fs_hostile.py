@@ -22,12 +22,13 @@ from conftest import BASE_MODEL, snapshot_dirs
 
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers.adapter import CONFIG_FILE
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError
 from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.resolver import Resolver
 
 WEIGHTS = "adapter_model.safetensors"
 MARKER = b"PRIVATE-MARKER-7f3a"
@@ -55,11 +56,9 @@ def running(action: Callable[[int], None]) -> Iterator[None]:
         thread.join()
 
 
-def _resolver(
-    adapters: Path, cache: Path, make_settings: Callable[..., Settings]
-) -> FilesystemResolver:
+def _resolver(adapters: Path, cache: Path, make_settings: Callable[..., Settings]) -> Resolver:
     settings = make_settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0")
-    return FilesystemResolver(adapters, settings, NodeCache(cache))
+    return Resolver(FilesystemStore(adapters, settings, NodeCache(cache)))
 
 
 def _pair(folder: Path) -> tuple[bytes, bytes]:
@@ -110,7 +109,7 @@ def _exchange(first: Path, second: Path) -> None:
         raise OSError(ctypes.get_errno(), "renameat2")
 
 
-async def _resolve_concurrently(resolver: FilesystemResolver, times: int) -> list[Path]:
+async def _resolve_concurrently(resolver: Resolver, times: int) -> list[Path]:
     async def one() -> Path | None:
         try:
             request = await VllmResolver(resolver).resolve_lora(BASE_MODEL, "sql")
@@ -138,7 +137,7 @@ def test_folders_swapped_atomically_never_give_one_versions_config_with_the_othe
     assert all(_pair(path) in versions for path in paths)
 
 
-class RewrittenInPlaceAfterLookup(FilesystemResolver):
+class RewrittenInPlaceAfterLookup(FilesystemStore):
     """Rewrites the weights file in place (same file, new content) right after each of its first
     ``rewrites`` lookups, as a writer racing the resolver would."""
 
@@ -159,15 +158,16 @@ def test_a_file_rewritten_in_place_after_its_lookup_is_looked_up_again(
 ) -> None:
     folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
     new = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
-    resolver = RewrittenInPlaceAfterLookup(adapters_dir, make_settings(), NodeCache(cache_dir))
-    resolver.content = (new / WEIGHTS).read_bytes()
+    store = RewrittenInPlaceAfterLookup(adapters_dir, make_settings(), NodeCache(cache_dir))
+    store.content = (new / WEIGHTS).read_bytes()
+    resolver = Resolver(store)
     inode = (folder / WEIGHTS).stat().st_ino
 
     resolved = resolver.resolve(BASE_MODEL, "sql")
     assert resolved is not None
     assert (folder / WEIGHTS).stat().st_ino == inode  # the very same file, rewritten
     assert _pair(resolved.path) == _pair(folder)  # the new content, under the new version
-    current = resolver.locate("sql")
+    current = store.locate("sql")
     assert current is not None and resolved.snapshot.manifest.version == current.version
 
 
@@ -201,7 +201,7 @@ def test_a_weights_file_larger_than_its_header_declares_is_refused_before_its_co
     with (folder / WEIGHTS).open("r+b") as weights:
         weights.truncate(100 << 30)  # under a raised limit, still far more than declared
     settings = make_settings(VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES="1TiB")
-    resolver = FilesystemResolver(adapters_dir, settings, NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, settings, NodeCache(cache_dir)))
     with pytest.raises(InvalidAdapterError, match="bytes of data"):
         resolver.resolve(BASE_MODEL, "sql")
     assert _cache_disk_bytes(cache_dir) < 1 << 20

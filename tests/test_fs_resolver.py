@@ -15,16 +15,17 @@ import pytest
 from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, worker_result
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
 )
+from vllm_lora_resolvers.resolver import Resolver
 
 
 def test_resolves_an_adapter_into_an_immutable_snapshot(
-    fs_resolver: FilesystemResolver, adapters_dir: Path, cache_dir: Path
+    fs_resolver: Resolver, adapters_dir: Path, cache_dir: Path
 ) -> None:
     source = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     resolved = fs_resolver.resolve(BASE_MODEL, "sql")
@@ -38,7 +39,7 @@ def test_resolves_an_adapter_into_an_immutable_snapshot(
 
 
 def test_lora_int_id_is_stable_positive_and_per_version(
-    fs_resolver: FilesystemResolver, adapters_dir: Path, cache_dir: Path
+    fs_resolver: Resolver, adapters_dir: Path, cache_dir: Path
 ) -> None:
     source = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
     first = fs_resolver.resolve(BASE_MODEL, "sql")
@@ -53,7 +54,7 @@ def test_lora_int_id_is_stable_positive_and_per_version(
 
 
 def test_name_link_in_cache_root_points_at_current_snapshot(
-    fs_resolver: FilesystemResolver, adapters_dir: Path, cache_dir: Path
+    fs_resolver: Resolver, adapters_dir: Path, cache_dir: Path
 ) -> None:
     write_lora_adapter(adapters_dir / "team" / "sql", base_model=BASE_MODEL)
     resolved = fs_resolver.resolve(BASE_MODEL, "team/sql")
@@ -71,7 +72,7 @@ def test_a_real_folder_in_the_cache_root_is_never_replaced(
     own = write_lora_adapter(cache_dir / "sql", base_model=BASE_MODEL, seed=3)
     before = (own / "adapter_model.safetensors").read_bytes()
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=4)
-    resolver = FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, make_settings(), NodeCache(cache_dir)))
     assert resolver.resolve(BASE_MODEL, "sql") is not None
     assert not (cache_dir / "sql").is_symlink()
     assert (own / "adapter_model.safetensors").read_bytes() == before
@@ -82,10 +83,10 @@ def test_serves_links_made_by_other_resolvers_without_copying(
 ) -> None:
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     cache = NodeCache(cache_dir)
-    upstream = FilesystemResolver(adapters_dir, make_settings(), cache)
+    upstream = Resolver(FilesystemStore(adapters_dir, make_settings(), cache))
     first = upstream.resolve(BASE_MODEL, "sql")
     # The drop-in for vLLM's built-in resolver: reads the cache root itself.
-    over_cache = FilesystemResolver(cache_dir, make_settings(), cache)
+    over_cache = Resolver(FilesystemStore(cache_dir, make_settings(), cache))
     second = over_cache.resolve(BASE_MODEL, "sql")
     assert first is not None and second is not None
     assert second.path == first.path
@@ -93,7 +94,7 @@ def test_serves_links_made_by_other_resolvers_without_copying(
 
 
 def test_adapter_folder_linking_outside_the_root_is_refused(
-    fs_resolver: FilesystemResolver, adapters_dir: Path, cache_dir: Path
+    fs_resolver: Resolver, adapters_dir: Path, cache_dir: Path
 ) -> None:
     outside = write_lora_adapter(adapters_dir.parent / "outside", base_model=BASE_MODEL)
     (adapters_dir / "sneaky").symlink_to(outside)
@@ -103,7 +104,7 @@ def test_adapter_folder_linking_outside_the_root_is_refused(
 
 
 def test_file_linking_outside_the_adapter_folder_is_refused(
-    fs_resolver: FilesystemResolver, adapters_dir: Path, cache_dir: Path
+    fs_resolver: Resolver, adapters_dir: Path, cache_dir: Path
 ) -> None:
     folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     secret = adapters_dir.parent / "secret.safetensors"
@@ -119,13 +120,11 @@ def test_rank_limit_comes_from_the_environment(
 ) -> None:
     write_lora_adapter(adapters_dir / "big", base_model=BASE_MODEL, rank=64)
     settings = make_settings(VLLM_LORA_RESOLVER_MAX_RANK="64")
-    resolver = FilesystemResolver(adapters_dir, settings, NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, settings, NodeCache(cache_dir)))
     assert resolver.resolve(BASE_MODEL, "big") is not None
 
 
-def test_folder_without_config_is_not_an_adapter(
-    fs_resolver: FilesystemResolver, adapters_dir: Path
-) -> None:
+def test_folder_without_config_is_not_an_adapter(fs_resolver: Resolver, adapters_dir: Path) -> None:
     (adapters_dir / "notes").mkdir()
     (adapters_dir / "notes" / "README.md").write_text("hello")
     assert fs_resolver.resolve(BASE_MODEL, "notes") is None
@@ -141,8 +140,8 @@ def test_eviction_never_removes_a_snapshot_leased_by_a_live_process(
     held = Path(worker_result(holder)["path"])
 
     settings = make_settings(VLLM_LORA_RESOLVER_CACHE_MAX_BYTES=str(one_adapter))
-    resolver = FilesystemResolver(
-        adapters_dir, settings, NodeCache(cache_dir, settings.cache_max_bytes)
+    resolver = Resolver(
+        FilesystemStore(adapters_dir, settings, NodeCache(cache_dir, settings.cache_max_bytes))
     )
     assert resolver.resolve(BASE_MODEL, "b") is not None
     assert resolver.resolve(BASE_MODEL, "c") is not None
@@ -162,15 +161,15 @@ def test_a_cache_link_made_for_another_store_is_not_served(
     prod, staging = tmp_path / "prod", tmp_path / "staging"
     staging.mkdir()
     write_lora_adapter(prod / "sql", base_model=BASE_MODEL)
-    prod_pod = FilesystemResolver(prod, make_settings(), NodeCache(cache_dir))
+    prod_pod = Resolver(FilesystemStore(prod, make_settings(), NodeCache(cache_dir)))
     assert prod_pod.resolve(BASE_MODEL, "sql") is not None
     assert (cache_dir / "sql").is_symlink()  # the node-wide link the prod pod made
 
     # A pod of the staging store on the same node: its own store, and the cache dir (the
     # default layout of lora_fs_resolver, as vLLM's built-in resolver reads it).
     staging_cache = NodeCache(cache_dir)
-    staging_pod = FilesystemResolver(staging, make_settings(), staging_cache)
-    over_cache = FilesystemResolver(cache_dir, make_settings(), staging_cache)
+    staging_pod = Resolver(FilesystemStore(staging, make_settings(), staging_cache))
+    over_cache = Resolver(FilesystemStore(cache_dir, make_settings(), staging_cache))
     assert staging_pod.resolve(BASE_MODEL, "sql") is None
     assert over_cache.resolve(BASE_MODEL, "sql") is None
 
@@ -178,14 +177,16 @@ def test_a_cache_link_made_for_another_store_is_not_served(
 _RESOLVE_AND_REPORT = """
 import sys
 from pathlib import Path
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.errors import CacheError
 adapters, cache = Path(sys.argv[1]), Path(sys.argv[2])
 settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
 try:
-    FilesystemResolver(adapters, settings, NodeCache(cache)).resolve("/models/tiny-llama", "sql")
+    resolver = Resolver(FilesystemStore(adapters, settings, NodeCache(cache)))
+    resolver.resolve("/models/tiny-llama", "sql")
 except CacheError as error:
     print(error)
 """

@@ -73,7 +73,7 @@ def test_the_lookup_lists_only_the_key_range_of_the_adapter_files(
         bucket.blob(f"adapters/sql/{clutter}").upload_from_string(b"x")
     gcs_bucket.upload("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
     gcs_bucket.relay.reset_counters()
-    found = gcs_bucket.resolver(cache_dir).locate("sql")
+    found = gcs_bucket.resolver(cache_dir).store.locate("sql")
     assert found is not None
     assert [file.path for file in found.files] == [
         "adapter_config.json",

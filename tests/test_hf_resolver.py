@@ -18,7 +18,7 @@ from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
-from vllm_lora_resolvers.backends.hf_hub import HfHubResolver, parse_repo_list
+from vllm_lora_resolvers.backends.hf_hub import HfHubStore, parse_repo_list
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
@@ -70,7 +70,7 @@ def test_version_is_the_commit_the_branch_points_to(
     commit = hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "sql")})
     resolver = hub.resolver(cache_dir)
     assert resolver.resolve(BASE_MODEL, f"{REPO_ID}/sql") is not None
-    located = resolver.locate(f"{REPO_ID}/sql")
+    located = resolver.store.locate(f"{REPO_ID}/sql")
     assert located is not None and located.version == commit
 
 
@@ -118,7 +118,7 @@ def test_looking_up_a_cached_version_takes_no_lease(
     hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "sql")})
     hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
     lister = hub.resolver(cache_dir)  # as `vllm-lora ls` or `doctor` would
-    found = lister.locate(f"{REPO_ID}/sql")
+    found = lister.store.locate(f"{REPO_ID}/sql")
     assert found is not None and found.cached_snapshot is not None
     assert lister.cache.held(found.cached_snapshot) is None
 
@@ -289,8 +289,8 @@ def test_plugin_builds_a_resolver_only_when_repos_are_listed(cache_dir: Path) ->
     assert build_resolver(HF.plugin, Settings.from_environ(environ, argv=[])) is None
     environ["VLLM_LORA_RESOLVER_HF_REPO_LIST"] = "org/a, org/b"
     resolver = build_resolver(HF.plugin, Settings.from_environ(environ, argv=[]))
-    assert isinstance(resolver, HfHubResolver)
-    assert set(resolver.repos) == {"org/a", "org/b"}
+    assert resolver is not None and isinstance(resolver.store, HfHubStore)
+    assert set(resolver.store.repos) == {"org/a", "org/b"}
 
 
 @pytest.mark.vllm
@@ -428,5 +428,6 @@ def test_two_hubs_never_share_snapshots(
     resolver = hub.resolver(cache_dir)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     other = hub.resolver(cache_dir)
-    assert other.endpoint == "http://127.0.0.1:9"
+    assert isinstance(other.store, HfHubStore)
+    assert other.store.endpoint == "http://127.0.0.1:9"
     assert resolver.source != other.source

@@ -1,4 +1,4 @@
-"""The resolution pipeline itself (`BaseStorageResolver`), on the in-memory reference store: no
+"""The resolution pipeline itself (`Resolver`), on the in-memory reference store: no
 server, every request counted and faultable. Single flight, the miss memory, what a store that
 cannot answer gets (stale copies, errors, the next resolver), leases and eviction, looking again
 when the adapter changes mid-fetch, and refusing what does not match its declared checksum."""
@@ -16,7 +16,7 @@ import pytest
 from conftest import BASE_MODEL, files_of, snapshot_dirs, staging_entries
 from resolver_setup import fast_transfer
 
-from devtools.memory_store import MemoryResolver, MemoryStore
+from devtools.memory_store import MemoryBucket, MemoryStore
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
@@ -30,31 +30,32 @@ from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
     TransientStoreError,
 )
+from vllm_lora_resolvers.resolver import Resolver
 
 EVERYTHING_REFUSED = Fault("status", status=403, code="AccessDenied", times=1_000_000)
 EVERYTHING_DOWN = Fault("status", times=1_000_000)
 
 
 @pytest.fixture
-def memory() -> MemoryStore:
-    return MemoryStore()
+def memory() -> MemoryBucket:
+    return MemoryBucket()
 
 
 @pytest.fixture
 def open_resolver(
-    memory: MemoryStore, cache_dir: Path, make_settings: Callable[..., Settings]
-) -> Callable[..., MemoryResolver]:
+    memory: MemoryBucket, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> Callable[..., Resolver]:
     """A resolver of ``memory`` as a new server process would have (``variables``: ours)."""
 
-    def make(cache: Path = cache_dir, **variables: str) -> MemoryResolver:
+    def make(cache: Path = cache_dir, **variables: str) -> Resolver:
         settings = make_settings(VLLM_LORA_RESOLVER_CACHE_DIR=str(cache), **variables)
         node_cache = NodeCache(cache, settings.cache_max_bytes)
-        return MemoryResolver(memory, settings, node_cache, fast_transfer(8192))
+        return Resolver(MemoryStore(memory, settings, node_cache, fast_transfer(8192)))
 
     return make
 
 
-def put(memory: MemoryStore, tmp_path: Path, name: str, **options: Any) -> Path:
+def put(memory: MemoryBucket, tmp_path: Path, name: str, **options: Any) -> Path:
     source = write_lora_adapter(tmp_path / "sources" / name, base_model=BASE_MODEL, **options)
     memory.put_folder(name, source)
     return source
@@ -65,7 +66,7 @@ def outcomes(outcome: str) -> float:
 
 
 def test_threads_asking_for_one_new_adapter_fetch_it_once(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     put(memory, tmp_path, "sql")
     resolver = open_resolver()
@@ -79,19 +80,24 @@ def test_threads_asking_for_one_new_adapter_fetch_it_once(
 
 
 def test_a_missing_name_is_asked_again_once_its_ttl_ends(
-    memory: MemoryStore, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, open_resolver: Callable[..., Resolver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    resolver = open_resolver(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0.2")
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now)  # a clock the test moves, however slow
+    resolver = open_resolver(VLLM_LORA_RESOLVER_NEGATIVE_TTL="5")
     for _ in range(100):
         assert resolver.resolve(BASE_MODEL, "absent") is None
     assert memory.requests == [("LIST", "absent")]
-    time.sleep(0.25)  # the TTL is the behaviour under test: it must pass
+    now += 4.9
+    assert resolver.resolve(BASE_MODEL, "absent") is None
+    assert len(memory.requests) == 1
+    now += 0.2
     assert resolver.resolve(BASE_MODEL, "absent") is None
     assert len(memory.requests) == 2
 
 
 def test_an_adapter_changed_mid_fetch_is_looked_up_again_and_served_new(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     put(memory, tmp_path, "sql", seed=1)
     v2 = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
@@ -109,7 +115,7 @@ def test_an_adapter_changed_mid_fetch_is_looked_up_again_and_served_new(
 
 
 def test_a_refused_version_is_remembered_and_a_new_one_checked_again(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     put(memory, tmp_path, "sql", rank=64)
     resolver = open_resolver()
@@ -122,10 +128,10 @@ def test_a_refused_version_is_remembered_and_a_new_one_checked_again(
 
 
 def test_a_checksum_mismatch_is_retried_then_refused_and_never_published(
-    memory: MemoryStore,
+    memory: MemoryBucket,
     tmp_path: Path,
     cache_dir: Path,
-    open_resolver: Callable[..., MemoryResolver],
+    open_resolver: Callable[..., Resolver],
 ) -> None:
     put(memory, tmp_path, "sql")
     memory.add_fault(
@@ -142,7 +148,7 @@ def test_a_checksum_mismatch_is_retried_then_refused_and_never_published(
 
 
 def test_a_store_that_refuses_us_is_not_served_from_the_cache(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     put(memory, tmp_path, "sql")
     assert open_resolver().resolve(BASE_MODEL, "sql") is not None
@@ -155,7 +161,7 @@ def test_a_store_that_refuses_us_is_not_served_from_the_cache(
 
 
 def test_stale_copies_can_be_turned_off(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     put(memory, tmp_path, "sql")
     assert open_resolver().resolve(BASE_MODEL, "sql") is not None
@@ -165,7 +171,7 @@ def test_stale_copies_can_be_turned_off(
 
 
 def test_an_outage_remembered_for_one_name_never_reports_that_names_error_for_another(
-    memory: MemoryStore, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, open_resolver: Callable[..., Resolver]
 ) -> None:
     memory.add_fault(EVERYTHING_DOWN)
     resolver = open_resolver()
@@ -180,7 +186,7 @@ def test_an_outage_remembered_for_one_name_never_reports_that_names_error_for_an
 
 
 def test_a_store_down_lets_the_next_resolver_answer_or_fails_the_request(
-    memory: MemoryStore, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, open_resolver: Callable[..., Resolver]
 ) -> None:
     memory.add_fault(EVERYTHING_REFUSED)
     assert asyncio.run(VllmResolver(open_resolver()).resolve_lora(BASE_MODEL, "other")) is None
@@ -200,7 +206,7 @@ def test_the_policies_refuse_unknown_values(make_settings: Callable[..., Setting
 
 
 def test_the_current_version_is_never_a_cached_one_while_the_store_cannot_answer(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     put(memory, tmp_path, "sql")
     resolver = open_resolver()
@@ -215,7 +221,7 @@ def test_the_current_version_is_never_a_cached_one_while_the_store_cannot_answer
 
 
 def test_eviction_never_removes_a_snapshot_another_process_leases(
-    memory: MemoryStore, tmp_path: Path, open_resolver: Callable[..., MemoryResolver]
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver]
 ) -> None:
     for seed, name in enumerate(("held", "b", "c", "d")):
         put(memory, tmp_path, name, seed=seed)

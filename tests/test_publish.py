@@ -20,7 +20,6 @@ from workers.resolve_loop import files_digest
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers.adapter import CONFIG_FILE
-from vllm_lora_resolvers.backends.bucket import BucketResolver
 from vllm_lora_resolvers.backends.published import POINTER_FILE
 from vllm_lora_resolvers.cli.publish import Publisher, content_version
 from vllm_lora_resolvers.errors import InvalidAdapterError
@@ -47,9 +46,7 @@ def adapter(folder: Path, seed: int, **options: object) -> Path:
 
 def publisher(store: Store, tmp_path: Path, name: str = "sql") -> Publisher:
     """A publisher of adapter ``name``, with its own scratch cache."""
-    resolver = store.resolver(tmp_path / "publisher-cache")
-    assert isinstance(resolver, BucketResolver)
-    return Publisher(resolver, name)
+    return Publisher(store.resolver(tmp_path / "publisher-cache"), name)
 
 
 def publish(store: Store, tmp_path: Path, folder: Path, version: str | None = None) -> str:

@@ -16,12 +16,13 @@ from s3_fixtures import Bucket
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
-from vllm_lora_resolvers.backends.s3 import S3Resolver, head_checksums, parse_s3_uri
+from vllm_lora_resolvers.backends.s3 import S3Store, head_checksums, parse_s3_uri
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
 )
+from vllm_lora_resolvers.resolver import Resolver
 
 
 def test_cache_hit_costs_one_listing_and_no_download(
@@ -219,7 +220,7 @@ def test_an_adapter_reuploaded_while_being_fetched_is_served_at_its_new_version(
     v2 = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
     built = any_bucket.resolver(cache_dir)
 
-    class ReuploadedMidFetch(S3Resolver):
+    class ReuploadedMidFetch(S3Store):
         reuploaded = False
 
         def download(self, adapter, file, destination):  # type: ignore[no-untyped-def]
@@ -228,8 +229,8 @@ def test_an_adapter_reuploaded_while_being_fetched_is_served_at_its_new_version(
                 any_bucket.upload("sql", v2)  # between the lookup and the weights download
             return super().download(adapter, file, destination)
 
-    resolver = ReuploadedMidFetch(any_bucket.uri, built.settings, built.cache, built.transfer)
-    resolved = resolver.resolve(BASE_MODEL, "sql")
-    assert resolver.reuploaded
+    store = ReuploadedMidFetch(any_bucket.uri, built.settings, built.cache, built.transfer)
+    resolved = Resolver(store).resolve(BASE_MODEL, "sql")
+    assert store.reuploaded
     assert resolved is not None
     assert files_of(resolved.path) == files_of(v2)

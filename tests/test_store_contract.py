@@ -123,7 +123,7 @@ def test_delete(store: StoreUnderTest, tmp_path: Path, cache_dir: Path) -> None:
 def test_lists_its_adapters(store: StoreUnderTest, tmp_path: Path, cache_dir: Path) -> None:
     put_adapter(store, tmp_path, "sql")
     put_adapter(store, tmp_path, "chat", seed=1)
-    listed = set(store.resolver(cache_dir).list_names())  # type: ignore[attr-defined]
+    listed = set(store.resolver(cache_dir).store.list_names())
     assert {store.name("sql"), store.name("chat")} <= listed
 
 

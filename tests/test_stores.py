@@ -20,14 +20,15 @@ import pytest
 from conftest import REPO
 
 from vllm_lora_resolvers import config, plugin
-from vllm_lora_resolvers.backends.bucket import BucketResolver
+from vllm_lora_resolvers.backends.base import Store
+from vllm_lora_resolvers.backends.bucket import BucketStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.doctor import probe_store, shown_value
 from vllm_lora_resolvers.cli.output import Level
 from vllm_lora_resolvers.cli.stores import open_store
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import (
     BUCKET_SCHEMES,
     BY_BACKEND,
@@ -88,17 +89,17 @@ def test_a_store_is_turned_on_by_a_variable_of_config(store: StoreDeclaration) -
 
 @each_store
 def test_a_store_names_its_own_backend_class(store: StoreDeclaration) -> None:
-    resolver_class = store.resolver_class()
-    assert issubclass(resolver_class, BaseStorageResolver)
-    assert resolver_class.__name__ == store.class_name
-    assert resolver_class.backend == store.backend
+    store_class = store.store_class()
+    assert issubclass(store_class, Store)
+    assert store_class.__name__ == store.class_name
+    assert store_class.backend == store.backend
 
 
 @each_store
-def test_a_store_is_declared_a_bucket_exactly_when_its_resolver_is_one(
+def test_a_store_is_declared_a_bucket_exactly_when_its_class_is_one(
     store: StoreDeclaration,
 ) -> None:
-    assert store.bucket == issubclass(store.resolver_class(), BucketResolver)
+    assert store.bucket == issubclass(store.store_class(), BucketStore)
     assert bool(set(store.schemes) & set(BUCKET_SCHEMES)) == store.bucket
 
 
@@ -128,7 +129,7 @@ def test_doctor_hides_a_stores_secrets_and_shows_its_other_variables(
         assert shown == ("set" if name in store.secrets else "s3cr3t"), name
 
 
-class DownStore(BaseStorageResolver):
+class DownStore(Store):
     """A store of any backend that never answers (``backend`` is set per test)."""
 
     repos = ("acme/adapters",)
@@ -149,7 +150,8 @@ def test_doctor_probes_a_store_and_suggests_its_fix(
 ) -> None:
     settings: Settings = make_settings()
     down = type(f"Down{store.class_name}", (DownStore,), {"backend": store.backend})
-    finding = probe_store(store.plugin, down("somewhere", settings, NodeCache(cache_dir)), 5)
+    resolver = Resolver(down("somewhere", settings, NodeCache(cache_dir)))
+    finding = probe_store(store.plugin, resolver, 5)
     assert finding.level is Level.FAIL
     assert finding.message.startswith(f"{store.plugin}: ") and "failed" in finding.message
     assert finding.fix == store.fix

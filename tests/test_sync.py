@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from conftest import BASE_MODEL, REPO
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli import main
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.sync import StoreAnswer
 
 _ASK_ONCE = textwrap.dedent(
@@ -83,7 +84,7 @@ def test_a_damaged_or_foreign_answer_record_is_asked_again(cache_dir: Path) -> N
 
 def test_a_released_snapshot_can_be_evicted(cache_dir: Path, adapters_dir: Path) -> None:
     settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}, argv=[])
-    resolver = FilesystemResolver(adapters_dir, settings, NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, settings, NodeCache(cache_dir)))
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
     resolved = resolver.current(BASE_MODEL, "sql")
     assert resolved is not None
@@ -97,7 +98,7 @@ def test_a_released_snapshot_can_be_evicted(cache_dir: Path, adapters_dir: Path)
 def test_a_name_resolved_again_releases_the_version_it_replaced_unless_another_name_uses_it(
     make_settings: Callable[..., Settings], cache_dir: Path, adapters_dir: Path
 ) -> None:
-    resolver = FilesystemResolver(adapters_dir, make_settings(), NodeCache(cache_dir))
+    resolver = Resolver(FilesystemStore(adapters_dir, make_settings(), NodeCache(cache_dir)))
     write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
     write_lora_adapter(adapters_dir / "chat", base_model=BASE_MODEL, seed=3)
     first = resolver.resolve(BASE_MODEL, "sql")

@@ -10,6 +10,7 @@ from urllib.parse import unquote
 import requests
 
 from vllm_lora_resolvers.adapter import CONFIG_FILE, adapter_from_listing
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.config import Variable
 from vllm_lora_resolvers.errors import (
     StoreUnavailableError,
@@ -19,11 +20,10 @@ from vllm_lora_resolvers.errors import (
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.plugin import EntryPoint
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.stores import StoreDeclaration
 
 
-class HttpResolver(BaseStorageResolver):
+class HttpStore(Store):
     """``source`` is the base URL: ``HEAD`` for sizes and versions, ranged ``GET`` for bytes."""
 
     backend: ClassVar[str] = "http"
@@ -96,12 +96,12 @@ def http_errors(doing: str) -> Iterator[None]:
 
 URL = Variable("LORA_HTTP_URL", "unset: HTTP resolver off", "Base URL; NAME is `URL/NAME/`.")
 HTTP = StoreDeclaration(
-    backend=HttpResolver.backend,
+    backend=HttpStore.backend,
     plugin="lora_http_resolver",
     variable=URL,
     source=lambda settings: settings.value(URL).rstrip("/"),
     module=__name__,
-    class_name=HttpResolver.__name__,
+    class_name=HttpStore.__name__,
     fix=f"check {URL.name} and that the server answers HEAD and ranged GET",
 )
 #: Entry point ``lora_http_resolver``: registered as this package's own plugins are.

@@ -1,7 +1,7 @@
 """The vLLM edge: the ``LoRAResolver`` vLLM's registry holds for one of our stores.
 
 vLLM awaits ``resolve_lora`` on its event loop. Answers that need no blocking call come from the
-pipeline at once (`BaseStorageResolver.answer_at_once`); the rest run `BaseStorageResolver.resolve`
+pipeline at once (`Resolver.answer_at_once`); the rest run `Resolver.resolve`
 on this resolver's threads. A store that cannot answer lets the next resolver try, or fails the
 request, as ``VLLM_LORA_RESOLVER_STORE_DOWN`` says. Everything else is the pipeline's.
 """
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from vllm_lora_resolvers.errors import StoreUnavailableError
-from vllm_lora_resolvers.resolver import BaseStorageResolver, ResolvedAdapter
+from vllm_lora_resolvers.resolver import ResolvedAdapter, Resolver
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -29,7 +29,7 @@ class VllmResolver:
     """vLLM's resolver for ``pipeline``'s store (vLLM's ``LoRAResolver`` ABC registers it as a
     virtual subclass, so this package imports without vLLM)."""
 
-    def __init__(self, pipeline: BaseStorageResolver) -> None:
+    def __init__(self, pipeline: Resolver) -> None:
         self.pipeline = pipeline
         self._threads = ThreadPoolExecutor(
             max_workers=RESOLUTIONS_IN_FLIGHT, thread_name_prefix=f"lora-{pipeline.backend}"

@@ -27,7 +27,7 @@ from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.names import is_safe_adapter_name
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import StoreDeclaration
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
@@ -185,7 +185,7 @@ def _register(store: StoreDeclaration) -> None:
         logger.info("%s registered for %s", store.plugin, resolver.source)
 
 
-def _build(store: StoreDeclaration, settings: Settings) -> BaseStorageResolver | None:
+def _build(store: StoreDeclaration, settings: Settings) -> Resolver | None:
     """``store``'s resolver, or ``None`` (one log line) when the store is not configured."""
     source = store.source(settings)
     if not source:
@@ -193,7 +193,7 @@ def _build(store: StoreDeclaration, settings: Settings) -> BaseStorageResolver |
         return None
     cache = node_cache(settings, store.plugin)
     try:
-        backend = store.resolver_class()
+        store_class = store.store_class()
     except ImportError as error:
         if store.extra is None:
             raise
@@ -201,7 +201,7 @@ def _build(store: StoreDeclaration, settings: Settings) -> BaseStorageResolver |
             f"{store.variable.name} is set but {store.client_package} is missing ({error}); "
             f"{store.install_hint}"
         ) from None
-    return backend(source, settings, cache)
+    return Resolver(store_class(source, settings, cache))
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ register_hf_resolver = EntryPoint(stores.HF)
 register_fs_resolver = EntryPoint(stores.FS)
 
 
-def build_resolver(plugin: str, settings: Settings) -> BaseStorageResolver | None:
+def build_resolver(plugin: str, settings: Settings) -> Resolver | None:
     """The resolver our plugin ``plugin`` registers under ``settings``; ``None`` when its source
     is not configured. Raises `ConfigurationError` as registration would, and `KeyError` for a
     plugin that is not ours. Needs no vLLM (the command line uses it).
@@ -231,7 +231,7 @@ def build_resolver(plugin: str, settings: Settings) -> BaseStorageResolver | Non
     return _build(stores.BY_PLUGIN[plugin], settings)
 
 
-def configured_resolvers(settings: Settings) -> list[tuple[str, BaseStorageResolver]]:
+def configured_resolvers(settings: Settings) -> list[tuple[str, Resolver]]:
     """``(plugin, resolver)`` for each of our resolvers that would register under ``settings``,
     in the order vLLM would try them: only plugins ``VLLM_PLUGINS`` lists (all when it is unset),
     sorted as `resolver_rank` sorts the registry.

@@ -1,9 +1,9 @@
-"""`BaseStorageResolver`: the one resolution pipeline every backend runs through.
+"""`Resolver`: the one resolution pipeline, composed with a `Store`.
 
-A backend answers two store-specific questions — `locate` (does NAME exist, at what version, made
-of which files; one cheap call, no download) and `download` (copy one file to a local path) — and
-inherits the rest: name safety, the miss cache, single-flight fetching into the node cache,
-adapter checks, atomic publishing, leases, eviction, retries, metrics and logs.
+The store answers store-specific questions — `Store.locate` (does NAME exist, at what version,
+made of which files; one cheap call, no download) and `Store.download` (copy one file to a local
+path). The pipeline does the rest: name safety, the miss cache, single-flight fetching into the
+node cache, adapter checks, atomic publishing, leases, eviction, retries, metrics and logs.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.adapter import (
@@ -28,16 +25,14 @@ from vllm_lora_resolvers.adapter import (
     check_weights_header,
     parse_adapter_config,
 )
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import (
     CACHE_DISK_ERRNOS,
-    NodeCache,
     Snapshot,
     SnapshotFile,
     SnapshotManifest,
     cache_write_error,
-    snapshot_key,
 )
-from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     CacheError,
     CacheFullError,
@@ -49,14 +44,11 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, StoreOutage
-from vllm_lora_resolvers.names import is_safe_adapter_name, is_safe_name
+from vllm_lora_resolvers.names import is_safe_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import call_with_retries, time_budget
 from vllm_lora_resolvers.transfer import (
-    DEFAULT_TRANSFER,
     FetchedFile,
-    TransferConfig,
-    download_in_parts,
     fetch_file,
 )
 
@@ -91,32 +83,25 @@ class ResolvedAdapter:
         return self.snapshot.adapter_dir
 
 
-class BaseStorageResolver(ABC):
-    """The resolution pipeline over one store, its adapters cached on the node.
+class Resolver:
+    """The resolution pipeline over one `Store`, its adapters cached on the node.
 
-    Subclasses set `backend` and implement `locate` and `download`. ``source`` identifies the
-    store (``s3://bucket/prefix``); it keys the cache, so two stores never share a snapshot. The
-    server (through `edge.VllmResolver`), ``vllm-lora pull``, ``validate``, ``ls`` and
+    The server (through `edge.VllmResolver`), ``vllm-lora pull``, ``validate``, ``ls`` and
     ``sync`` all call it as it is; it imports no vLLM.
+
+    >>> resolver = Resolver(S3Store("s3://adapters/prod", settings, cache))  # doctest: +SKIP
+    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
+    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/9c1e.../adapter')
     """
 
-    backend: ClassVar[str]
-    #: Whether `locate` only touches local disk (then cache hits are answered on the event loop,
-    #: as vLLM's own filesystem resolver does).
-    locate_is_local: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        source: str,
-        settings: Settings,
-        cache: NodeCache,
-        transfer: TransferConfig = DEFAULT_TRANSFER,
-    ) -> None:
-        self.source = source
-        self.settings = settings
-        self.cache = cache
-        cache.serve_source(source)
-        self.transfer = transfer
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.source = store.source
+        self.backend = store.backend
+        self.settings = settings = store.settings
+        self.cache = store.cache
+        self.cache.serve_source(store.source)
+        self.transfer = store.transfer
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._refusals = RefusalMemory()
         self._outage = StoreOutage(
@@ -136,59 +121,6 @@ class BaseStorageResolver(ABC):
             for outcome in metrics.OUTCOMES
         }
 
-    # -- what a backend provides ----------------------------------------------------------
-
-    @abstractmethod
-    def locate(self, name: str) -> RemoteAdapter | None:
-        """Find adapter ``name``: its version and files, or ``None`` if it is not in the store.
-
-        One cheap call, no download. Raise `TransientStoreError` for failures worth retrying and
-        `StoreUnavailableError` for the rest; `InvalidAdapterError` for a found-but-unsafe one.
-        """
-
-    @abstractmethod
-    def download(
-        self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
-    ) -> Mapping[str, str]:
-        """Copy ``file`` of ``adapter`` to ``destination`` (its parent exists).
-
-        Return the checksums the store declares for the bytes it delivered (algorithm -> hex),
-        beyond those `locate` already gave; the pipeline verifies them all.
-        """
-
-    def download_ranges(
-        self,
-        destination: Path,
-        size: int,
-        fetch_range: Callable[[int, int, Callable[[bytes], None]], None],
-    ) -> None:
-        """For `download`: fetch ``size`` bytes into ``destination`` in parallel ranged parts,
-        each retried and resumed where it broke, as `transfer` says (see `download_in_parts`)."""
-        download_in_parts(
-            destination, size, fetch_range, config=self.transfer, on_retry=self._count_retry
-        )
-
-    def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
-        """The first ``length`` bytes of ``file`` as `locate` saw it, if the store can read a
-        range cheaply (``None``: it cannot, and the weights are checked once downloaded)."""
-        return None
-
-    def accepts_name(self, name: str) -> bool:
-        """Whether ``name``, a safe name (`is_safe_name`), is one this backend could hold: checked
-        before any store call; a safe name of another form (another store's) is ``missing`` here.
-        """
-        return is_safe_adapter_name(name)
-
-    def snapshot_name(self, name: str) -> str:
-        """The name the snapshots of adapter ``name`` are kept under, in their manifest and key:
-        ``name`` itself, unless the store has several names for one adapter (the Hub's
-        ``@revision``), which then share snapshots."""
-        return name
-
-    def snapshot_key_for(self, name: str, version: str) -> str:
-        """The cache key of version ``version`` of adapter ``name`` of this store."""
-        return snapshot_key(self.source, self.snapshot_name(name), version)
-
     # -- the pipeline ---------------------------------------------------------------------
 
     def answer_at_once(
@@ -202,18 +134,18 @@ class BaseStorageResolver(ABC):
         if not is_safe_name(lora_name):
             self._record(lora_name, "rejected", "-", 0, started)
             return True, None
-        if not self.accepts_name(lora_name) or self._misses.is_missing(lora_name):
+        if not self.store.accepts_name(lora_name) or self._misses.is_missing(lora_name):
             self._record(lora_name, "missing", "-", 0, started)
             return True, None
-        if not self.locate_is_local:
+        if not self.store.locate_is_local:
             return False, None
         try:
-            remote = self.locate(lora_name)
+            remote = self.store.locate(lora_name)
         except ResolverError:
             return False, None  # the full pipeline retries, serves stale or explains
         if remote is None:
             return False, None
-        key = remote.cached_snapshot or self.snapshot_key_for(lora_name, remote.version)
+        key = remote.cached_snapshot or self.store.snapshot_key_for(lora_name, remote.version)
         snapshot = self.cache.held(key)
         if snapshot is None or (key, base_model_name, lora_name) not in self._checked:
             return False, None
@@ -251,7 +183,7 @@ class BaseStorageResolver(ABC):
             if not is_safe_name(lora_name):
                 outcome = "rejected"
                 return None
-            if not self.accepts_name(lora_name):
+            if not self.store.accepts_name(lora_name):
                 outcome = "missing"
                 return None
             policy = AdapterPolicy(
@@ -278,7 +210,7 @@ class BaseStorageResolver(ABC):
                         outcome = "missing"
                         return None
                     version = remote.version
-                    key = remote.cached_snapshot or self.snapshot_key_for(lora_name, version)
+                    key = remote.cached_snapshot or self.store.snapshot_key_for(lora_name, version)
                     try:
                         with self._refusals.remembered((key, base_model_name)):
                             snapshot, outcome, fetched_bytes = self._lease_or_fetch(
@@ -318,10 +250,10 @@ class BaseStorageResolver(ABC):
         self._outage.raise_if_ongoing()
         try:
             remote = call_with_retries(
-                lambda: self.locate(name),
+                lambda: self.store.locate(name),
                 self.transfer.lookup_retry,
                 f"{self.backend} lookup of {name!r}",
-                self._count_retry,
+                self.store.count_retry,
             )
         except TransientStoreError:
             # Only a store that cannot be reached is remembered as down: a refusal (credentials,
@@ -409,7 +341,7 @@ class BaseStorageResolver(ABC):
             check_adapter_folder(remote.name, staging / "adapter", policy)
             manifest = SnapshotManifest(
                 source=self.source,
-                name=self.snapshot_name(remote.name),
+                name=self.store.snapshot_name(remote.name),
                 version=remote.version,
                 files=tuple(fetched),
                 created_at=time.time(),
@@ -430,9 +362,9 @@ class BaseStorageResolver(ABC):
             fetch_file(
                 file,
                 destination / file.path,
-                lambda file, target: self.download(remote, file, target),
+                lambda file, target: self.store.download(remote, file, target),
                 policy=self.transfer.transfer_retry,
-                on_retry=self._count_retry,
+                on_retry=self.store.count_retry,
             )
             for file in files
         ]
@@ -458,13 +390,16 @@ class BaseStorageResolver(ABC):
         from its first bytes, before its body is fetched."""
         if not weights.path.endswith(".safetensors"):
             return
-        head = self.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
+        head = self.store.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
         if head is None:
             return
         needed = check_weights_header(remote.name, config, head, weights.size)
         if needed > len(head):
             check_weights_header(
-                remote.name, config, self.read_head(remote, weights, needed) or b"", weights.size
+                remote.name,
+                config,
+                self.store.read_head(remote, weights, needed) or b"",
+                weights.size,
             )
 
     def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
@@ -548,9 +483,6 @@ class BaseStorageResolver(ABC):
 
     def _count_evictions(self, evicted: list[Snapshot]) -> None:
         metrics.EVICTIONS.inc(len(evicted))
-
-    def _count_retry(self, _: TransientStoreError) -> None:
-        metrics.RETRIES.labels(self.backend).inc()
 
     def _record(self, name: str, outcome: str, version: str, fetched: int, started: float) -> None:
         seconds = time.perf_counter() - started

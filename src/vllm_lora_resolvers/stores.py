@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.config import (
     AZURE_URI,
     CACHE_DIR,
@@ -31,11 +32,10 @@ from vllm_lora_resolvers.config import (
     Settings,
     Variable,
 )
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 
 if TYPE_CHECKING:
-    from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
-    from vllm_lora_resolvers.backends.hf_hub import HfHubResolver
+    from vllm_lora_resolvers.backends.hf_hub import HfHubStore
 
 _BACKENDS = "vllm_lora_resolvers.backends"
 
@@ -44,28 +44,28 @@ def _missing_name() -> str:
     return f"vllm-lora-doctor-{secrets.token_hex(4)}"
 
 
-def _look_up_a_missing_name(resolver: BaseStorageResolver) -> None:
+def _look_up_a_missing_name(store: Store) -> None:
     """Look a name that is not there up in the store."""
-    resolver.locate(_missing_name())
+    store.locate(_missing_name())
 
 
-def _look_up_a_missing_name_in_a_repo(resolver: BaseStorageResolver) -> None:
+def _look_up_a_missing_name_in_a_repo(store: Store) -> None:
     """Look a name that is not there up in the first repo (a name outside the repos is refused
     unasked)."""
-    hub = cast("HfHubResolver", resolver)
+    hub = cast("HfHubStore", store)
     hub.locate(f"{hub.repos[0]}/{_missing_name()}")
 
 
-def _list_one_name(resolver: BaseStorageResolver) -> None:
+def _list_one_name(store: Store) -> None:
     """List the directory (a local one answers any name without a question)."""
-    next(cast("FilesystemResolver", resolver).list_names(), None)
+    next(store.list_names(), None)
 
 
 @dataclass(frozen=True)
 class StoreDeclaration:
     """One store: everything the package derives for it, declared once."""
 
-    #: The backend's name, as its resolver class's ``backend`` and the metrics' label say it.
+    #: The backend's name, as its store class's ``backend`` and the metrics' label say it.
     backend: str
     #: The ``vllm.general_plugins`` entry point that registers its resolver.
     plugin: str
@@ -73,18 +73,18 @@ class StoreDeclaration:
     variable: Variable
     #: The variable's parsed value, from `Settings`; a falsy one leaves the store off.
     source: Callable[[Settings], Any]
-    #: The module and class of its resolver, imported lazily.
+    #: The module and class of its `Store`, imported lazily.
     module: str
     class_name: str
     #: What ``doctor`` suggests when the store does not answer.
     fix: str
     #: ``doctor``'s cheap question to the store.
-    probe: Callable[[BaseStorageResolver], None] = _look_up_a_missing_name
+    probe: Callable[[Store], None] = _look_up_a_missing_name
     #: The prefix of the URIs the command line reads it by (``None``: a local directory).
     scheme: str | None = None
     #: Other prefixes of URIs of the same store (the forms other tools write them in).
     other_schemes: tuple[str, ...] = ()
-    #: The resolver's source for a URI of that scheme.
+    #: The store's source for a URI of that scheme.
     source_of_uri: Callable[[str], Any] = str
     #: The pip extra that installs its client package (``None``: nothing to install).
     extra: str | None = None
@@ -93,7 +93,7 @@ class StoreDeclaration:
     environment: tuple[str, ...] = ()
     #: Those of them ``doctor`` shows only as set or unset.
     secrets: frozenset[str] = frozenset()
-    #: Whether its resolver is a `BucketResolver`, to which ``vllm-lora publish`` writes versions.
+    #: Whether its store is a `BucketStore`, to which ``vllm-lora publish`` writes versions.
     bucket: bool = False
 
     @property
@@ -106,16 +106,14 @@ class StoreDeclaration:
         """The command that installs the store's client."""
         return f"pip install 'vllm-lora-resolvers[{self.extra}]'"
 
-    def resolver_class(self) -> type[BaseStorageResolver]:
-        """The store's resolver class, imported now; `ImportError` when its client is missing."""
-        resolver_class: type[BaseStorageResolver] = getattr(
-            importlib.import_module(self.module), self.class_name
-        )
-        return resolver_class
+    def store_class(self) -> type[Store]:
+        """The store's class, imported now; `ImportError` when its client is missing."""
+        store_class: type[Store] = getattr(importlib.import_module(self.module), self.class_name)
+        return store_class
 
-    def open(self, uri: str, settings: Settings, cache: Any) -> BaseStorageResolver:
+    def open(self, uri: str, settings: Settings, cache: Any) -> Resolver:
         """The resolver of the store ``uri`` names, over the `NodeCache` ``cache``."""
-        return self.resolver_class()(self.source_of_uri(uri), settings, cache)
+        return Resolver(self.store_class()(self.source_of_uri(uri), settings, cache))
 
 
 S3 = StoreDeclaration(
@@ -124,7 +122,7 @@ S3 = StoreDeclaration(
     variable=S3_URI,
     source=lambda settings: settings.s3_uri,
     module=f"{_BACKENDS}.s3",
-    class_name="S3Resolver",
+    class_name="S3Store",
     fix=f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
     scheme="s3://",
     bucket=True,
@@ -148,7 +146,7 @@ GCS = StoreDeclaration(
     variable=GCS_URI,
     source=lambda settings: settings.gcs_uri,
     module=f"{_BACKENDS}.gcs",
-    class_name="GcsResolver",
+    class_name="GcsStore",
     fix=f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
     scheme="gs://",
     bucket=True,
@@ -163,7 +161,7 @@ AZURE = StoreDeclaration(
     variable=AZURE_URI,
     source=lambda settings: settings.azure_uri,
     module=f"{_BACKENDS}.azure",
-    class_name="AzureBlobResolver",
+    class_name="AzureBlobStore",
     fix=(
         "check AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME (or "
         "AZURE_STORAGE_ACCOUNT_URL) with a key, a SAS token or the workload identity, and "
@@ -200,7 +198,7 @@ HF = StoreDeclaration(
     variable=HF_REPO_LIST,
     source=lambda settings: settings.hf_repos,
     module=f"{_BACKENDS}.hf_hub",
-    class_name="HfHubResolver",
+    class_name="HfHubStore",
     fix=f"check HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and {HF_REPO_LIST.name}",
     probe=_look_up_a_missing_name_in_a_repo,
     scheme="hf://",
@@ -216,7 +214,7 @@ FS = StoreDeclaration(
     variable=FS_DIR,
     source=lambda settings: settings.fs_dir,
     module=f"{_BACKENDS}.filesystem",
-    class_name="FilesystemResolver",
+    class_name="FilesystemStore",
     fix=f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
     probe=_list_one_name,
     source_of_uri=Path,

@@ -51,7 +51,7 @@ from vllm_lora_resolvers.errors import (
     ResolverError,
     StoreUnavailableError,
 )
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 
 logger = logging.getLogger("vllm.lora_resolvers.sync")
 
@@ -200,7 +200,7 @@ class AdapterSync:
 
     server: VllmServerApi
     #: Our resolvers by the source they declare (a snapshot's manifest names its source).
-    resolvers: Mapping[str, BaseStorageResolver]
+    resolvers: Mapping[str, Resolver]
     cache: NodeCache
     interval: float = 30.0
     on_delete: Literal["unload", "keep"] = "unload"
@@ -261,9 +261,7 @@ class AdapterSync:
         self._release_leases()
         return result
 
-    def _managed(
-        self, held: Mapping[str, str]
-    ) -> dict[str, tuple[str, Snapshot, BaseStorageResolver]]:
+    def _managed(self, held: Mapping[str, str]) -> dict[str, tuple[str, Snapshot, Resolver]]:
         """The adapters the server holds from our snapshots of stores configured here, each
         snapshot leased (so it stays while the server may read it)."""
         managed = {}
@@ -281,7 +279,7 @@ class AdapterSync:
         name: str,
         path: str,
         served: Snapshot,
-        resolver: BaseStorageResolver,
+        resolver: Resolver,
     ) -> RoundResult:
         seen_at = time.perf_counter()
         answer = self._ask_store(resolver, base_model, name)
@@ -304,7 +302,7 @@ class AdapterSync:
             return RoundResult.IN_SYNC
         return self._switch(name, path, served, answer.detail, seen_at)
 
-    def _ask_store(self, resolver: BaseStorageResolver, base_model: str, name: str) -> StoreAnswer:
+    def _ask_store(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
         """The store's answer for ``name``, asked at most once per half interval on this node."""
 
         def ask() -> str:
@@ -319,7 +317,7 @@ class AdapterSync:
             return StoreAnswer("unreachable", str(error))
         return StoreAnswer.decode(text)
 
-    def _look_up(self, resolver: BaseStorageResolver, base_model: str, name: str) -> StoreAnswer:
+    def _look_up(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
         try:
             current = resolver.current(base_model, name)
         except InvalidAdapterError as error:

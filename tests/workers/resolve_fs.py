@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vllm_lora_resolvers import metrics
-from vllm_lora_resolvers.backends.filesystem import FilesystemResolver
+from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.resolver import Resolver
 
 
-class StallingResolver(FilesystemResolver):
+class StallingStore(FilesystemStore):
     """Writes half of each weights file, then stalls, as a process killed mid-download would."""
 
     def download(
@@ -57,10 +58,9 @@ def main() -> None:
     if args.max_rank:
         environ["VLLM_LORA_RESOLVER_MAX_RANK"] = args.max_rank
     settings = Settings.from_environ(environ, argv=[])
-    resolver_class = StallingResolver if args.stall else FilesystemResolver
-    resolver = resolver_class(
-        Path(args.adapters), settings, NodeCache(Path(args.cache), settings.cache_max_bytes)
-    )
+    store_class = StallingStore if args.stall else FilesystemStore
+    cache = NodeCache(Path(args.cache), settings.cache_max_bytes)
+    resolver = Resolver(store_class(Path(args.adapters), settings, cache))
     time.sleep(max(0.0, args.start_at - time.time()))
     resolved = resolver.resolve(args.base, args.name)
     assert resolved is not None

@@ -26,7 +26,7 @@ from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_BACKEND, StoreDeclaration
 
 
@@ -45,16 +45,15 @@ def declaration(store: str) -> StoreDeclaration:
     return found
 
 
-def make_resolver(
-    backend: str, uri: str, settings: Settings, cache: NodeCache
-) -> BaseStorageResolver:
+def make_resolver(backend: str, uri: str, settings: Settings, cache: NodeCache) -> Resolver:
     """The resolver of store ``uri``, of the store ``backend`` declares (see `declaration`)."""
     return declaration(backend).open(uri, settings, cache)
 
 
-def stall_in_the_weights(resolver: BaseStorageResolver) -> None:
+def stall_in_the_weights(resolver: Resolver) -> None:
     """Make ``resolver`` stop for good half way through writing a weights file into staging."""
-    download = resolver.download
+    store = resolver.store
+    download = store.download
 
     def stalling(adapter: RemoteAdapter, file: RemoteFile, destination: Path) -> Mapping[str, str]:
         declared = download(adapter, file, destination)
@@ -65,7 +64,7 @@ def stall_in_the_weights(resolver: BaseStorageResolver) -> None:
         time.sleep(3600)
         raise AssertionError("killed before")
 
-    resolver.download = stalling  # type: ignore[method-assign]
+    store.download = stalling  # type: ignore[method-assign]
 
 
 def main() -> None:

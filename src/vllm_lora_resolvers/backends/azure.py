@@ -37,7 +37,7 @@ from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
-from vllm_lora_resolvers.backends.bucket import BucketResolver, StoredObject, folder_key
+from vllm_lora_resolvers.backends.bucket import BucketStore, StoredObject, folder_key
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import AZURE_URI, ConfigurationError, Settings
@@ -120,13 +120,9 @@ def make_blob_service(
         ) from None
 
 
-class AzureBlobResolver(BucketResolver):
+class AzureBlobStore(BucketStore):
     """Resolve ``NAME`` to the adapter folder ``az://container/prefix/NAME/`` (or its published
-    version; see `BucketResolver`).
-
-    >>> resolver = AzureBlobResolver("az://adapters/prod", settings, cache)  # doctest: +SKIP
-    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
-    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/0b7f.../adapter')
+    version; see `BucketStore`).
     """
 
     backend: ClassVar[str] = "azure"

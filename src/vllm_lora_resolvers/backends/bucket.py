@@ -1,5 +1,5 @@
 """What the object-store backends (S3, GCS) share: ``scheme://bucket[/prefix]``, the key layout,
-and `BucketResolver`, which finds adapters in the plain and the published layout alike."""
+and `BucketStore`, which finds adapters in the plain and the published layout alike."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 
 from vllm_lora_resolvers.adapter import adapter_from_listing
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.published import (
     MAX_POINTER_BYTES,
     POINTER_FILE,
@@ -24,7 +25,6 @@ from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.resolver import BaseStorageResolver
 
 
 def parse_bucket_uri(
@@ -70,7 +70,7 @@ class CurrentPointer:
     etag: str
 
 
-class BucketResolver(BaseStorageResolver):
+class BucketStore(Store):
     """Resolve ``NAME`` in a bucket: the version its pointer names if it was published with
     ``vllm-lora publish``, else the folder ``PREFIX/NAME/`` as it is; ``NAME@VERSION`` to that
     version folder (see `vllm_lora_resolvers.backends.published`).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
@@ -29,7 +30,6 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import TransferConfig
 
@@ -41,13 +41,8 @@ LOCAL_TRANSFER = TransferConfig(
 _COPY_CHUNK = 64 << 20
 
 
-class FilesystemResolver(BaseStorageResolver):
-    """Resolve ``NAME`` to the adapter folder ``root/NAME``.
-
-    >>> resolver = FilesystemResolver(Path("/mnt/adapters"), settings, cache)  # doctest: +SKIP
-    >>> resolver.resolve("/models/llama", "sql-adapter").path  # doctest: +SKIP
-    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/3f2a.../adapter')
-    """
+class FilesystemStore(Store):
+    """Resolve ``NAME`` to the adapter folder ``root/NAME``."""
 
     backend: ClassVar[str] = "fs"
     locate_is_local: ClassVar[bool] = True
@@ -93,7 +88,7 @@ class FilesystemResolver(BaseStorageResolver):
         the node cache's own state folder aside: the candidate adapters (`locate` tells which
         hold one). One directory listing.
 
-        >>> list(resolver.list_names("team-a"))  # doctest: +SKIP
+        >>> list(store.list_names("team-a"))  # doctest: +SKIP
         ['team-a/chat', 'team-a/sql']
         """
         directory = f"{self._root}/{folder}" if folder else self._root

@@ -32,7 +32,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import (
-    BucketResolver,
+    BucketStore,
     StoredObject,
     folder_key,
     parse_bucket_uri,
@@ -68,13 +68,9 @@ def parse_gcs_uri(uri: str) -> tuple[str, str]:
     return parse_bucket_uri(uri, "gs", _BUCKET, GCS_URI.name)
 
 
-class GcsResolver(BucketResolver):
+class GcsStore(BucketStore):
     """Resolve ``NAME`` to the adapter folder ``gs://bucket/prefix/NAME/`` (or its published
-    version; see `BucketResolver`).
-
-    >>> resolver = GcsResolver("gs://adapters/prod", settings, cache)  # doctest: +SKIP
-    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
-    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/51d0.../adapter')
+    version; see `BucketStore`).
     """
 
     backend: ClassVar[str] = "gcs"
@@ -180,7 +176,7 @@ class GcsResolver(BucketResolver):
         """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
         adapters (`locate` tells which hold one). One paginated listing with ``delimiter="/"``.
 
-        >>> list(resolver.list_names("team-a"))  # doctest: +SKIP
+        >>> list(store.list_names("team-a"))  # doctest: +SKIP
         ['team-a/chat', 'team-a/sql']
         """
         top = folder_key(self.prefix, "")

@@ -49,6 +49,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazy export
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import HF_REPO_LIST, ConfigurationError, Settings
@@ -60,7 +61,6 @@ from vllm_lora_resolvers.errors import (
 )
 from vllm_lora_resolvers.names import is_safe_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.resolver import BaseStorageResolver
 from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 _CHUNK = 1 << 20
@@ -93,13 +93,8 @@ def parse_repo_list(repos: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(checked), key=len, reverse=True))
 
 
-class HfHubResolver(BaseStorageResolver):
-    """Resolve ``org/repo[/folder][@revision]`` to an adapter in a listed Hub model repo.
-
-    >>> resolver = HfHubResolver(["acme/adapters"], settings, cache)  # doctest: +SKIP
-    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "acme/adapters/sql@v2").path  # doctest: +SKIP
-    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/5b0d.../adapter')
-    """
+class HfHubStore(Store):
+    """Resolve ``org/repo[/folder][@revision]`` to an adapter in a listed Hub model repo."""
 
     backend: ClassVar[str] = "hf"
 
@@ -173,7 +168,7 @@ class HfHubResolver(BaseStorageResolver):
         ``adapter_config.json``. One (paginated) recursive tree listing per repo; none for a
         ``folder``, whose adapters that listing named already.
 
-        >>> list(resolver.list_names())  # doctest: +SKIP
+        >>> list(store.list_names())  # doctest: +SKIP
         ['acme/adapters/chat', 'acme/adapters/sql']
         """
         if folder:

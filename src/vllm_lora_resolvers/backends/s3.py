@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import (
-    BucketResolver,
+    BucketStore,
     StoredObject,
     folder_key,
     parse_bucket_uri,
@@ -100,13 +100,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parse_bucket_uri(uri, "s3", _BUCKET, S3_URI.name)
 
 
-class S3Resolver(BucketResolver):
+class S3Store(BucketStore):
     """Resolve ``NAME`` to the adapter folder ``s3://bucket/prefix/NAME/`` (or its published
-    version; see `BucketResolver`).
-
-    >>> resolver = S3Resolver("s3://adapters/prod", settings, cache)  # doctest: +SKIP
-    >>> resolver.resolve("meta-llama/Llama-3.1-8B", "sql-adapter").path  # doctest: +SKIP
-    PosixPath('/var/cache/vllm-lora/.vllm-lora/snapshots/9c1e.../adapter')
+    version; see `BucketStore`).
     """
 
     backend: ClassVar[str] = "s3"
@@ -197,7 +193,7 @@ class S3Resolver(BucketResolver):
         adapters (`locate` tells which hold one). One paginated ``ListObjectsV2`` with
         ``Delimiter="/"``.
 
-        >>> list(resolver.list_names("team-a"))  # doctest: +SKIP
+        >>> list(store.list_names("team-a"))  # doctest: +SKIP
         ['team-a/chat', 'team-a/sql']
         """
         top = folder_key(self.prefix, "")

@@ -41,7 +41,7 @@ from vllm_lora_resolvers.config import (
 )
 from vllm_lora_resolvers.errors import ResolverError
 from vllm_lora_resolvers.plugin import VLLM_FS_PLUGIN
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_BACKEND, STORES
 
 RUNTIME_UPDATING = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -132,14 +132,14 @@ def _print_plans(out: Console, plans: list[PluginPlan]) -> None:
         out.print(line(f"  {position:<3} {name:<26} {detail}"))
 
 
-def probe_store(plugin: str, resolver: BaseStorageResolver, timeout: float) -> Finding:
+def probe_store(plugin: str, resolver: Resolver, timeout: float) -> Finding:
     """Ask the store one cheap question within ``timeout`` seconds."""
     failures: list[ResolverError] = []
     store = BY_BACKEND[resolver.backend]
 
     def ask() -> None:
         try:
-            store.probe(resolver)
+            store.probe(resolver.store)
         except ResolverError as error:
             failures.append(error)
 

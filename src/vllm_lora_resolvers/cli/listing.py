@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
 import click
 from rich.console import Console
@@ -34,22 +34,13 @@ from vllm_lora_resolvers.cli.stores import open_store, scratch_cache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
 from vllm_lora_resolvers.remote import RemoteAdapter
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 
 A = TypeVar("A")
 R = TypeVar("R")
 
 #: Adapters looked up (and their configs fetched) at once.
 _LOOKUPS_IN_FLIGHT = 8
-
-
-@runtime_checkable
-class ListableStore(Protocol):
-    """A resolver that can list the candidate adapter names of its store (every backend can)."""
-
-    def list_names(self, folder: str = "") -> Iterator[str]:
-        """Names of the candidate adapters in ``folder`` (``""``: the whole store)."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -81,13 +72,12 @@ def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> Non
         )
         with scratch_cache(uri) as (cache, scratch):
             resolver = open_store(uri, settings, cache)
-            assert isinstance(resolver, ListableStore)  # every backend lists its store
-            rows = _describe_store(resolver, resolver.list_names, lint_policy, scratch)
+            rows = _describe_store(resolver, resolver.store.list_names, lint_policy, scratch)
     _print_listing(console(), uri, lint_policy, rows)
 
 
 def _describe_store(
-    resolver: BaseStorageResolver,
+    resolver: Resolver,
     list_names: Callable[[str], Iterator[str]],
     lint_policy: LintPolicy,
     scratch: Path,
@@ -111,7 +101,7 @@ def _describe_store(
 
 
 def _describe(
-    resolver: BaseStorageResolver,
+    resolver: Resolver,
     list_names: Callable[[str], Iterator[str]],
     name: str,
     lint_policy: LintPolicy,
@@ -121,7 +111,7 @@ def _describe(
     if name.rpartition("/")[2] == VERSIONS_FOLDER:
         unfinished = "versions of an unfinished `vllm-lora publish` (no pointer): publish again"
         return ListedAdapter(name, problems=(unfinished,))
-    if not resolver.accepts_name(name):
+    if not resolver.store.accepts_name(name):
         return ListedAdapter(name, problems=("not a name a client can ask for; rename it",))
     try:
         remote = resolver.lookup(name)
@@ -142,7 +132,7 @@ def _describe(
 
 
 def _read_config(
-    resolver: BaseStorageResolver, remote: RemoteAdapter, scratch: Path
+    resolver: Resolver, remote: RemoteAdapter, scratch: Path
 ) -> tuple[bytes, int, frozenset[str]]:
     """The adapter's config, its size in bytes and its file names; only the config is fetched."""
     if remote.cached_snapshot is not None:  # a link into the node cache listed as a directory

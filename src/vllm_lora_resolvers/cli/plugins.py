@@ -20,7 +20,7 @@ from vllm_lora_resolvers.plugin import (
     build_resolver,
     resolver_rank,
 )
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_PLUGIN as OURS
 
 VLLM_OWN = (VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
@@ -34,7 +34,7 @@ class PluginPlan:
     loads: bool
     registers: bool
     detail: str
-    resolver: BaseStorageResolver | None = None
+    resolver: Resolver | None = None
     error: str | None = None
 
 

@@ -29,7 +29,7 @@ from vllm_lora_resolvers.adapter import (
     adapter_from_listing,
     weights_file,
 )
-from vllm_lora_resolvers.backends.bucket import BucketResolver
+from vllm_lora_resolvers.backends.bucket import BucketStore
 from vllm_lora_resolvers.backends.published import (
     MAX_HISTORY,
     MAX_POINTER_BYTES,
@@ -53,6 +53,7 @@ from vllm_lora_resolvers.cli.validate import print_report, validate_folder
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.retry import call_with_retries
 from vllm_lora_resolvers.stores import BUCKET_SCHEMES
 
@@ -166,23 +167,25 @@ def _publisher(uri: str, settings: Settings, cache: NodeCache) -> Publisher:
         raise click.BadParameter(f"{uri!r} is not SCHEME://BUCKET/PREFIX/NAME ({schemes})")
     adapter = split_adapter_uri(uri, settings)
     name, pinned = split_pin(adapter.name)
-    store = open_store(adapter.store, settings, cache)
-    assert isinstance(store, BucketResolver)  # declared so (tests/test_stores.py checks it)
-    if pinned is not None or not store.accepts_name(name):
+    resolver = open_store(adapter.store, settings, cache)
+    if pinned is not None or not resolver.store.accepts_name(name):
         raise click.BadParameter(
             f"{adapter.name!r} is not a name clients can ask for (NAME@VERSION names a version: "
             "publish to NAME with --version VERSION)"
         )
-    return Publisher(store, name)
+    return Publisher(resolver, name)
 
 
 class Publisher:
-    """Publishes versions of adapter ``name`` of ``store`` and moves its pointer."""
+    """Publishes versions of adapter ``name`` to the store of ``resolver`` (a bucket) and moves
+    its pointer."""
 
-    def __init__(self, store: BucketResolver, name: str) -> None:
-        self.store = store
+    def __init__(self, resolver: Resolver, name: str) -> None:
+        assert isinstance(resolver.store, BucketStore)  # declared so (tests/test_stores.py)
+        self.resolver = resolver
+        self.store = resolver.store
         self.name = name
-        self.pointer_key = store.pointer_key(name)
+        self.pointer_key = self.store.pointer_key(name)
 
     def version_key(self, version: str) -> str:
         """The key prefix of the folder of version ``version``."""
@@ -346,7 +349,7 @@ class Publisher:
             return True
         remote = RemoteAdapter(self.name, "-", location, (stored,))
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
-            self.store.fetch_to(remote, (stored,), Path(scratch))
+            self.resolver.fetch_to(remote, (stored,), Path(scratch))
             return filecmp.cmp(path, Path(scratch, stored.path), shallow=False)
 
 

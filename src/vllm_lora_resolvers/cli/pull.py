@@ -44,7 +44,7 @@ from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import ResolverError, StoreUnavailableError
 from vllm_lora_resolvers.plugin import configured_resolvers
 from vllm_lora_resolvers.remote import RemoteAdapter
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import STORES
 
 _POLL_SECONDS = 0.1
@@ -146,7 +146,7 @@ def _names_in(source: IO[str] | None) -> list[str]:
 def _pull_all(
     names: list[str],
     base_model: str,
-    resolvers: list[tuple[str, BaseStorageResolver]],
+    resolvers: list[tuple[str, Resolver]],
     reporter: Reporter,
 ) -> dict[str, str]:
     """Pull each name in turn; the reason of each failure, by name."""
@@ -166,14 +166,14 @@ def _pull_all(
 def _pull_one(
     name: str,
     base_model: str,
-    resolvers: list[tuple[str, BaseStorageResolver]],
+    resolvers: list[tuple[str, Resolver]],
     reporter: Reporter,
 ) -> Pulled:
     """The first resolver that has ``name`` fetches it; one that fails ends the search (as in
     the server, where an error from a resolver fails the request)."""
     tried = []
     for plugin, resolver in resolvers:
-        if not resolver.accepts_name(name):
+        if not resolver.store.accepts_name(name):
             continue
         tried.append(f"{plugin} ({resolver.source})")
         pulled = _pull_from(plugin, resolver, name, base_model, reporter)
@@ -185,7 +185,7 @@ def _pull_one(
 
 
 def _pull_from(
-    plugin: str, resolver: BaseStorageResolver, name: str, base_model: str, reporter: Reporter
+    plugin: str, resolver: Resolver, name: str, base_model: str, reporter: Reporter
 ) -> Pulled | None:
     started = time.perf_counter()
     try:
@@ -217,11 +217,9 @@ def _pull_from(
     )
 
 
-def _pending_download(
-    resolver: BaseStorageResolver, remote: RemoteAdapter
-) -> tuple[str, int] | None:
+def _pending_download(resolver: Resolver, remote: RemoteAdapter) -> tuple[str, int] | None:
     """The snapshot key and bytes resolving ``remote`` will fetch; ``None`` if it is cached."""
-    key = remote.cached_snapshot or resolver.snapshot_key_for(remote.name, remote.version)
+    key = remote.cached_snapshot or resolver.store.snapshot_key_for(remote.name, remote.version)
     if resolver.cache.find(key) is not None:
         return None
     return key, sum(file.size for file in remote.files)

@@ -22,7 +22,7 @@ import click
 
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings, Variable
-from vllm_lora_resolvers.resolver import BaseStorageResolver
+from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_SCHEME, FS, HF, StoreDeclaration
 
 REMOTE_SCHEMES = tuple(BY_SCHEME)
@@ -70,7 +70,7 @@ def split_adapter_uri(uri: str, settings: Settings) -> AdapterUri:
     return AdapterUri(store, name, guessed_without=variable)
 
 
-def open_store(uri: str, settings: Settings, cache: NodeCache) -> BaseStorageResolver:
+def open_store(uri: str, settings: Settings, cache: NodeCache) -> Resolver:
     """The resolver of the store ``uri`` names, over ``cache``.
 
     Raises `ConfigurationError` for a malformed URI and `click.ClickException` when the

@@ -90,7 +90,7 @@ def validate_folder(
     adapter = name or real.name
     with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
         resolver = open_store(str(real.parent), settings, NodeCache(Path(scratch)))
-        name_check = check_name(adapter, resolver.accepts_name(adapter))
+        name_check = check_name(adapter, resolver.store.accepts_name(adapter))
         try:
             resolver.lookup(real.name)  # the filesystem resolver's rules for the folder's files
         except InvalidAdapterError as error:
@@ -103,7 +103,7 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
     name = adapter.name
     with scratch_cache(adapter.store) as (cache, scratch):
         resolver = open_store(adapter.store, settings, cache)
-        name_check = _remote_name_check(adapter, resolver.accepts_name(name))
+        name_check = _remote_name_check(adapter, resolver.store.accepts_name(name))
         if name_check.level is Level.FAIL:
             return LintReport(name, uri, lint_policy, None, (name_check,))
         try:
