@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_MODEL, REPO, start_worker, worker_result
+from conftest import BASE_MODEL, REPO, WORKER_PYTHONPATH, start_worker, worker_result
 from gcs_fixtures import GcsBucket
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
@@ -26,22 +28,59 @@ OURS = "lora_fs_resolver"
 VLLM_FILESYSTEM = "Filesystem Resolver"
 
 
-def load_and_resolve(environment: dict[str, str], *names: str) -> dict[str, Any]:
-    """Run a fresh process that loads plugins like a vLLM server and resolves ``names``; its
-    output (vLLM's log included) is under ``log``."""
-    command = [sys.executable, str(REPO / "tests" / "workers" / "vllm_plugins.py"), BASE_MODEL]
-    completed = subprocess.run(
-        [*command, *names],
-        env={**os.environ, **environment},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
-    result["log"] = completed.stdout + completed.stderr
-    return result
+class NewServers:
+    """Processes that load our plugins as a new vLLM server does and resolve names through its
+    registry (tests/workers/vllm_plugins.py), forked from one that imported vLLM once."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.runs = itertools.count()
+        self.parent = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "workers" / "vllm_plugins.py"), "--serve"],
+            env={**os.environ, "PYTHONPATH": WORKER_PYTHONPATH},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, environment: dict[str, str], *names: str) -> tuple[int, str, str]:
+        """A new server's exit code, stdout and stderr, with ``environment`` on top of ours."""
+        assert self.parent.stdin is not None and self.parent.stdout is not None
+        run = next(self.runs)
+        stdout, stderr = self.work / f"{run}.stdout", self.work / f"{run}.stderr"
+        request = {
+            "env": {**os.environ, **environment},
+            "args": [BASE_MODEL, *names],
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+        }
+        self.parent.stdin.write(json.dumps(request) + "\n")
+        self.parent.stdin.flush()
+        line = self.parent.stdout.readline()
+        assert line, f"the forking process died (exit {self.parent.wait()})"
+        return json.loads(line)["exit"], stdout.read_text(), stderr.read_text()
+
+    def load_and_resolve(self, environment: dict[str, str], *names: str) -> dict[str, Any]:
+        """What a new server resolves ``names`` to; its output (vLLM's log included) is under
+        ``log``."""
+        code, stdout, stderr = self.run(environment, *names)
+        assert code == 0, stderr[-3000:]
+        result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+        result["log"] = stdout + stderr
+        return result
+
+    def close(self) -> None:
+        """End the forking process."""
+        assert self.parent.stdin is not None
+        self.parent.stdin.close()
+        self.parent.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NewServers]:
+    forking = NewServers(tmp_path_factory.mktemp("new-servers"))
+    yield forking
+    forking.close()
 
 
 @pytest.fixture
@@ -60,9 +99,9 @@ def two_sources(tmp_path: Path) -> dict[str, str]:
     return {"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache), "VLLM_LORA_RESOLVER_FS_DIR": str(adapters)}
 
 
-def test_ours_listed_first_is_tried_first(two_sources: dict[str, str]) -> None:
+def test_ours_listed_first_is_tried_first(servers: NewServers, two_sources: dict[str, str]) -> None:
     environment = {**two_sources, "VLLM_PLUGINS": f"{OURS},lora_filesystem_resolver"}
-    result = load_and_resolve(environment, "both", "ours-only")
+    result = servers.load_and_resolve(environment, "both", "ours-only")
     assert result["order"] == [OURS, VLLM_FILESYSTEM]
     both = result["answers"]["both"]
     assert both["resolver"] == OURS
@@ -71,9 +110,11 @@ def test_ours_listed_first_is_tried_first(two_sources: dict[str, str]) -> None:
     assert result["answers"]["ours-only"]["resolver"] == OURS
 
 
-def test_vllm_builtin_listed_first_is_tried_first(two_sources: dict[str, str]) -> None:
+def test_vllm_builtin_listed_first_is_tried_first(
+    servers: NewServers, two_sources: dict[str, str]
+) -> None:
     environment = {**two_sources, "VLLM_PLUGINS": f"lora_filesystem_resolver,{OURS}"}
-    result = load_and_resolve(environment, "both", "ours-only")
+    result = servers.load_and_resolve(environment, "both", "ours-only")
     assert result["order"] == [VLLM_FILESYSTEM, OURS]
     both = result["answers"]["both"]
     assert both["resolver"] == VLLM_FILESYSTEM
@@ -84,17 +125,18 @@ def test_vllm_builtin_listed_first_is_tried_first(two_sources: dict[str, str]) -
 
 
 def test_another_stores_snapshot_in_the_cache_is_never_handed_to_vllm(
+    servers: NewServers,
     two_sources: dict[str, str],
 ) -> None:
     # "foreign" was fetched by a pod of another store on this node; its link is in the cache.
     assert Path(two_sources["VLLM_LORA_RESOLVER_CACHE_DIR"], "foreign").is_symlink()
     for plugins in (f"lora_filesystem_resolver,{OURS}", f"{OURS},lora_filesystem_resolver"):
-        result = load_and_resolve({**two_sources, "VLLM_PLUGINS": plugins}, "foreign")
+        result = servers.load_and_resolve({**two_sources, "VLLM_PLUGINS": plugins}, "foreign")
         assert result["answers"]["foreign"]["resolver"] is None
 
 
 def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(
-    bucket: Bucket, tmp_path: Path
+    servers: NewServers, bucket: Bucket, tmp_path: Path
 ) -> None:
     cache, outside = tmp_path / "cache", tmp_path / "outside"
     write_lora_adapter(outside / "evil", base_model=BASE_MODEL)
@@ -105,7 +147,7 @@ def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(
         "VLLM_LORA_RESOLVER_S3_URI": bucket.uri,
         "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
     }
-    result = load_and_resolve(environment, "evil", "placed")
+    result = servers.load_and_resolve(environment, "evil", "placed")
     assert result["order"] == ["lora_s3_resolver", VLLM_FILESYSTEM]
     assert [result["answers"][name]["resolver"] for name in ("evil", "placed")] == [None, None]
     for name in ("evil", "placed"):
@@ -114,23 +156,30 @@ def test_vllm_builtin_is_handed_nothing_but_snapshots_of_our_cache(
 
 
 def test_without_vllm_plugins_the_documented_default_order_holds(
+    servers: NewServers,
     two_sources: dict[str, str],
 ) -> None:
-    result = load_and_resolve(two_sources, "both")
+    result = servers.load_and_resolve(two_sources, "both")
     assert result["order"][:2] == [OURS, VLLM_FILESYSTEM]
 
 
-def test_plugin_not_listed_registers_nothing(two_sources: dict[str, str]) -> None:
-    result = load_and_resolve({**two_sources, "VLLM_PLUGINS": "lora_filesystem_resolver"}, "both")
+def test_plugin_not_listed_registers_nothing(
+    servers: NewServers, two_sources: dict[str, str]
+) -> None:
+    result = servers.load_and_resolve(
+        {**two_sources, "VLLM_PLUGINS": "lora_filesystem_resolver"}, "both"
+    )
     assert result["order"] == [VLLM_FILESYSTEM]
 
 
-def test_unconfigured_resolver_registers_nothing() -> None:
-    result = load_and_resolve({"VLLM_PLUGINS": OURS})
+def test_unconfigured_resolver_registers_nothing(servers: NewServers) -> None:
+    result = servers.load_and_resolve({"VLLM_PLUGINS": OURS})
     assert result["order"] == []
 
 
-def test_invalid_adapter_reaches_the_client_as_a_value_error(tmp_path: Path) -> None:
+def test_invalid_adapter_reaches_the_client_as_a_value_error(
+    servers: NewServers, tmp_path: Path
+) -> None:
     adapters = tmp_path / "adapters"
     write_lora_adapter(adapters / "too-big", base_model=BASE_MODEL, rank=64)
     environment = {
@@ -138,11 +187,11 @@ def test_invalid_adapter_reaches_the_client_as_a_value_error(tmp_path: Path) -> 
         "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
         "VLLM_PLUGINS": OURS,
     }
-    answer = load_and_resolve(environment, "too-big")["answers"]["too-big"]
+    answer = servers.load_and_resolve(environment, "too-big")["answers"]["too-big"]
     assert "rank 64 is above this server's limit of 16" in answer["error"]
 
 
-def test_bin_weights_are_accepted_by_vllms_loader(tmp_path: Path) -> None:
+def test_bin_weights_are_accepted_by_vllms_loader(servers: NewServers, tmp_path: Path) -> None:
     adapters = tmp_path / "adapters"
     write_lora_adapter(adapters / "bin", base_model=BASE_MODEL, weights_format="bin")
     environment = {
@@ -150,31 +199,23 @@ def test_bin_weights_are_accepted_by_vllms_loader(tmp_path: Path) -> None:
         "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
         "VLLM_PLUGINS": OURS,
     }
-    answer = load_and_resolve(environment, "bin")["answers"]["bin"]
+    answer = servers.load_and_resolve(environment, "bin")["answers"]["bin"]
     assert answer["vllm_accepts"] is True
 
 
-def test_unusable_cache_dir_stops_startup_with_the_reason(tmp_path: Path) -> None:
+def test_unusable_cache_dir_stops_startup_with_the_reason(
+    servers: NewServers, tmp_path: Path
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    completed = subprocess.run(
-        [sys.executable, "-c", "from vllm.plugins import load_general_plugins as l; l()"],
-        env={
-            **os.environ,
-            "VLLM_PLUGINS": OURS,
-            "VLLM_LORA_RESOLVER_CACHE_DIR": str(blocker / "cache"),
-        },
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode != 0
-    assert "VLLM_LORA_RESOLVER_CACHE_DIR" in completed.stderr
+    environment = {"VLLM_PLUGINS": OURS, "VLLM_LORA_RESOLVER_CACHE_DIR": str(blocker / "cache")}
+    code, _, stderr = servers.run(environment)
+    assert code != 0
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" in stderr
 
 
 def test_a_chain_with_one_store_black_holed_serves_the_others_in_seconds(
-    bucket: Bucket, gcs_bucket: GcsBucket, hub: Hub, tmp_path: Path
+    servers: NewServers, bucket: Bucket, gcs_bucket: GcsBucket, hub: Hub, tmp_path: Path
 ) -> None:
     # Four stores in one server's chain; GCS accepts connections and never answers.
     bucket.upload("in-s3", write_lora_adapter(tmp_path / "s3", base_model=BASE_MODEL, seed=1))
@@ -192,7 +233,7 @@ def test_a_chain_with_one_store_black_holed_serves_the_others_in_seconds(
         "HF_HUB_OFFLINE": "0",
     }
     names = ("in-s3", f"{REPO_ID}/sql", "in-fs", "brand-new", "in-gcs")
-    answers = load_and_resolve(environment, *names)["answers"]
+    answers = servers.load_and_resolve(environment, *names)["answers"]
     assert answers["in-s3"]["resolver"] == "lora_s3_resolver"  # before the dead store
     assert answers[f"{REPO_ID}/sql"]["resolver"] == "lora_hf_resolver"  # past it
     assert answers["in-fs"]["resolver"] == "lora_fs_resolver"
@@ -204,7 +245,7 @@ def test_a_chain_with_one_store_black_holed_serves_the_others_in_seconds(
 
 
 def test_two_prefixes_of_one_bucket_on_one_node_cache_never_serve_each_others_adapters(
-    bucket: Bucket, tmp_path: Path
+    servers: NewServers, bucket: Bucket, tmp_path: Path
 ) -> None:
     client = bucket.endpoint.client()
     upload_folder(client, bucket.name, "prod/sql-expert", write_lora_adapter(
@@ -215,13 +256,13 @@ def test_two_prefixes_of_one_bucket_on_one_node_cache_never_serve_each_others_ad
         "VLLM_PLUGINS": "lora_s3_resolver,lora_filesystem_resolver",
         "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
     }
-    prod = load_and_resolve(
+    prod = servers.load_and_resolve(
         {**pod, "VLLM_LORA_RESOLVER_S3_URI": f"s3://{bucket.name}/prod"}, "sql-expert"
     )
     assert prod["answers"]["sql-expert"]["resolver"] == "lora_s3_resolver"
     assert (cache / "sql-expert").is_symlink()  # the node-wide name link the prod pod made
 
-    staging = load_and_resolve(
+    staging = servers.load_and_resolve(
         {**pod, "VLLM_LORA_RESOLVER_S3_URI": f"s3://{bucket.name}/staging"}, "sql-expert"
     )
     assert staging["answers"]["sql-expert"]["resolver"] is None  # 404: not in staging

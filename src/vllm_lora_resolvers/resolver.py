@@ -387,20 +387,21 @@ class Resolver:
     ) -> None:
         """Refuse a safetensors file whose header is malformed, does not account for its exact
         size (a sparse terabyte behind a small header, say) or holds tensors vLLM would refuse,
-        from its first bytes, before its body is fetched."""
+        from its first bytes, before its body is fetched. A read of the head that fails but may
+        not next time is not retried: the weights are checked once fetched, with the download's
+        retries."""
         if not weights.path.endswith(".safetensors"):
             return
-        head = self.store.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
-        if head is None:
-            return
-        needed = check_weights_header(remote.name, config, head, weights.size)
-        if needed > len(head):
-            check_weights_header(
-                remote.name,
-                config,
-                self.store.read_head(remote, weights, needed) or b"",
-                weights.size,
-            )
+        try:
+            head = self.store.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
+            if head is None:
+                return
+            needed = check_weights_header(remote.name, config, head, weights.size)
+            if needed > len(head):
+                whole = self.store.read_head(remote, weights, needed) or b""
+                check_weights_header(remote.name, config, whole, weights.size)
+        except TransientStoreError as error:
+            logger.info("the weights of %r will be checked once fetched: %s", remote.name, error)
 
     def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
         """The config and the one weights file vLLM would load, in vLLM's order of preference."""

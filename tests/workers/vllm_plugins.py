@@ -1,16 +1,23 @@
 """Load plugins the way a vLLM server process does, then resolve names through the registry.
 
-Prints one JSON object: the registry order, and for each name the resolver that answered (tried
-in registry order, as vLLM's ``OpenAIServingModels`` does) with the request it returned, and
-whether vLLM's own loader accepts that request's folder.
+``vllm_plugins.py BASE_MODEL NAME...`` prints one JSON object: the registry order, and for each
+name the resolver that answered (tried in registry order, as vLLM's ``OpenAIServingModels`` does)
+with the request it returned, and whether vLLM's own loader accepts that request's folder.
+
+``vllm_plugins.py --serve`` imports vLLM once (about 20 s here), then runs each request read
+from stdin (a JSON object: ``env``, ``args``, and ``stdout``/``stderr`` file paths) in a child it
+forks: a process in which no plugin is loaded yet, with that environment, as a new server's. It
+answers each request with a line ``{"exit": CODE}`` once the child ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
+import traceback
 
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.resolver import LoRAResolverRegistry
@@ -51,13 +58,50 @@ async def resolve(base_model: str, name: str) -> dict[str, object]:
     return {"resolver": None, "seconds": time.monotonic() - started}
 
 
-def main() -> None:
-    base_model, names = sys.argv[1], sys.argv[2:]
+def load_and_resolve(base_model: str, names: list[str]) -> None:
     load_general_plugins()
     order = list(LoRAResolverRegistry.get_supported_resolvers())
     answers = {name: asyncio.run(resolve(base_model, name)) for name in names}
-    print(json.dumps({"order": order, "answers": answers}))
+    print(json.dumps({"order": order, "answers": answers}), flush=True)
+
+
+def serve() -> None:
+    """Answer requests of stdin, each in a forked child (see the module's docstring)."""
+    from vllm.lora.lora_model import LoRAModel  # noqa: F401 - the slow import, once
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        child = os.fork()
+        if child == 0:
+            run_child(request["env"], request["args"], request["stdout"], request["stderr"])
+        _, status = os.waitpid(child, 0)
+        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def run_child(env: dict[str, str], args: list[str], stdout: str, stderr: str) -> None:
+    """In a forked child: take the request's environment and output files, resolve, exit."""
+    code = 1
+    try:
+        for path, fd in ((stdout, 1), (stderr, 2)):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        os.environ.clear()
+        os.environ.update(env)
+        load_and_resolve(args[0], args[1:])
+        code = 0
+    except BaseException:  # the parent reports the exit code; the traceback goes to stderr
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        load_and_resolve(sys.argv[1], sys.argv[2:])

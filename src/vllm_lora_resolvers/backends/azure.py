@@ -230,14 +230,10 @@ class AzureBlobStore(BucketStore):
         return {}
 
     def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
-        """One ranged ``GET`` of the listed ETag; ``None`` (the weights are checked once fetched,
-        with the download's retries) if it fails but may not next time."""
+        """One ranged ``GET`` of the listed ETag."""
         key = self.object_key(adapter, file)
-        try:
-            with store_errors(f"reading the first {length} bytes of {self.location(key)}"):
-                return self._read(key, file, 0, length).readall() if length else b""
-        except TransientStoreError:
-            return None
+        with store_errors(f"reading the first {length} bytes of {self.location(key)}"):
+            return self._read(key, file, 0, length).readall() if length else b""
 
     def _read(self, key: str, file: RemoteFile, offset: int, length: int) -> Any:
         return self.client.download_blob(
