@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 #: What a test's worker process imports: this checkout's package (a git worktree's too), devtools
 #: and the tests' own modules.
 WORKER_PYTHONPATH = os.pathsep.join(str(path) for path in (REPO / "src", REPO, REPO / "tests"))
+# Every process a test starts (vLLM servers, the command line, workers) runs it too, not the
+# checkout the package was installed from.
+os.environ["PYTHONPATH"] = WORKER_PYTHONPATH
 
 BASE_MODEL = "/models/tiny-llama"
 

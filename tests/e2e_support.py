@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, start_worker, worker_result
+from conftest import start_worker, worker_result
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.relay import FaultRelay
@@ -158,7 +158,7 @@ def pull_elsewhere(store: Store, cache: Path, name: str, model: Path) -> Path:
     (so it leases nothing afterwards: its snapshot may be evicted)."""
     completed = subprocess.run(
         [sys.executable, "-c", _PULL, store.uri, str(cache), name, str(model)],
-        env={**os.environ, **store.endpoint.env(), "PYTHONPATH": str(REPO)},
+        env={**os.environ, **store.endpoint.env()},
         capture_output=True,
         text=True,
         timeout=120,

@@ -301,7 +301,6 @@ def test_vllm_loads_the_plugin_and_serves_an_adapter_from_the_hub(
     hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "sql")})
     environment = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
         "VLLM_PLUGINS": "lora_hf_resolver",
         "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir),
         "VLLM_LORA_RESOLVER_HF_REPO_LIST": REPO_ID,

@@ -158,7 +158,7 @@ def loop_worker(store: Store, cache_dir: Path, stop_file: Path) -> subprocess.Po
         [*command, store.uri, str(cache_dir), "sql", str(stop_file)],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"},
+        env=os.environ.copy(),
     )
 
 
