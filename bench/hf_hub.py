@@ -1,4 +1,4 @@
-"""Hub resolver against vLLM's own ``HfHubStore``, both against one local Hub server.
+"""Hub resolver against vLLM's own ``HfHubResolver``, both against one local Hub server.
 
 A model repo holds 40 small adapters in folders and one 100 MB adapter. Each resolver runs in its
 own process (huggingface_hub reads ``HF_ENDPOINT`` at import) and resolves, through
@@ -34,21 +34,21 @@ from pathlib import Path
 
 which, repo, cache = sys.argv[1:4]
 if which == "ours":
-    from vllm_lora_resolvers.resolver import Resolver
-from vllm_lora_resolvers.backends.hf_hub import HfHubStore
+    from vllm_lora_resolvers.backends.hf_hub import HfHubStore
     from vllm_lora_resolvers.cache import NodeCache
     from vllm_lora_resolvers.config import Settings
     from vllm_lora_resolvers.edge import VllmResolver
+    from vllm_lora_resolvers.resolver import Resolver
 
     settings = Settings.from_environ(
         {"VLLM_LORA_RESOLVER_CACHE_DIR": cache, "VLLM_LORA_RESOLVER_MAX_RANK": "100000000"},
         argv=[],
     )
-    resolver = VllmResolver(HfHubStore([repo], settings, NodeCache(Path(cache))))
+    resolver = VllmResolver(Resolver(HfHubStore([repo], settings, NodeCache(Path(cache)))))
 else:
-    from vllm.plugins.lora_resolvers.hf_hub_resolver import HfHubStore
+    from vllm.plugins.lora_resolvers.hf_hub_resolver import HfHubResolver
 
-    resolver = Resolver(HfHubStore([repo]))
+    resolver = HfHubResolver([repo])
 import vllm.lora.request  # both hand vLLM a LoRARequest; import it before timing
 
 async def main():

@@ -383,8 +383,7 @@ class HttpStore(RelayedStore):
     ) -> Resolver:
         settings = settings_for(cache_dir, **variables)
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        resolver: Resolver = http_backend.HttpStore(self.relay.url, settings, cache, transfer)
-        return resolver
+        return Resolver(http_backend.HttpStore(self.relay.url, settings, cache, transfer))
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def test_the_account_comes_from_the_uri_or_the_environment_and_keys_the_cache(
     from_environment = AzureBlobStore("az://adapters/prod", settings, cache)  # type: ignore[arg-type]
     assert from_uri.source == from_environment.source
     assert from_uri.source == "az://adapters/prod@https://acct.blob.core.windows.net"
-    assert from_uri.location("prod/sql/") == f"{abfss.rsplit('/', 1)[0]}/prod/sql/"
+    assert from_uri.location("prod/sql/") == "az://adapters/prod/sql/"
 
 
 def test_resolves_hits_updates_and_forgets_a_deleted_adapter(

@@ -88,8 +88,10 @@ def http_resolver(
     file_server: FileServer, cache_dir: Path, make_settings: Callable[..., Settings]
 ) -> Any:
     # Small parts, so that one adapter's weights come in several parallel ranged GETs.
-    return http_backend.HttpStore(
-        file_server.url, make_settings(), NodeCache(cache_dir), TransferConfig(part_size=4096)
+    return Resolver(
+        http_backend.HttpStore(
+            file_server.url, make_settings(), NodeCache(cache_dir), TransferConfig(part_size=4096)
+        )
     )
 
 
@@ -114,7 +116,7 @@ def test_example_backend_reports_an_unreachable_server_as_store_unavailable(
 ) -> None:
     with FileServer(cache_dir) as closed:
         url = closed.url  # nothing listens on its port once closed
-    resolver = http_backend.HttpStore(url, make_settings(), NodeCache(cache_dir))
+    resolver = Resolver(http_backend.HttpStore(url, make_settings(), NodeCache(cache_dir)))
     with pytest.raises(StoreUnavailableError, match="looking up 'sql-expert' failed: Connection"):
         resolver.resolve(BASE_MODEL, "sql-expert")
 

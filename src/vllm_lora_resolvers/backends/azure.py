@@ -38,9 +38,7 @@ from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import BucketStore, StoredObject, folder_key
-from vllm_lora_resolvers.backends.endpoints import public_endpoint
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import AZURE_URI, ConfigurationError, Settings
+from vllm_lora_resolvers.config import AZURE_URI, ConfigurationError
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     StoreRefusedError,
@@ -121,31 +119,20 @@ def make_blob_service(
 
 
 class AzureBlobStore(BucketStore):
-    """Resolve ``NAME`` to the adapter folder ``az://container/prefix/NAME/`` (or its published
-    version; see `BucketStore`).
-    """
+    """Adapters in an Azure Blob Storage container (see the module's docstring)."""
 
     backend: ClassVar[str] = "azure"
 
-    def __init__(
-        self,
-        uri: str,
-        settings: Settings,
-        cache: NodeCache,
-        transfer: TransferConfig = DEFAULT_TRANSFER,
-    ) -> None:
-        self.container, host, self.prefix = parse_azure_uri(uri)
-        #: As the URI writes it (``az://container``, ``abfss://container@host``), for messages.
-        self.bucket_uri = "/".join(uri.strip().split("/")[:3])
-        # Making clients does no network I/O; credentials are fetched on the first request.
+    def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
+        """``az://container[/prefix]`` or ``abfss://container@host/prefix``, both read as
+        ``az://container``; the endpoint always the account's: it tells containers of one name
+        apart."""
+        self.container, host, prefix = parse_azure_uri(uri)
         service = make_blob_service(host, transfer.transfer_timeout, transfer.part_size)
         self.client = service.get_container_client(self.container)
         lookups = make_blob_service(host, transfer.lookup_timeout)
         self.lookup_client = lookups.get_container_client(self.container)
-        prefix = f"/{self.prefix}" if self.prefix else ""
-        # The account's endpoint tells containers of one name apart; no SAS in it.
-        endpoint = public_endpoint(service.primary_endpoint).rstrip("/")
-        super().__init__(f"az://{self.container}{prefix}@{endpoint}", settings, cache, transfer)
+        return f"az://{self.container}", prefix, service.primary_endpoint
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """One listing of the blobs of ``folder`` named ``adapter_*``, in name order, stopped past

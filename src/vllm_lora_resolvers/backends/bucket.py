@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vllm_lora_resolvers.adapter import adapter_from_listing
 from vllm_lora_resolvers.backends.base import Store
+from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.backends.published import (
     MAX_POINTER_BYTES,
     POINTER_FILE,
@@ -21,10 +22,12 @@ from vllm_lora_resolvers.backends.published import (
     split_pin,
     version_folder,
 )
-from vllm_lora_resolvers.config import ConfigurationError
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import TransientStoreError
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
 
 
 def parse_bucket_uri(
@@ -79,10 +82,21 @@ class BucketStore(Store):
     pointer when it changed since this process last read it.
     """
 
-    #: ``scheme://bucket``, the root of every key.
-    bucket_uri: str
-    #: The key prefix adapters live under, without slashes around (``""``: the bucket's root).
-    prefix: str
+    def __init__(
+        self,
+        uri: str,
+        settings: Settings,
+        cache: NodeCache,
+        transfer: TransferConfig = DEFAULT_TRANSFER,
+    ) -> None:
+        #: ``scheme://bucket`` (as the URI writes it), the root of every key; the key prefix
+        #: adapters live under, without slashes around (``""``: the bucket's root).
+        self.bucket_uri, self.prefix, endpoint = self.open_bucket(uri, transfer)
+        source = f"{self.bucket_uri}/{self.prefix}".rstrip("/")
+        if endpoint is not None:
+            # Two stores never share cache entries for one bucket name; no credentials in it.
+            source += f"@{public_endpoint(endpoint).rstrip('/')}"
+        super().__init__(source, settings, cache, transfer)
 
     @cached_property
     def _pointers(self) -> dict[str, CurrentPointer]:
@@ -90,6 +104,12 @@ class BucketStore(Store):
         return {}
 
     # -- what a store provides ------------------------------------------------------------
+
+    @abstractmethod
+    def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
+        """Parse ``uri`` and make the clients (no network I/O: credentials are found on the
+        first request): ``(scheme://bucket, prefix, endpoint)``, the endpoint ``None`` when it
+        is the store's usual one (AWS's, Google's), else the one the bucket is read from."""
 
     @abstractmethod
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:

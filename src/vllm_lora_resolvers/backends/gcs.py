@@ -37,9 +37,7 @@ from vllm_lora_resolvers.backends.bucket import (
     folder_key,
     parse_bucket_uri,
 )
-from vllm_lora_resolvers.backends.endpoints import public_endpoint
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import GCS_URI, Settings
+from vllm_lora_resolvers.config import GCS_URI
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     StoreRefusedError,
@@ -48,7 +46,7 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20
@@ -69,30 +67,17 @@ def parse_gcs_uri(uri: str) -> tuple[str, str]:
 
 
 class GcsStore(BucketStore):
-    """Resolve ``NAME`` to the adapter folder ``gs://bucket/prefix/NAME/`` (or its published
-    version; see `BucketStore`).
-    """
+    """Adapters in a Google Cloud Storage bucket (see the module's docstring)."""
 
     backend: ClassVar[str] = "gcs"
 
-    def __init__(
-        self,
-        uri: str,
-        settings: Settings,
-        cache: NodeCache,
-        transfer: TransferConfig = DEFAULT_TRANSFER,
-    ) -> None:
-        self.bucket_name, self.prefix = parse_gcs_uri(uri)
-        self.bucket_uri = f"gs://{self.bucket_name}"
+    def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
+        """``gs://bucket[/prefix]``; the endpoint an emulator's (``STORAGE_EMULATOR_HOST``): its
+        bucket is not the real one of that name. The client is made on first use."""
+        self.bucket_name, prefix = parse_gcs_uri(uri)
         self._client: storage.Client | None = None
         self._client_guard = threading.Lock()
-        prefix = f"/{self.prefix}" if self.prefix else ""
-        source = f"gs://{self.bucket_name}{prefix}"
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-        if emulator:
-            # An emulator's bucket is not the real one of that name; no credentials in it.
-            source += f"@{public_endpoint(emulator)}"
-        super().__init__(source, settings, cache, transfer)
+        return f"gs://{self.bucket_name}", prefix, os.environ.get("STORAGE_EMULATOR_HOST") or None
 
     @property
     def client(self) -> storage.Client:

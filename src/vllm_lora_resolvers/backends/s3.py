@@ -30,9 +30,7 @@ from vllm_lora_resolvers.backends.bucket import (
     folder_key,
     parse_bucket_uri,
 )
-from vllm_lora_resolvers.backends.endpoints import public_endpoint
-from vllm_lora_resolvers.cache import NodeCache
-from vllm_lora_resolvers.config import S3_URI, Settings
+from vllm_lora_resolvers.config import S3_URI
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     StoreRefusedError,
@@ -41,7 +39,7 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -101,31 +99,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class S3Store(BucketStore):
-    """Resolve ``NAME`` to the adapter folder ``s3://bucket/prefix/NAME/`` (or its published
-    version; see `BucketStore`).
-    """
+    """Adapters in an S3 bucket or an S3-compatible store's (see the module's docstring)."""
 
     backend: ClassVar[str] = "s3"
 
-    def __init__(
-        self,
-        uri: str,
-        settings: Settings,
-        cache: NodeCache,
-        transfer: TransferConfig = DEFAULT_TRANSFER,
-    ) -> None:
-        self.bucket, self.prefix = parse_s3_uri(uri)
-        self.bucket_uri = f"s3://{self.bucket}"
-        # Making a client does no network I/O; credentials are resolved on the first request.
+    def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
+        """``s3://bucket[/prefix]``; the endpoint from the AWS configuration chain."""
+        self.bucket, prefix = parse_s3_uri(uri)
         self.client = make_s3_client(transfer.transfer_timeout)
         self.lookup_client = make_s3_client(transfer.lookup_timeout)
-        prefix = f"/{self.prefix}" if self.prefix else ""
-        source = f"s3://{self.bucket}{prefix}"
-        endpoint = self.client.meta.endpoint_url
-        if not _AWS_ENDPOINT.match(endpoint):
-            # Two stores never share cache entries for one bucket name; no credentials in it.
-            source += f"@{public_endpoint(endpoint)}"
-        super().__init__(source, settings, cache, transfer)
+        endpoint: str = self.client.meta.endpoint_url
+        return f"s3://{self.bucket}", prefix, None if _AWS_ENDPOINT.match(endpoint) else endpoint
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """``ListObjectsV2`` of ``folder`` from the adapter's config to its last weights name.
