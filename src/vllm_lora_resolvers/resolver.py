@@ -145,7 +145,7 @@ class Resolver:
             return False, None  # the full pipeline retries, serves stale or explains
         if remote is None:
             return False, None
-        key = remote.cached_snapshot or self.store.snapshot_key_for(lora_name, remote.version)
+        key = self.store.snapshot_key_of(remote)
         snapshot = self.cache.held(key)
         if snapshot is None or (key, base_model_name, lora_name) not in self._checked:
             return False, None
@@ -210,7 +210,7 @@ class Resolver:
                         outcome = "missing"
                         return None
                     version = remote.version
-                    key = remote.cached_snapshot or self.store.snapshot_key_for(lora_name, version)
+                    key = self.store.snapshot_key_of(remote)
                     try:
                         with self._refusals.remembered((key, base_model_name)):
                             snapshot, outcome, fetched_bytes = self._lease_or_fetch(

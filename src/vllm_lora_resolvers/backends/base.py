@@ -98,6 +98,10 @@ class Store(ABC):
         """The node cache's key of version ``version`` of adapter ``name`` of this store."""
         return snapshot_key(self.source, self.snapshot_name(name), version)
 
+    def snapshot_key_of(self, remote: RemoteAdapter) -> str:
+        """The node cache's key of what `locate` found: the snapshot it pointed at, if any."""
+        return remote.cached_snapshot or self.snapshot_key_for(remote.name, remote.version)
+
     def download_ranges(
         self,
         destination: Path,

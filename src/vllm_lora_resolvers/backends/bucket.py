@@ -89,8 +89,8 @@ class BucketStore(Store):
         cache: NodeCache,
         transfer: TransferConfig = DEFAULT_TRANSFER,
     ) -> None:
-        #: ``scheme://bucket`` (as the URI writes it), the root of every key; the key prefix
-        #: adapters live under, without slashes around (``""``: the bucket's root).
+        #: ``scheme://bucket``, the root of every key; the key prefix adapters live under,
+        #: without slashes around (``""``: the bucket's root).
         self.bucket_uri, self.prefix, endpoint = self.open_bucket(uri, transfer)
         source = f"{self.bucket_uri}/{self.prefix}".rstrip("/")
         if endpoint is not None:

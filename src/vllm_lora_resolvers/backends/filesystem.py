@@ -42,7 +42,7 @@ _COPY_CHUNK = 64 << 20
 
 
 class FilesystemStore(Store):
-    """Resolve ``NAME`` to the adapter folder ``root/NAME``."""
+    """Adapters in a directory: ``NAME`` is the folder ``root/NAME``."""
 
     backend: ClassVar[str] = "fs"
     locate_is_local: ClassVar[bool] = True

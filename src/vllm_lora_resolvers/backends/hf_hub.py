@@ -94,7 +94,7 @@ def parse_repo_list(repos: Iterable[str]) -> tuple[str, ...]:
 
 
 class HfHubStore(Store):
-    """Resolve ``org/repo[/folder][@revision]`` to an adapter in a listed Hub model repo."""
+    """Adapters in listed Hub model repos: ``org/repo[/folder][@revision]``."""
 
     backend: ClassVar[str] = "hf"
 

@@ -6,7 +6,7 @@ adapters below it are listed, by the names clients ask for (``team-a/sql``), ins
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,24 +72,21 @@ def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> Non
         )
         with scratch_cache(uri) as (cache, scratch):
             resolver = open_store(uri, settings, cache)
-            rows = _describe_store(resolver, resolver.store.list_names, lint_policy, scratch)
+            rows = _describe_store(resolver, lint_policy, scratch)
     _print_listing(console(), uri, lint_policy, rows)
 
 
 def _describe_store(
-    resolver: Resolver,
-    list_names: Callable[[str], Iterator[str]],
-    lint_policy: LintPolicy,
-    scratch: Path,
+    resolver: Resolver, lint_policy: LintPolicy, scratch: Path
 ) -> list[ListedAdapter]:
     """A row per adapter, by name; folders of adapters are looked into, a level at a time."""
 
     def describe(numbered: tuple[int, str]) -> ListedAdapter | list[str]:
         number, name = numbered
-        return _describe(resolver, list_names, name, lint_policy, scratch / str(number))
+        return _describe(resolver, name, lint_policy, scratch / str(number))
 
     rows: list[ListedAdapter] = []
-    names, described = sorted(list_names("")), 0
+    names, described = sorted(resolver.store.list_names("")), 0
     while names:
         found = run_in_parallel(
             describe, list(enumerate(names, start=described)), _LOOKUPS_IN_FLIGHT
@@ -102,7 +99,6 @@ def _describe_store(
 
 def _describe(
     resolver: Resolver,
-    list_names: Callable[[str], Iterator[str]],
     name: str,
     lint_policy: LintPolicy,
     scratch: Path,
@@ -116,7 +112,7 @@ def _describe(
     try:
         remote = resolver.lookup(name)
         if remote is None:
-            inside = list(list_names(name))
+            inside = list(resolver.store.list_names(name))
             return inside or ListedAdapter(name, problems=(f"no {CONFIG_FILE}: not an adapter",))
         raw, size, file_names = _read_config(resolver, remote, scratch)
     except (InvalidAdapterError, StoreUnavailableError) as error:

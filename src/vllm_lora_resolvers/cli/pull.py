@@ -219,7 +219,7 @@ def _pull_from(
 
 def _pending_download(resolver: Resolver, remote: RemoteAdapter) -> tuple[str, int] | None:
     """The snapshot key and bytes resolving ``remote`` will fetch; ``None`` if it is cached."""
-    key = remote.cached_snapshot or resolver.store.snapshot_key_for(remote.name, remote.version)
+    key = resolver.store.snapshot_key_of(remote)
     if resolver.cache.find(key) is not None:
         return None
     return key, sum(file.size for file in remote.files)
