@@ -103,10 +103,7 @@ def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:
     command = [sys.executable, str(REPO / "tests" / "workers" / "resolve_fs.py"), *arguments]
     if hold:
         command.append("--hold")
-    environment = {**os.environ, "PYTHONPATH": WORKER_PYTHONPATH}
-    return subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
-    )
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def worker_result(worker: subprocess.Popen[str]) -> dict[str, Any]:

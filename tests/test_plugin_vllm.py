@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_MODEL, REPO, WORKER_PYTHONPATH, start_worker, worker_result
+from conftest import BASE_MODEL, REPO, start_worker, worker_result
 from gcs_fixtures import GcsBucket
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
@@ -37,7 +37,6 @@ class NewServers:
         self.runs = itertools.count()
         self.parent = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "workers" / "vllm_plugins.py"), "--serve"],
-            env={**os.environ, "PYTHONPATH": WORKER_PYTHONPATH},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

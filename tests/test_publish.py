@@ -4,7 +4,6 @@ publish``: atomic moves of NAME, NAME@VERSION pins, rollback, and what is refuse
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -158,7 +157,6 @@ def loop_worker(store: Store, cache_dir: Path, stop_file: Path) -> subprocess.Po
         [*command, store.uri, str(cache_dir), "sql", str(stop_file)],
         stdout=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
     )
 
 

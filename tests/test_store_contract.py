@@ -210,10 +210,7 @@ def start_worker(
         store.name(short),
         *options,
     ]
-    environment = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}"}
-    return subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
-    )
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def read_line(worker: subprocess.Popen[str]) -> dict[str, Any]:
