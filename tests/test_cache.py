@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, worker_result
+from prometheus_client import REGISTRY
 
 from devtools.models import write_large_adapter, write_lora_adapter
+from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.adapter import CONFIG_FILE
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
-from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cache import EVICTIONS, NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
@@ -28,7 +30,8 @@ _DIE_WHILE_SWAPPING_THE_NAME_LINK = """
 import os, signal, sys
 from pathlib import Path
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
-from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers import metrics
+from vllm_lora_resolvers.cache import EVICTIONS, NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.resolver import Resolver
 
@@ -121,6 +124,43 @@ def test_opening_the_cache_evicts_down_to_the_cap_what_no_live_process_leases(
     assert _cached_bytes(cache_dir) == one
     assert os.path.lexists(cache_dir / "c")  # the most recently used one stays
     assert not os.path.lexists(cache_dir / "a")
+
+
+def test_the_cache_metrics_count_what_any_process_fetched_or_evicted(
+    adapters_dir: Path, cache_dir: Path
+) -> None:
+    def scraped(sample: str) -> float | None:
+        return REGISTRY.get_sample_value(sample)
+
+    server_cache = NodeCache(cache_dir)  # a server's: it fetches nothing itself here
+    metrics.report_node_cache(server_cache.usage)
+    evictions = scraped("vllm_lora_resolver_evictions_total") or 0.0
+    for seed, name in enumerate(("a", "b", "c")):
+        write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a", "b", "c")  # other pods
+    one = _adapter_bytes(adapters_dir / "a")
+    assert scraped("vllm_lora_resolver_cache_snapshots") == 3
+    assert scraped("vllm_lora_resolver_cache_bytes") == 3 * one
+
+    NodeCache(cache_dir, max_bytes=one)  # a process starting with a cap evicts at once
+    assert scraped("vllm_lora_resolver_evictions_total") == evictions + 2
+    NodeCache(cache_dir).prune(0)  # `vllm-lora cache prune --max-bytes 0`
+    assert scraped("vllm_lora_resolver_evictions_total") == evictions + 3
+    assert scraped("vllm_lora_resolver_cache_snapshots") == 0
+    assert scraped("vllm_lora_resolver_cache_bytes") == 0
+
+
+def test_a_damaged_eviction_count_reads_as_zero_and_is_rewritten(
+    adapters_dir: Path, cache_dir: Path
+) -> None:
+    cache = NodeCache(cache_dir)
+    for damaged in (b"nan", b"-3", b"1e300", b"", b"9" * 40, b"\xff"):
+        (cache.state / EVICTIONS).write_bytes(damaged)
+        assert cache.evictions() == 0
+    write_lora_adapter(adapters_dir / "a", base_model=BASE_MODEL)
+    _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a")
+    assert len(cache.prune(0)) == 1
+    assert cache.evictions() == 1
 
 
 class CacheWatchingStore(FilesystemStore):

@@ -297,7 +297,7 @@ def exposed_names(module: ModuleType = metrics) -> dict[str, set[str]]:
     }
     exposed = {}
     for value in vars(module).values():
-        if isinstance(value, Counter | Gauge | Histogram):
+        if isinstance(value, Counter | Gauge | Histogram | metrics.NodeCacheCollector):
             for family in value.describe():
                 exposed[family.name] = {family.name + s for s in suffixes[family.type]}
     return exposed

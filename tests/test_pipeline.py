@@ -6,6 +6,7 @@ when the adapter changes mid-fetch, and refusing what does not match its declare
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,44 @@ def test_stale_copies_can_be_turned_off(
         open_resolver(VLLM_LORA_RESOLVER_SERVE_STALE="never").resolve(BASE_MODEL, "sql")
 
 
+@pytest.mark.parametrize(
+    ("fault", "serve_stale", "withheld"),
+    [
+        (EVERYTHING_REFUSED, "unreachable", True),
+        (EVERYTHING_DOWN, "never", True),
+        (EVERYTHING_REFUSED, "always", False),
+        (EVERYTHING_DOWN, "unreachable", False),
+    ],
+)
+def test_a_store_whose_copies_may_not_be_served_withholds_them_from_every_resolver_until_it_answers(
+    memory: MemoryBucket,
+    tmp_path: Path,
+    open_resolver: Callable[..., Resolver],
+    fault: Fault,
+    serve_stale: str,
+    withheld: bool,
+) -> None:
+    put(memory, tmp_path, "sql")
+    put(memory, tmp_path, "other", seed=2)
+    resolver = open_resolver(  # no outage memory: the store is asked again at once
+        VLLM_LORA_RESOLVER_SERVE_STALE=serve_stale, VLLM_LORA_RESOLVER_NEGATIVE_TTL="0"
+    )
+    cached = resolver.resolve(BASE_MODEL, "sql")
+    assert cached is not None
+    memory.add_fault(fault)
+    with contextlib.suppress(StoreUnavailableError):
+        resolver.resolve(BASE_MODEL, "other")  # not cached: an error
+    reason = resolver.cache.withheld(cached.snapshot)  # what vLLM's filesystem resolver asks
+    if withheld:
+        assert reason is not None and "memory store" in reason
+        assert f"VLLM_LORA_RESOLVER_SERVE_STALE={serve_stale}" in reason
+    else:
+        assert reason is None
+    memory.clear_faults()
+    assert resolver.resolve(BASE_MODEL, "other") is not None
+    assert resolver.cache.withheld(cached.snapshot) is None  # the store answered again
+
+
 def test_an_outage_remembered_for_one_name_never_reports_that_names_error_for_another(
     memory: MemoryBucket, open_resolver: Callable[..., Resolver]
 ) -> None:
@@ -218,6 +257,25 @@ def test_the_current_version_is_never_a_cached_one_while_the_store_cannot_answer
 
 
 # -- leases and eviction ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store_down", [False, True])
+def test_a_cached_snapshot_that_fails_this_servers_checks_is_not_left_leased(
+    memory: MemoryBucket, tmp_path: Path, open_resolver: Callable[..., Resolver], store_down: bool
+) -> None:
+    put(memory, tmp_path, "sql", rank=8)
+    earlier_server = open_resolver()  # of rank 16, fetched it, then ended
+    fetched = earlier_server.resolve(BASE_MODEL, "sql")
+    assert fetched is not None
+    fetched_by = fetched.snapshot
+    earlier_server.cache.release(fetched_by.key)
+    if store_down:
+        memory.add_fault(EVERYTHING_DOWN)  # the cached copy is offered as a stale one
+    small = open_resolver(VLLM_LORA_RESOLVER_MAX_RANK="4")  # a server that cannot serve it
+    with pytest.raises(InvalidAdapterError, match="rank 8 is above"):
+        small.resolve(BASE_MODEL, "sql")
+    assert fetched_by.key not in small.cache.leased_keys()
+    assert not small.cache.is_leased_by_anyone(fetched_by.key)  # evictable: the cap holds
 
 
 def test_eviction_never_removes_a_snapshot_another_process_leases(

@@ -265,3 +265,42 @@ def test_two_prefixes_of_one_bucket_on_one_node_cache_never_serve_each_others_ad
         {**pod, "VLLM_LORA_RESOLVER_S3_URI": f"s3://{bucket.name}/staging"}, "sql-expert"
     )
     assert staging["answers"]["sql-expert"]["resolver"] is None  # 404: not in staging
+
+
+@pytest.mark.parametrize(
+    ("why", "serve_stale", "expected"),
+    [
+        ("credentials revoked", "unreachable", "store refuses this server"),
+        ("store unreachable", "never", "cannot be reached and cached copies are not served"),
+    ],
+)
+def test_a_store_not_to_be_served_from_the_cache_is_served_by_no_resolver_of_the_server(
+    servers: NewServers, bucket: Bucket, tmp_path: Path, why: str, serve_stale: str, expected: str
+) -> None:
+    # The README's order: our S3 resolver, then vLLM's filesystem resolver over our node cache.
+    bucket.upload("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
+    pod = {
+        "VLLM_PLUGINS": "lora_s3_resolver,lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_S3_URI": bucket.uri,
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path / "cache"),
+        "VLLM_LORA_RESOLVER_SERVE_STALE": serve_stale,
+    }
+    served = servers.load_and_resolve(pod, "sql")["answers"]["sql"]
+    assert served["resolver"] == "lora_s3_resolver"
+    assert (tmp_path / "cache" / "sql").is_symlink()  # what vLLM's resolver would find
+
+    if why == "credentials revoked":
+        pod["AWS_SECRET_ACCESS_KEY"] = "revoked-fake-secret"  # the real server refuses it
+    else:
+        bucket.relay.add_fault(Fault("status", status=503, times=1_000_000))
+    answer = servers.load_and_resolve(pod, "sql")["answers"]["sql"]  # a restarted pod
+    assert answer.get("path") is None, answer
+    assert answer["resolver"] == VLLM_FILESYSTEM  # asked after ours said "next", and refused
+    assert "adapter 'sql' is not served now" in answer["error"]
+    assert expected in answer["error"]
+    assert bucket.name not in answer["error"]
+
+    bucket.relay.clear_faults()
+    pod.pop("AWS_SECRET_ACCESS_KEY", None)
+    again = servers.load_and_resolve(pod, "sql")["answers"]["sql"]
+    assert again["resolver"] == "lora_s3_resolver"  # the store answers again: served again

@@ -3,6 +3,7 @@ publish``: atomic moves of NAME, NAME@VERSION pins, rollback, and what is refuse
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -21,6 +22,7 @@ from devtools.relay import Fault
 from vllm_lora_resolvers.adapter import CONFIG_FILE
 from vllm_lora_resolvers.backends.published import POINTER_FILE
 from vllm_lora_resolvers.cli.publish import Publisher, content_version
+from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import InvalidAdapterError
 
 CLI = Path(sys.executable).with_name("vllm-lora")
@@ -277,6 +279,10 @@ def test_a_malformed_pointer_is_an_invalid_adapter_and_a_publish_replaces_it(
         assert f"{store.uri}/sql/{POINTER_FILE} is not a valid adapter pointer" in message
         assert reason in message
         assert "vllm-lora publish" in message
+        with pytest.raises(InvalidAdapterError) as answered:  # what an API client reads
+            asyncio.run(VllmResolver(store.resolver(cache_dir)).resolve_lora(BASE_MODEL, "sql"))
+        assert "adapter 'sql': <the store> is not a valid adapter pointer" in str(answered.value)
+        assert store.uri.split("://")[1].split("/")[0] not in str(answered.value)  # no bucket
 
     v2 = adapter(tmp_path / "v2", seed=2)
     result = vllm_lora("publish", str(v2), f"{store.uri}/sql")

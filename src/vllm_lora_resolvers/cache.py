@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm_lora_resolvers.checksums import RECORDED, file_digests
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
 from vllm_lora_resolvers.memory import KeyedLocks
+from vllm_lora_resolvers.metrics import CacheUsage
 
 logger = logging.getLogger("vllm.lora_resolvers.cache")
 
@@ -61,6 +62,8 @@ MANIFEST = "manifest.json"
 LEASE = "lease"
 ADAPTER_DIR = "adapter"
 PROCESS_DIR_PREFIX = "process."
+#: The node's count of evicted snapshots, under `STATE_DIR`.
+EVICTIONS = "evictions"
 _READ_ONLY_FILE = 0o444
 _READ_ONLY_DIR = 0o555
 _SNAPSHOT_KEY = re.compile(r"[0-9a-f]{40}")
@@ -158,6 +161,7 @@ class NodeCache:
         self._key_guards = KeyedLocks()
         self._process_dir: Path | None = None
         self._served_sources: set[str] = set()
+        self._withheld_sources: dict[str, str] = {}
         self._reported_damage: set[str] = set()
         try:
             self._make_layout()
@@ -247,6 +251,15 @@ class NodeCache:
                 found.append(snapshot)
         return found
 
+    def usage(self) -> CacheUsage:
+        """What the cache holds now, and how many snapshots were evicted from it so far."""
+        snapshots = self.all_snapshots()
+        return CacheUsage(
+            snapshots=len(snapshots),
+            bytes=sum(s.manifest.total_bytes for s in snapshots),
+            evictions=self.evictions(),
+        )
+
     def latest_for(self, source: str, name: str) -> Snapshot | None:
         """The newest snapshot of ``name`` from ``source`` (used when the store is unreachable)."""
         candidates = [
@@ -280,6 +293,20 @@ class NodeCache:
         """Whether ``snapshot`` comes from a store this process resolves from: pods of other
         stores share the node cache, and their snapshots (and ``NAME`` links) are not ours."""
         return snapshot.manifest.source in self._served_sources
+
+    def withhold_source(self, source: str, reason: str) -> None:
+        """Serve no snapshot of ``source`` in this process, by any resolver, until
+        `resume_source`: its store refused us, or cannot be reached while cached copies may not
+        be served. ``reason`` is what a client asking for one of them is told."""
+        self._withheld_sources[source] = reason
+
+    def resume_source(self, source: str) -> None:
+        """The store of ``source`` answered again: its snapshots may be served."""
+        self._withheld_sources.pop(source, None)
+
+    def withheld(self, snapshot: Snapshot) -> str | None:
+        """Why ``snapshot`` may not be served now (`withhold_source`), or ``None``."""
+        return self._withheld_sources.get(snapshot.manifest.source)
 
     # -- leases --------------------------------------------------------------------------
 
@@ -570,7 +597,29 @@ class NodeCache:
             if self._delete_unless_leased(snapshot):
                 total -= snapshot.manifest.total_bytes
                 evicted.append(snapshot)
+        if evicted:
+            self._count_evictions(len(evicted))
         return evicted
+
+    def _count_evictions(self, count: int) -> None:
+        """Add ``count`` to the node's eviction count (under the eviction lock; a count that
+        cannot be written, on a full disk say, is lost rather than failing the eviction)."""
+        with contextlib.suppress(OSError):
+            self._write_evictions(self.evictions() + count)
+
+    def _write_evictions(self, count: int) -> None:
+        temporary = self._own_scratch() / f"evictions.{secrets.token_hex(8)}"
+        temporary.write_text(str(count))
+        temporary.replace(self.state / EVICTIONS)
+
+    def evictions(self) -> int:
+        """Snapshots evicted from this cache so far, by every process (0 if the count is
+        unreadable: it is rewritten at the next eviction)."""
+        try:
+            text = (self.state / EVICTIONS).read_text()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return 0
+        return int(text) if text.isdigit() and len(text) < 20 else 0
 
     def last_used(self, snapshot: Snapshot) -> float:
         """When a process last leased ``snapshot`` (a Unix time; 0 if it is gone)."""

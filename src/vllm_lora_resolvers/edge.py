@@ -13,7 +13,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from vllm_lora_resolvers.errors import StoreUnavailableError
+from vllm_lora_resolvers.errors import ResolverError, StoreUnavailableError, for_clients
 from vllm_lora_resolvers.resolver import ResolvedAdapter, Resolver
 
 if TYPE_CHECKING:
@@ -37,26 +37,37 @@ class VllmResolver:
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         """A ``LoRARequest``, or ``None`` if this store has no such adapter (or cannot answer,
-        with ``VLLM_LORA_RESOLVER_STORE_DOWN=next``)."""
-        answered, resolved = self.pipeline.answer_at_once(base_model_name, lora_name)
-        if not answered:
-            loop = asyncio.get_running_loop()
-            try:
-                resolved = await loop.run_in_executor(
-                    self._threads, self.pipeline.resolve, base_model_name, lora_name
-                )
-            except StoreUnavailableError as error:
-                if self.pipeline.settings.store_down == "fail":
-                    raise
-                logger.warning(
-                    "%s store cannot answer for %r (%s); trying the next resolver "
-                    "(VLLM_LORA_RESOLVER_STORE_DOWN=next)",
-                    self.pipeline.backend,
-                    lora_name[:300],
-                    error,
-                )
-                return None
+        with ``VLLM_LORA_RESOLVER_STORE_DOWN=next``). An error reaches the client without the
+        store's locations; the server's log has them."""
+        try:
+            resolved = await self._resolve(base_model_name, lora_name)
+        except ResolverError as error:
+            client_error = for_clients(error)
+            if client_error is not error:
+                logger.info("%s store: %s", self.pipeline.backend, error)
+            raise client_error from None
         return None if resolved is None else lora_request(resolved)
+
+    async def _resolve(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
+        answered, resolved = self.pipeline.answer_at_once(base_model_name, lora_name)
+        if answered:
+            return resolved
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._threads, self.pipeline.resolve, base_model_name, lora_name
+            )
+        except StoreUnavailableError as error:
+            if self.pipeline.settings.store_down == "fail":
+                raise
+            logger.warning(
+                "%s store cannot answer for %r (%s); trying the next resolver "
+                "(VLLM_LORA_RESOLVER_STORE_DOWN=next)",
+                self.pipeline.backend,
+                lora_name[:300],
+                error,
+            )
+            return None
 
 
 def lora_request(resolved: ResolvedAdapter) -> LoRARequest:

@@ -7,6 +7,11 @@ every message here is written for the client: what is wrong and what to do, and 
 
 from __future__ import annotations
 
+import re
+
+#: A store location in a message (``s3://bucket/key``, ``https://hub/org/repo/...``).
+_LOCATION = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>]+", re.IGNORECASE)
+
 
 class ResolverError(Exception):
     """Base of every error raised by this package."""
@@ -48,3 +53,12 @@ class CacheFullError(CacheError):
 
 class VersionChangedError(StoreUnavailableError):
     """The adapter changed in the store while it was being fetched: look it up again."""
+
+
+def for_clients(error: ResolverError) -> ResolverError:
+    """``error`` as an API client may read it: the adapter's name and what is wrong, with every
+    store location replaced (where the store keeps it is the server log's to tell)."""
+    message = _LOCATION.sub("<the store>", str(error))
+    if message == str(error):
+        return error
+    return type(error)(message)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, Counter, Histogram, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 #: How a resolution ended: served from the cache, fetched from the store, served from the cache
 #: while the store could not answer, not in the store, name refused, adapter refused, the store
@@ -30,15 +35,54 @@ RETRIES = Counter(
     "Store operations retried after a transient failure.",
     ["backend"],
 )
-EVICTIONS = Counter(
-    "vllm_lora_resolver_evictions",
-    "Snapshots evicted from the node cache to stay under its byte cap.",
-)
-CACHE_BYTES = Gauge(
-    "vllm_lora_resolver_cache_bytes",
-    "Bytes of adapter snapshots in the node cache, as last seen by this process.",
-)
-CACHE_SNAPSHOTS = Gauge(
-    "vllm_lora_resolver_cache_snapshots",
-    "Adapter snapshots in the node cache, as last seen by this process.",
-)
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What a node cache holds, and how many snapshots were evicted from it so far."""
+
+    snapshots: int
+    bytes: int
+    evictions: int
+
+
+class NodeCacheCollector(Collector):
+    """The node cache's metrics, read from the cache at each scrape, so they are true whoever
+    fetched or evicted: this process, another pod's, the sync, ``vllm-lora cache prune``."""
+
+    def __init__(self) -> None:
+        self.usage: Callable[[], CacheUsage] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(CacheUsage(snapshots=0, bytes=0, evictions=0))
+
+    def collect(self) -> Iterator[Metric]:
+        if self.usage is not None:
+            yield from self._families(self.usage())
+
+    def _families(self, usage: CacheUsage) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "vllm_lora_resolver_cache_bytes",
+            "Bytes of adapter snapshots in the node cache.",
+            usage.bytes,
+        )
+        yield GaugeMetricFamily(
+            "vllm_lora_resolver_cache_snapshots",
+            "Adapter snapshots in the node cache.",
+            usage.snapshots,
+        )
+        yield CounterMetricFamily(
+            "vllm_lora_resolver_evictions",
+            "Snapshots evicted from the node cache, by any process of the node (the same on "
+            "every pod of a node).",
+            usage.evictions,
+        )
+
+
+NODE_CACHE = NodeCacheCollector()
+REGISTRY.register(NODE_CACHE)
+
+
+def report_node_cache(usage: Callable[[], CacheUsage]) -> None:
+    """Report the process's node cache (``usage``) at each scrape."""
+    NODE_CACHE.usage = usage

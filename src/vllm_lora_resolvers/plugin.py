@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from vllm_lora_resolvers import stores
+from vllm_lora_resolvers import metrics, stores
 from vllm_lora_resolvers.adapter import CONFIG_FILE, AdapterPolicy, check_adapter_folder
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.edge import VllmResolver
+from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import StoreDeclaration
@@ -70,7 +71,9 @@ class GuardedFilesystemResolver:
     refusal logged: adapter folders belong in ``VLLM_LORA_RESOLVER_FS_DIR``, where
     ``lora_fs_resolver`` checks and snapshots them. So is a snapshot of a store this server does
     not resolve from (pods of other stores share the node cache and its links), and one checked
-    for another server is checked against this server's model and rank limit first.
+    for another server is checked against this server's model and rank limit first. A snapshot of
+    a store that our resolver found refusing us (or unreachable, with stale copies off) is not
+    served either: the request fails with the reason (`NodeCache.withhold_source`).
     """
 
     def __init__(self, builtin: Any, cache: NodeCache, settings: Settings) -> None:
@@ -83,14 +86,28 @@ class GuardedFilesystemResolver:
         """The built-in's answer for a name that leads to one of our snapshots, pinned to it."""
         if not is_safe_adapter_name(lora_name):
             return None
-        snapshot = self._leased_snapshot(lora_name)
+        snapshot = self._our_snapshot(lora_name)
         if snapshot is None:
+            return None
+        withheld = self.cache.withheld(snapshot)
+        if withheld is not None:
+            raise StoreUnavailableError(f"adapter {lora_name!r} is not served now: {withheld}")
+        leased_before = self.cache.held(snapshot.key) is not None
+        snapshot = self.cache.lease(snapshot.key)
+        if snapshot is None:  # evicted meanwhile
             return None
         if (snapshot.key, base_model_name) not in self._checked:
             policy = AdapterPolicy(
                 base_model_name, self.settings.max_rank, self.settings.base_model_aliases
             )
-            await asyncio.to_thread(check_adapter_folder, lora_name, snapshot.adapter_dir, policy)
+            try:
+                await asyncio.to_thread(
+                    check_adapter_folder, lora_name, snapshot.adapter_dir, policy
+                )
+            except InvalidAdapterError:
+                if not leased_before:  # not served: the lease taken for it is given up
+                    self.cache.release(snapshot.key)
+                raise
             self._checked.add((snapshot.key, base_model_name))
         request = await self.builtin.resolve_lora(base_model_name, lora_name)
         if request is None:
@@ -101,9 +118,9 @@ class GuardedFilesystemResolver:
             lora_path=str(snapshot.adapter_dir),
         )
 
-    def _leased_snapshot(self, lora_name: str) -> Snapshot | None:
-        """The snapshot ``CACHE_DIR/NAME`` leads to, leased; ``None`` when it leads to none (or
-        the snapshot was just evicted)."""
+    def _our_snapshot(self, lora_name: str) -> Snapshot | None:
+        """The snapshot of a store this process serves that ``CACHE_DIR/NAME`` leads to; ``None``
+        when it leads to none."""
         path = self.cache.root / lora_name
         key = self.cache.snapshot_containing(os.path.realpath(path))
         if key is not None:
@@ -111,7 +128,7 @@ class GuardedFilesystemResolver:
             if snapshot is None or not self.cache.serves(snapshot):
                 logger.debug("%s: %r is another store's snapshot here", VLLM_FS_PLUGIN, lora_name)
                 return None
-            return self.cache.lease(key)
+            return snapshot
         if os.path.lexists(path / CONFIG_FILE):
             logger.warning(
                 "%s will not serve %r: %s is not an adapter snapshot of this cache (only those "
@@ -158,6 +175,7 @@ def shared_cache(root: Path, max_bytes: int | None) -> NodeCache:
     with _caches_guard:
         if root not in _caches:
             _caches[root] = NodeCache(root, max_bytes)
+            metrics.report_node_cache(_caches[root].usage)
         return _caches[root]
 
 

@@ -213,10 +213,11 @@ class Resolver:
                     key = self.store.snapshot_key_of(remote)
                     try:
                         with self._refusals.remembered((key, base_model_name)):
+                            leased_before = self.cache.held(key) is not None
                             snapshot, outcome, fetched_bytes = self._lease_or_fetch(
                                 remote, key, policy
                             )
-                            self._check_and_point(lora_name, snapshot, policy)
+                            self._check_and_point(lora_name, snapshot, policy, leased_before)
                     except _LookAgainError as error:
                         if lookup == LOOKUPS_PER_RESOLUTION - 1:
                             raise StoreUnavailableError(str(error)) from None
@@ -261,6 +262,7 @@ class Resolver:
             self._outage.begin()
             raise
         self._outage.end()
+        self.cache.resume_source(self.source)
         return remote
 
     def _lease_or_fetch(
@@ -299,14 +301,13 @@ class Resolver:
                     f"limit of {self.settings.max_adapter_bytes} "
                     "(VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES)"
                 )
-            self._count_evictions(self.cache.evict(incoming_bytes))
+            self.cache.evict(incoming_bytes)
             try:
                 published = self._fetch_into_cache(remote, key, policy, files)
             except CacheFullError:
                 evicted = self.cache.make_room_on_disk(incoming_bytes + _DISK_SLACK_BYTES)
                 if not evicted:
                     raise
-                self._count_evictions(evicted)
                 logger.warning(
                     "the adapter cache's disk was full; evicted %d unused snapshots and "
                     "fetching %r again",
@@ -316,7 +317,8 @@ class Resolver:
                 published = self._fetch_into_cache(remote, key, policy, files)
         self._checked.add((published.key, policy.base_model, remote.name))  # checked as fetched
         self.cache.point_name(remote.name, published)
-        self._after_fetch(published.manifest.total_bytes)
+        metrics.FETCHED_BYTES.labels(self.backend).inc(published.manifest.total_bytes)
+        self.cache.evict()
         return published, published.manifest.total_bytes
 
     def _fetch_into_cache(
@@ -417,13 +419,22 @@ class Resolver:
             f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
         )
 
-    def _check_and_point(self, name: str, snapshot: Snapshot, policy: AdapterPolicy) -> None:
+    def _check_and_point(
+        self, name: str, snapshot: Snapshot, policy: AdapterPolicy, leased_before: bool
+    ) -> None:
         """Check a snapshot ``name`` resolved to against this server's policy and point ``name``
-        at it, once per process and name (it is immutable; it may have several names)."""
+        at it, once per process and name (it is immutable; it may have several names). A
+        snapshot that fails the checks is not served: the lease taken for it is given up (one
+        this process held before is someone else's to release)."""
         marker = (snapshot.key, policy.base_model, name)
         if marker in self._checked:
             return
-        check_adapter_folder(name, snapshot.adapter_dir, policy)
+        try:
+            check_adapter_folder(name, snapshot.adapter_dir, policy)
+        except InvalidAdapterError:
+            if not leased_before:
+                self.cache.release(snapshot.key)
+            raise
         self._checked.add(marker)
         self.cache.point_name(name, snapshot)
 
@@ -441,9 +452,11 @@ class Resolver:
         allowed = self.settings.serve_stale == "always" or (
             self.settings.serve_stale == "unreachable" and unreachable
         )
-        cached = None
-        if allowed:
-            cached = self._linked_snapshot(name) or self.cache.latest_for(self.source, name)
+        if not allowed:
+            self.cache.withhold_source(self.source, self._withheld_because(unreachable))
+            raise error
+        cached = self._linked_snapshot(name) or self.cache.latest_for(self.source, name)
+        leased_before = cached is not None and self.cache.held(cached.key) is not None
         snapshot = self.cache.lease(cached.key) if cached is not None else None
         if snapshot is None:
             raise error
@@ -455,8 +468,22 @@ class Resolver:
             snapshot.manifest.version,
             name,
         )
-        self._check_and_point(name, snapshot, policy)
+        self._check_and_point(name, snapshot, policy, leased_before)
         return ResolvedAdapter(name, _lora_int_id(snapshot.key), snapshot)
+
+    def _withheld_because(self, unreachable: bool) -> str:
+        """What a client asking for a withheld snapshot of this store is told (no location:
+        the store's own error is in the server's log)."""
+        if unreachable:
+            return (
+                f"its {self.backend} store cannot be reached and cached copies are not served "
+                "(VLLM_LORA_RESOLVER_SERVE_STALE=never)"
+            )
+        return (
+            f"its {self.backend} store refuses this server (credentials, permissions, a missing "
+            "bucket or repo: see the server's log), and cached copies of a refusing store's "
+            f"adapters are not served (VLLM_LORA_RESOLVER_SERVE_STALE={self.settings.serve_stale})"
+        )
 
     def _linked_snapshot(self, name: str) -> Snapshot | None:
         """The snapshot of this store the ``CACHE_DIR/NAME`` link points at, if any."""
@@ -474,16 +501,6 @@ class Resolver:
         snapshot = self._linked_snapshot(name)
         if snapshot is not None:
             self.cache.unpoint_name(name, only_if_key=snapshot.key)
-
-    def _after_fetch(self, fetched_bytes: int) -> None:
-        metrics.FETCHED_BYTES.labels(self.backend).inc(fetched_bytes)
-        self._count_evictions(self.cache.evict())
-        snapshots = self.cache.all_snapshots()
-        metrics.CACHE_SNAPSHOTS.set(len(snapshots))
-        metrics.CACHE_BYTES.set(sum(s.manifest.total_bytes for s in snapshots))
-
-    def _count_evictions(self, evicted: list[Snapshot]) -> None:
-        metrics.EVICTIONS.inc(len(evicted))
 
     def _record(self, name: str, outcome: str, version: str, fetched: int, started: float) -> None:
         seconds = time.perf_counter() - started
