@@ -461,3 +461,16 @@ def test_bytes_in_flight_count_what_a_fetch_in_progress_wrote(cache_dir: Path) -
         assert cache.bytes_in_flight("cd" * 20) == 0
         cache.discard_staging(staging)
     assert cache.bytes_in_flight(key) == 0
+
+
+def test_a_string_that_is_not_a_snapshot_key_leases_and_finds_nothing(cache_dir: Path) -> None:
+    cache = NodeCache(cache_dir)
+    outside = cache_dir / "outside"
+    (outside / "adapter").mkdir(parents=True)
+    (outside / "lease").touch()
+    (outside / "manifest.json").write_text("{}")
+    for hostile in ("../../outside", "../outside", "", "/etc", "A" * 40, "0" * 39):
+        assert cache.lease(hostile) is None
+        assert cache.find(hostile) is None
+    assert cache.leased_keys() == set()
+    assert (outside / "manifest.json").exists()  # never taken for a damaged snapshot and moved

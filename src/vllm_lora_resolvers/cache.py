@@ -189,7 +189,10 @@ class NodeCache:
             directory.mkdir(parents=True, exist_ok=True)
 
     def find(self, key: str) -> Snapshot | None:
-        """The complete snapshot ``key``, or ``None``; a damaged one is quarantined."""
+        """The complete snapshot ``key``, or ``None`` (also for a string that is not a key); a
+        damaged one is quarantined."""
+        if not _SNAPSHOT_KEY.fullmatch(key):
+            return None
         path = self.snapshots / key
         try:
             raw = (path / MANIFEST).read_bytes()
@@ -316,6 +319,8 @@ class NodeCache:
         The lease is a shared ``flock`` on the snapshot's lease file, kept open until the process
         exits. It also marks the snapshot as recently used for LRU eviction.
         """
+        if not _SNAPSHOT_KEY.fullmatch(key):
+            return None  # a key read from a record another process wrote, damaged
         with self._leases_guard:
             held = self._leases.get(key)
             if held is not None:
