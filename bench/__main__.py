@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = (
+    "small_adapter",
     "fs_resolver",
     "s3_transfer",
     "gcs_transfer",

@@ -1,0 +1,84 @@
+"""A new small adapter's cold resolve: what the first token of every new adapter pays.
+
+In one process, against one SeaweedFS on loopback: our cold resolve of a 30 KB adapter (lookup,
+download, checks, publish into the node cache, lease) against the raw boto3 requests the same
+resolve needs at least (one listing, two ``GetObject``), for other adapters of the same shape,
+interleaved, medians of each round; the ratio is ours over the raw requests' (target <= 1.2).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import report
+from devtools.models import build_tiny_llama, write_lora_adapter
+from devtools.stores import SeaweedS3, upload_folder
+
+ADAPTERS = 30
+ROUNDS = 3
+BUCKET = "bench-small"
+
+
+def one_round(work: Path, round_index: int) -> tuple[float, float]:
+    """Median seconds of our cold resolves (into a new node cache) and of the raw requests,
+    interleaved."""
+    from vllm_lora_resolvers.backends.s3 import S3Store, make_s3_client
+    from vllm_lora_resolvers.cache import NodeCache
+    from vllm_lora_resolvers.config import Settings
+    from vllm_lora_resolvers.resolver import Resolver
+
+    cache = work / f"cache-{round_index}"
+    settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}, argv=[])
+    resolver = Resolver(S3Store(f"s3://{BUCKET}/adapters", settings, NodeCache(cache)))
+    client = make_s3_client()
+    model = str(work / "model")
+    resolver.resolve(model, "warm-up")  # connections, client set-up
+    ours, raw = [], []
+    for index in range(ADAPTERS):
+        started = time.perf_counter()
+        resolver.resolve(model, f"ours-{index}")
+        ours.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        prefix = f"adapters/raw-{index}/"
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, Delimiter="/")
+        for item in listed["Contents"]:
+            client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+        raw.append(time.perf_counter() - started)
+    return statistics.median(ours), statistics.median(raw)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-small-") as directory:
+        work = Path(directory)
+        model = build_tiny_llama(work / "model")
+        adapter = write_lora_adapter(work / "adapter", base_model=str(model))
+        size = sum(path.stat().st_size for path in adapter.iterdir())
+        with SeaweedS3(work / "seaweed") as server:
+            endpoint = server.endpoint
+            client = endpoint.client()
+            client.create_bucket(Bucket=BUCKET)
+            names = ["warm-up"] + [
+                f"{kind}-{index}" for kind in ("ours", "raw") for index in range(ADAPTERS)
+            ]
+            for name in names:
+                upload_folder(client, BUCKET, f"adapters/{name}", adapter)
+            os.environ.update(endpoint.env())
+            rows = []
+            for round_index in range(ROUNDS):
+                ours, raw = one_round(work, round_index)
+                rows.append(
+                    (
+                        f"round {round_index + 1}: ours / raw boto3 list + 2 gets (median ms)",
+                        f"{ours * 1000:.1f} / {raw * 1000:.1f} = {ours / raw:.2f}x",
+                    )
+                )
+    report(f"Small adapter ({size // 1000} KB) cold resolve, in-process, S3 (SeaweedFS)", rows)
+
+
+if __name__ == "__main__":
+    main()
