@@ -8,17 +8,20 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from azure_fixtures import AzureContainer
 from conftest import BASE_MODEL, REPO, files_of
 from gcs_fixtures import GcsBucket
-from s3_fixtures import Bucket
+from s3_fixtures import Bucket, make_bucket
 from workers.resolve_loop import files_digest
 
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.backends.bucket import PROBE_FILE, BucketStore, ConditionalWrites
 from vllm_lora_resolvers.backends.published import POINTER_FILE
 from vllm_lora_resolvers.cli.publish import Publisher, content_version
 from vllm_lora_resolvers.errors import InvalidAdapterError
@@ -67,8 +70,10 @@ def put_object(store: Store, key: str, content: bytes) -> None:
         store.client.bucket(store.name).blob(key).upload_from_string(content)
 
 
-def stored_keys(store: Store) -> dict[str, str]:
+def stored_keys(store: Store | AzureContainer) -> dict[str, str]:
     """Every key of the bucket and its ETag or generation, read straight from the server."""
+    if isinstance(store, AzureContainer):
+        return {blob.name: blob.etag for blob in store.client.list_blobs()}
     if isinstance(store, Bucket):
         listing = store.endpoint.client().list_objects_v2(Bucket=store.name)
         return {item["Key"]: item["ETag"] for item in listing.get("Contents", [])}
@@ -348,3 +353,60 @@ def test_ls_explains_the_versions_of_a_publish_that_stopped_before_its_pointer(
     assert re.search(r"^half/_versions .*unfinished `vllm-lora publish`", listing.stdout, re.M), (
         listing.stdout
     )
+
+
+# -- stores that ignore conditional writes --------------------------------------------------
+
+
+@pytest.fixture(params=["seaweedfs", "moto", "gcs", "azure"])
+def honouring_store(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Store | AzureContainer]:
+    """An empty bucket of each store of the tests, all of which honour conditional writes."""
+    if request.param == "moto":
+        yield from make_bucket(request.getfixturevalue("moto"), monkeypatch)
+    else:
+        fixture = {"seaweedfs": "bucket", "gcs": "gcs_bucket", "azure": "azure_container"}
+        yield request.getfixturevalue(fixture[request.param])
+
+
+def writes(store: Store | AzureContainer) -> list[tuple[str, str]]:
+    """The write requests the store received (S3's and Azure's PUTs, GCS's POSTs)."""
+    return [request for request in store.requests() if request[0] in ("PUT", "POST")]
+
+
+def bucket_store(store: Store | AzureContainer, tmp_path: Path) -> BucketStore:
+    opened = store.resolver(tmp_path / "cache").store
+    assert isinstance(opened, BucketStore)
+    return opened
+
+
+def test_a_store_that_honours_conditional_writes_is_found_to_with_one_probe_object(
+    honouring_store: Store | AzureContainer, tmp_path: Path
+) -> None:
+    store = bucket_store(honouring_store, tmp_path)
+    honouring_store.relay.reset_counters()
+    found = store.conditional_writes("sql")
+    assert found == ConditionalWrites(refuses_overwriting=True, refuses_stale_replacing=True)
+    assert found.honoured and found.ignored() == ""
+    assert len(writes(honouring_store)) == 4  # created, then three conditional writes
+    assert store.conditional_writes("sql") is found  # once per store object
+    assert len(writes(honouring_store)) == 4
+
+    honouring_store.relay.reset_counters()
+    assert bucket_store(honouring_store, tmp_path).conditional_writes("sql").honoured
+    assert len(writes(honouring_store)) == 3  # the probe object is there already
+    assert list(stored_keys(honouring_store)) == [f"adapters/sql/{PROBE_FILE}"]
+
+
+def test_a_store_that_ignores_conditional_writes_is_found_to(
+    unconditional_bucket: Bucket, tmp_path: Path
+) -> None:
+    found = bucket_store(unconditional_bucket, tmp_path).conditional_writes()
+    assert found == ConditionalWrites(refuses_overwriting=False, refuses_stale_replacing=False)
+    assert not found.honoured
+    assert found.ignored() == (
+        "a create-only write over an existing object and a write conditional on an ETag or "
+        "generation it no longer had"
+    )
+    assert list(stored_keys(unconditional_bucket)) == [f"adapters/{PROBE_FILE}"]
