@@ -110,6 +110,7 @@ def test_publish_makes_the_name_resolve_to_the_version_it_uploaded(
         *(f"adapters/sql/{path.name}" for path in plain.iterdir()),
         f"adapters/sql/{POINTER_FILE}",
         *(f"adapters/sql/_versions/{version}/{path.name}" for path in v1.iterdir()),
+        f"adapters/sql/{PROBE_FILE}",
     }
 
 
@@ -313,12 +314,12 @@ def test_of_two_publishers_racing_the_one_that_moves_the_pointer_second_is_refus
     held_back = 5.0
     if isinstance(store, Bucket):
         pointer_write = Fault("delay", method="PUT", path_contains=POINTER_FILE, seconds=held_back)
-    else:  # GCS names the object in the upload's body; only the pointer replaces a generation
-        replaces = re.compile(r"ifGenerationMatch=[1-9]")
+    else:  # GCS names the object in the upload's body; the pointer write names its generation
+        generation = stored_keys(store)[f"adapters/sql/{POINTER_FILE}"]
         pointer_write = Fault(
             "delay",
             method="POST",
-            match=lambda _, path: bool(replaces.search(path)),
+            match=lambda _, path: path.endswith(f"ifGenerationMatch={generation}"),
             seconds=held_back,
         )
     store.relay.reset_counters()
@@ -410,3 +411,36 @@ def test_a_store_that_ignores_conditional_writes_is_found_to(
         "generation it no longer had"
     )
     assert list(stored_keys(unconditional_bucket)) == [f"adapters/{PROBE_FILE}"]
+
+
+def test_publish_refuses_a_store_that_ignores_conditional_writes_unless_allowed(
+    unconditional_bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    v1, v2 = adapter(tmp_path / "v1", seed=1), adapter(tmp_path / "v2", seed=2)
+    uri = f"{unconditional_bucket.uri}/sql"
+    ignored = (
+        f"the store of {uri}/ ignores conditional writes: it carried out a create-only write over "
+        "an existing object and a write conditional on an ETag or generation it no longer had, "
+        "which it should have refused; a publish or rollback of 'sql' running at the same time "
+        "as this one would not be detected, and could be undone without notice"
+    )
+    refused = vllm_lora("publish", "--version", "v1", str(v1), uri)
+    assert refused.returncode == 1, refused.stderr
+    assert f"{ignored}. Nothing was published. If only one publisher" in refused.stderr
+    assert list(stored_keys(unconditional_bucket)) == [f"adapters/sql/{PROBE_FILE}"]
+
+    allowed = vllm_lora("publish", "--allow-unconditional-store", "--version", "v1", str(v1), uri)
+    assert allowed.returncode == 0, allowed.stderr
+    assert f"warning: {ignored} (--allow-unconditional-store)" in allowed.stderr
+    resolved = unconditional_bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
+    assert resolved is not None and files_of(resolved.path) == files_of(v1)
+
+    # What still holds there: a version is never overwritten by a later publish (the listing).
+    before = stored_keys(unconditional_bucket)
+    other = vllm_lora("publish", "--allow-unconditional-store", "--version", "v1", str(v2), uri)
+    assert other.returncode == 1
+    assert "versions are never overwritten; publish with another --version" in other.stderr
+    assert stored_keys(unconditional_bucket) == before
+    assert vllm_lora("publish", "--allow-unconditional-store", str(v2), uri).returncode == 0
+    rollback = vllm_lora("publish", "--rollback", uri)  # moves the pointer: refused likewise
+    assert rollback.returncode == 1 and "ignores conditional writes" in rollback.stderr
