@@ -9,7 +9,7 @@ a body (same size, other content: what only a checksum catches).
 
 It can also drop request headers before the server sees them (``drop_request_headers``): then the
 server behaves as one that ignores them. That breaks the signature of a signed header, so only a
-server that does not check signatures (moto, fake-gcs-server) can sit behind such a relay.
+server that does not check signatures (moto) can sit behind such a relay.
 
 It runs its own asyncio loop in its own thread, so it works under synchronous clients (boto3)::
 

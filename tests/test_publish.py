@@ -1,5 +1,6 @@
 """Publishing adapter versions to S3 (SeaweedFS) and GCS (fake-gcs-server) with ``vllm-lora
-publish``: atomic moves of NAME, NAME@VERSION pins, rollback, and what is refused."""
+publish``: atomic moves of NAME, NAME@VERSION pins, rollback, and what is refused; the check of a
+store's conditional writes, on every store the tests run and on one that ignores them."""
 
 from __future__ import annotations
 
@@ -377,12 +378,13 @@ def writes(store: Store | AzureContainer) -> list[tuple[str, str]]:
 
 
 def bucket_store(store: Store | AzureContainer, tmp_path: Path) -> BucketStore:
+    """A new store object of ``store``'s bucket (nothing checked yet)."""
     opened = store.resolver(tmp_path / "cache").store
     assert isinstance(opened, BucketStore)
     return opened
 
 
-def test_a_store_that_honours_conditional_writes_is_found_to_with_one_probe_object(
+def test_the_check_finds_each_store_of_the_tests_honours_conditional_writes_with_one_object(
     honouring_store: Store | AzureContainer, tmp_path: Path
 ) -> None:
     store = bucket_store(honouring_store, tmp_path)
@@ -400,7 +402,7 @@ def test_a_store_that_honours_conditional_writes_is_found_to_with_one_probe_obje
     assert list(stored_keys(honouring_store)) == [f"adapters/sql/{PROBE_FILE}"]
 
 
-def test_a_store_that_ignores_conditional_writes_is_found_to(
+def test_the_check_finds_a_store_that_ignores_conditional_writes(
     unconditional_bucket: Bucket, tmp_path: Path
 ) -> None:
     found = bucket_store(unconditional_bucket, tmp_path).conditional_writes()

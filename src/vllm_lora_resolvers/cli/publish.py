@@ -351,8 +351,9 @@ class Publisher:
         self._may_write = True
 
     def _retried(self, write: Callable[[], _T], describe: str) -> _T:
-        """A write to the store, retried on transient failures as the store's reads are (the
-        clients' own retries are off); a retry after a write that landed finds it there."""
+        """A write to the store (or the check before the first), retried on transient failures
+        as the store's reads are (the clients' own retries are off); a retry after a write that
+        landed finds it there."""
         return call_with_retries(write, self.store.transfer.transfer_retry, describe)
 
     def _read_current(self) -> _Current:
