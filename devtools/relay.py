@@ -7,6 +7,10 @@ answer an error status instead of the server, delay a request, cut a response bo
 bytes with a reset (RST) or a clean close (FIN, i.e. a truncated body), or flip a bit of one byte of
 a body (same size, other content: what only a checksum catches).
 
+It can also drop request headers before the server sees them (``drop_request_headers``): then the
+server behaves as one that ignores them. That breaks the signature of a signed header, so only a
+server that does not check signatures (moto) can sit behind such a relay.
+
 It runs its own asyncio loop in its own thread, so it works under synchronous clients (boto3)::
 
     with FaultRelay(upstream_port) as relay:
@@ -142,9 +146,13 @@ class FaultRelay(FaultLedger):
     manager: the listening socket, every connection and the thread end on exit.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(
+        self, upstream_port: int, *, drop_request_headers: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self.upstream_port = upstream_port
+        #: Lower-case names of the request headers never forwarded upstream.
+        self.drop_request_headers = drop_request_headers
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="FaultRelay")
@@ -215,7 +223,7 @@ class FaultRelay(FaultLedger):
                     )
                     self._track(responses)
                 pending.append((method, fault))
-                upstream.write(head)
+                upstream.write(_without_headers(head, self.drop_request_headers))
                 async for piece in _body(reader, headers, until_eof=False):
                     upstream.write(piece)
                     await upstream.drain()
@@ -269,6 +277,18 @@ class FaultRelay(FaultLedger):
             pass
         finally:
             client.close()  # the client must not send more to a dead upstream connection
+
+
+def _without_headers(head: bytes, dropped: frozenset[str]) -> bytes:
+    """A message head without the header lines named in ``dropped`` (lower-case names)."""
+    if not dropped:
+        return head
+    kept = [
+        line
+        for line in head.split(b"\r\n")
+        if line.partition(b":")[0].strip().lower().decode("latin-1") not in dropped
+    ]
+    return b"\r\n".join(kept)
 
 
 def _flip_bit(piece: bytes, offset: int) -> bytes:

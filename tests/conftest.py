@@ -117,4 +117,4 @@ def worker_result(worker: subprocess.Popen[str]) -> dict[str, Any]:
 
 from azure_fixtures import azure_container, azurite  # noqa: E402, F401
 from gcs_fixtures import fake_gcs, gcs_bucket  # noqa: E402, F401
-from s3_fixtures import any_bucket, bucket, moto, seaweed  # noqa: E402, F401
+from s3_fixtures import any_bucket, bucket, moto, seaweed, unconditional_bucket  # noqa: E402, F401

@@ -17,6 +17,8 @@ from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
 
 _buckets = itertools.count()
+#: The request headers of S3's conditional writes (and reads).
+CONDITION_HEADERS = frozenset({"if-match", "if-none-match"})
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +60,15 @@ class Bucket(Relayed):
         return open_resolver(S3Store, self.uri, cache_dir, transfer, **variables)
 
 
-def make_bucket(endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+def make_bucket(
+    endpoint: S3Endpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    drop_request_headers: frozenset[str] = frozenset(),
+) -> Iterator[Bucket]:
     name = f"test-{next(_buckets)}"
     endpoint.client().create_bucket(Bucket=name)
     upstream_port = int(endpoint.url.rsplit(":", 1)[1])
-    with FaultRelay(upstream_port) as relay:
+    with FaultRelay(upstream_port, drop_request_headers=drop_request_headers) as relay:
         relayed = S3Endpoint(relay.url, endpoint.access_key, endpoint.secret_key)
         for variable, value in relayed.env().items():
             monkeypatch.setenv(variable, value)
@@ -78,3 +84,10 @@ def bucket(seaweed: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Buc
 def any_bucket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
     endpoint = request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "moto")
     yield from make_bucket(endpoint, monkeypatch)
+
+
+@pytest.fixture
+def unconditional_bucket(moto: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    """A bucket of a store that ignores conditional writes, as s3rver does: moto behind a relay
+    that drops ``If-Match`` and ``If-None-Match`` (moto checks no signature, which covers them)."""
+    yield from make_bucket(moto, monkeypatch, drop_request_headers=CONDITION_HEADERS)

@@ -17,6 +17,8 @@ from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
 
 from devtools.models import write_broken_safetensors, write_lora_adapter
+from devtools.relay import Fault
+from vllm_lora_resolvers.backends.bucket import PROBE_FILE
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.cli.system import filesystem_type, flock_holders, is_network_filesystem
@@ -613,6 +615,64 @@ def test_doctor_passes_a_healthy_setup_and_shows_the_try_order(
     second = next(line for line in lines if line.startswith("  2."))
     assert "lora_s3_resolver" in first and "lora_filesystem_resolver" in second
     assert "0 failed" in result.stdout
+
+
+def doctor_of(bucket: Bucket, cache_dir: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``vllm-lora doctor`` of a healthy server whose one store is ``bucket``."""
+    return vllm_lora(
+        "doctor",
+        *arguments,
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="true",
+        VLLM_LORA_RESOLVER_S3_URI=bucket.uri,
+        VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
+        VLLM_PLUGINS="lora_s3_resolver,lora_filesystem_resolver",
+    )
+
+
+def test_doctor_checks_conditional_writes_only_when_asked_to_write(
+    bucket: Bucket, cache_dir: Path
+) -> None:
+    read_only = doctor_of(bucket, cache_dir)
+    assert read_only.returncode == 0, read_only.stdout
+    assert "conditional writes" not in read_only.stdout
+    assert bucket.requests() == bucket.requests("GET")  # a server's credentials only read
+
+    bucket.relay.reset_counters()
+    checked = doctor_of(bucket, cache_dir, "--check-writes")
+    assert checked.returncode == 0, checked.stdout
+    assert (
+        f"OK   lora_s3_resolver: {bucket.uri}@{bucket.relay.url} refuses writes whose condition "
+        "does not hold: `vllm-lora publish` detects a publisher racing it"
+    ) in checked.stdout
+    assert len(bucket.requests("PUT")) == 4
+    listing = bucket.endpoint.client().list_objects_v2(Bucket=bucket.name)
+    assert [item["Key"] for item in listing["Contents"]] == [f"adapters/{PROBE_FILE}"]
+
+    bucket.relay.add_fault(Fault("status", method="PUT", status=403, code="AccessDenied"))
+    refused = doctor_of(bucket, cache_dir, "--check-writes")
+    assert refused.returncode == 0, refused.stdout  # a warning: read-only is as it should be
+    assert (
+        "WARN lora_s3_resolver: conditional writes not checked: writing "
+        f"s3://{bucket.name}/adapters/{PROBE_FILE} failed: AccessDenied (HTTP 403)"
+    ) in refused.stdout
+    fix = "fix: run `vllm-lora doctor --check-writes` with the credentials `vllm-lora publish`"
+    assert fix in refused.stdout
+
+
+def test_doctor_fails_a_store_that_ignores_conditional_writes(
+    unconditional_bucket: Bucket, cache_dir: Path
+) -> None:
+    result = doctor_of(unconditional_bucket, cache_dir, "--check-writes")
+    assert result.returncode == 1
+    assert (
+        f"FAIL lora_s3_resolver: {unconditional_bucket.uri}@{unconditional_bucket.relay.url} "
+        "ignores conditional writes: it carried out a create-only write over an existing object "
+        "and a write conditional on an ETag or generation it no longer had; `vllm-lora publish` "
+        "would not detect a publisher racing it, and refuses the store unless "
+        "--allow-unconditional-store"
+    ) in result.stdout
+    fix = "fix: publish from one place at a time, with `vllm-lora publish --allow-unconditional"
+    assert fix in result.stdout
 
 
 def test_doctor_fails_when_a_store_cannot_be_read(bucket: Bucket, cache_dir: Path) -> None:

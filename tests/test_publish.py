@@ -1,5 +1,6 @@
 """Publishing adapter versions to S3 (SeaweedFS) and GCS (fake-gcs-server) with ``vllm-lora
-publish``: atomic moves of NAME, NAME@VERSION pins, rollback, and what is refused."""
+publish``: atomic moves of NAME, NAME@VERSION pins, rollback, and what is refused; the check of a
+store's conditional writes, on every store the tests run and on one that ignores them."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from azure_fixtures import AzureContainer
 from conftest import BASE_MODEL, REPO, files_of
 from gcs_fixtures import GcsBucket
-from s3_fixtures import Bucket
+from s3_fixtures import Bucket, make_bucket
 from workers.resolve_loop import files_digest
 
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers.backends.bucket import PROBE_FILE, BucketStore, ConditionalWrites
 from vllm_lora_resolvers.backends.published import POINTER_FILE
 from vllm_lora_resolvers.cli.publish import Publisher, content_version
 from vllm_lora_resolvers.edge import VllmResolver
@@ -69,8 +73,10 @@ def put_object(store: Store, key: str, content: bytes) -> None:
         store.client.bucket(store.name).blob(key).upload_from_string(content)
 
 
-def stored_keys(store: Store) -> dict[str, str]:
+def stored_keys(store: Store | AzureContainer) -> dict[str, str]:
     """Every key of the bucket and its ETag or generation, read straight from the server."""
+    if isinstance(store, AzureContainer):
+        return {blob.name: blob.etag for blob in store.client.list_blobs()}
     if isinstance(store, Bucket):
         listing = store.endpoint.client().list_objects_v2(Bucket=store.name)
         return {item["Key"]: item["ETag"] for item in listing.get("Contents", [])}
@@ -107,6 +113,7 @@ def test_publish_makes_the_name_resolve_to_the_version_it_uploaded(
         *(f"adapters/sql/{path.name}" for path in plain.iterdir()),
         f"adapters/sql/{POINTER_FILE}",
         *(f"adapters/sql/_versions/{version}/{path.name}" for path in v1.iterdir()),
+        f"adapters/sql/{PROBE_FILE}",
     }
 
 
@@ -314,12 +321,12 @@ def test_of_two_publishers_racing_the_one_that_moves_the_pointer_second_is_refus
     held_back = 5.0
     if isinstance(store, Bucket):
         pointer_write = Fault("delay", method="PUT", path_contains=POINTER_FILE, seconds=held_back)
-    else:  # GCS names the object in the upload's body; only the pointer replaces a generation
-        replaces = re.compile(r"ifGenerationMatch=[1-9]")
+    else:  # GCS names the object in the upload's body; the pointer write names its generation
+        generation = stored_keys(store)[f"adapters/sql/{POINTER_FILE}"]
         pointer_write = Fault(
             "delay",
             method="POST",
-            match=lambda _, path: bool(replaces.search(path)),
+            match=lambda _, path: path.endswith(f"ifGenerationMatch={generation}"),
             seconds=held_back,
         )
     store.relay.reset_counters()
@@ -354,3 +361,94 @@ def test_ls_explains_the_versions_of_a_publish_that_stopped_before_its_pointer(
     assert re.search(r"^half/_versions .*unfinished `vllm-lora publish`", listing.stdout, re.M), (
         listing.stdout
     )
+
+
+# -- stores that ignore conditional writes --------------------------------------------------
+
+
+@pytest.fixture(params=["seaweedfs", "moto", "gcs", "azure"])
+def honouring_store(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Store | AzureContainer]:
+    """An empty bucket of each store of the tests, all of which honour conditional writes."""
+    if request.param == "moto":
+        yield from make_bucket(request.getfixturevalue("moto"), monkeypatch)
+    else:
+        fixture = {"seaweedfs": "bucket", "gcs": "gcs_bucket", "azure": "azure_container"}
+        yield request.getfixturevalue(fixture[request.param])
+
+
+def writes(store: Store | AzureContainer) -> list[tuple[str, str]]:
+    """The write requests the store received (S3's and Azure's PUTs, GCS's POSTs)."""
+    return [request for request in store.requests() if request[0] in ("PUT", "POST")]
+
+
+def bucket_store(store: Store | AzureContainer, tmp_path: Path) -> BucketStore:
+    """A new store object of ``store``'s bucket (nothing checked yet)."""
+    opened = store.resolver(tmp_path / "cache").store
+    assert isinstance(opened, BucketStore)
+    return opened
+
+
+def test_the_check_finds_each_store_of_the_tests_honours_conditional_writes_with_one_object(
+    honouring_store: Store | AzureContainer, tmp_path: Path
+) -> None:
+    store = bucket_store(honouring_store, tmp_path)
+    honouring_store.relay.reset_counters()
+    found = store.conditional_writes("sql")
+    assert found == ConditionalWrites(refuses_overwriting=True, refuses_stale_replacing=True)
+    assert found.honoured and found.ignored() == ""
+    assert len(writes(honouring_store)) == 4  # created, then three conditional writes
+    assert store.conditional_writes("sql") is found  # once per store object
+    assert len(writes(honouring_store)) == 4
+
+    honouring_store.relay.reset_counters()
+    assert bucket_store(honouring_store, tmp_path).conditional_writes("sql").honoured
+    assert len(writes(honouring_store)) == 3  # the probe object is there already
+    assert list(stored_keys(honouring_store)) == [f"adapters/sql/{PROBE_FILE}"]
+
+
+def test_the_check_finds_a_store_that_ignores_conditional_writes(
+    unconditional_bucket: Bucket, tmp_path: Path
+) -> None:
+    found = bucket_store(unconditional_bucket, tmp_path).conditional_writes()
+    assert found == ConditionalWrites(refuses_overwriting=False, refuses_stale_replacing=False)
+    assert not found.honoured
+    assert found.ignored() == (
+        "a create-only write over an existing object and a write conditional on an ETag or "
+        "generation it no longer had"
+    )
+    assert list(stored_keys(unconditional_bucket)) == [f"adapters/{PROBE_FILE}"]
+
+
+def test_publish_refuses_a_store_that_ignores_conditional_writes_unless_allowed(
+    unconditional_bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    v1, v2 = adapter(tmp_path / "v1", seed=1), adapter(tmp_path / "v2", seed=2)
+    uri = f"{unconditional_bucket.uri}/sql"
+    ignored = (
+        f"the store of {uri}/ ignores conditional writes: it carried out a create-only write over "
+        "an existing object and a write conditional on an ETag or generation it no longer had, "
+        "which it should have refused; a publish or rollback of 'sql' running at the same time "
+        "as this one would not be detected, and could be undone without notice"
+    )
+    refused = vllm_lora("publish", "--version", "v1", str(v1), uri)
+    assert refused.returncode == 1, refused.stderr
+    assert f"{ignored}. Nothing was published. If only one publisher" in refused.stderr
+    assert list(stored_keys(unconditional_bucket)) == [f"adapters/sql/{PROBE_FILE}"]
+
+    allowed = vllm_lora("publish", "--allow-unconditional-store", "--version", "v1", str(v1), uri)
+    assert allowed.returncode == 0, allowed.stderr
+    assert f"warning: {ignored} (--allow-unconditional-store)" in allowed.stderr
+    resolved = unconditional_bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
+    assert resolved is not None and files_of(resolved.path) == files_of(v1)
+
+    # What still holds there: a version is never overwritten by a later publish (the listing).
+    before = stored_keys(unconditional_bucket)
+    other = vllm_lora("publish", "--allow-unconditional-store", "--version", "v1", str(v2), uri)
+    assert other.returncode == 1
+    assert "versions are never overwritten; publish with another --version" in other.stderr
+    assert stored_keys(unconditional_bucket) == before
+    assert vllm_lora("publish", "--allow-unconditional-store", str(v2), uri).returncode == 0
+    rollback = vllm_lora("publish", "--rollback", uri)  # moves the pointer: refused likewise
+    assert rollback.returncode == 1 and "ignores conditional writes" in rollback.stderr

@@ -4,6 +4,7 @@ and `BucketStore`, which finds adapters in the plain and the published layout al
 from __future__ import annotations
 
 import re
+import secrets
 from abc import abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -64,6 +65,47 @@ class StoredObject:
     etag: str
 
 
+#: The object `BucketStore.conditional_writes` probes the store with, in the folder it is given:
+#: one per folder, rewritten by each probe, never read by a lookup (no adapter name reaches a
+#: segment that starts with ``_``, nor does a lookup's listing of ``adapter_*``).
+PROBE_FILE = "_vllm-lora-conditional-write-probe"
+#: Read of the probe object at most: only its ETag or generation is used.
+_MAX_PROBE_BYTES = 1 << 10
+_PROBE_NOTE = (
+    "vllm-lora checks with this object that the store refuses writes whose condition does not "
+    "hold, which `vllm-lora publish` relies on; it is rewritten at each check"
+)
+
+
+@dataclass(frozen=True)
+class ConditionalWrites:
+    """What a store did with writes whose condition did not hold (`BucketStore.conditional_writes`).
+
+    ``vllm-lora publish`` relies on both being refused: a create-only write (``If-None-Match: *``,
+    ``ifGenerationMatch=0``) to keep a racing publisher's files, a write conditional on the
+    pointer's ETag or generation to keep its pointer move.
+    """
+
+    #: It refused a create-only write of an object that exists.
+    refuses_overwriting: bool
+    #: It refused a write conditional on an ETag or generation the object no longer had.
+    refuses_stale_replacing: bool
+
+    @property
+    def honoured(self) -> bool:
+        """Whether it refused both."""
+        return self.refuses_overwriting and self.refuses_stale_replacing
+
+    def ignored(self) -> str:
+        """What it carried out that it should have refused (``""``: nothing)."""
+        carried_out = []
+        if not self.refuses_overwriting:
+            carried_out.append("a create-only write over an existing object")
+        if not self.refuses_stale_replacing:
+            carried_out.append("a write conditional on an ETag or generation it no longer had")
+        return " and ".join(carried_out)
+
+
 @dataclass(frozen=True)
 class CurrentPointer:
     """An adapter's pointer and the ETag or generation it was read at (to replace it only if
@@ -97,6 +139,7 @@ class BucketStore(Store):
             # Two stores never share cache entries for one bucket name; no credentials in it.
             source += f"@{public_endpoint(endpoint).rstrip('/')}"
         super().__init__(source, settings, cache, transfer)
+        self._conditional_writes: ConditionalWrites | None = None
 
     @cached_property
     def _pointers(self) -> dict[str, CurrentPointer]:
@@ -158,6 +201,48 @@ class BucketStore(Store):
         folder = adapter.location.removeprefix(f"{self.bucket_uri}/")
         assert folder != adapter.location, f"{adapter.location} is not in {self.bucket_uri}"
         return folder + file.path
+
+    def probe_key(self, folder: str) -> str:
+        """The key of the object `conditional_writes` writes in folder ``folder`` (a name below
+        the prefix; ``""``: the prefix itself)."""
+        return folder_key(self.prefix, folder) + PROBE_FILE
+
+    # -- conditional writes ---------------------------------------------------------------
+
+    def conditional_writes(self, folder: str = "") -> ConditionalWrites:
+        """Whether the store refuses writes whose condition does not hold, found once per store
+        object with the object `probe_key` of ``folder`` (a folder the caller may write to).
+
+        The probe reads that object (creating it if absent), writes it create-only (which must
+        be refused), replaces it at the ETag or generation read, then writes it again at that
+        one, now stale (which must be refused): four requests, six the first time. Each
+        write's content is new, so no two have one ETag (S3's is an MD5), and concurrent probes
+        cannot make a refused write look carried out. Raises the store's errors
+        (`StoreRefusedError`: no write access).
+        """
+        if self._conditional_writes is None:
+            self._conditional_writes = self._probe_conditional_writes(self.probe_key(folder))
+        return self._conditional_writes
+
+    def _probe_conditional_writes(self, key: str) -> ConditionalWrites:
+        token = secrets.token_hex(8)
+
+        def content(step: str) -> bytes:
+            return f"{_PROBE_NOTE}\nprobe {token}: {step}\n".encode()
+
+        read = self.read_object(key, _MAX_PROBE_BYTES)
+        if read is None:
+            self.write_object(key, content("created"), replacing=None)
+            read = self.read_object(key, _MAX_PROBE_BYTES)
+            if read is None:
+                raise TransientStoreError(f"{self.location(key)} was deleted while probing it")
+        overwritten = self.write_object(key, content("written create-only"), replacing=None)
+        # Past read.etag now, by this write or by a concurrent probe's.
+        self.write_object(key, content("replaced"), replacing=read.etag)
+        replaced = self.write_object(key, content("replaced at a stale tag"), replacing=read.etag)
+        return ConditionalWrites(
+            refuses_overwriting=not overwritten, refuses_stale_replacing=not replaced
+        )
 
     # -- lookups --------------------------------------------------------------------------
 

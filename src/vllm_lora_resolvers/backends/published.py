@@ -5,6 +5,7 @@
     PREFIX/NAME/_versions/VERSION/adapter_config.json    one folder per version, never rewritten
     PREFIX/NAME/_versions/VERSION/adapter_model.safetensors
     PREFIX/NAME/adapter_current.json                      the pointer: which version NAME is
+    PREFIX/NAME/_vllm-lora-conditional-write-probe        publish's check of the store
 
 The pointer is written last, in one conditional write, so a lookup sees one version whole or the
 other, never a mix. Its key sorts between ``adapter_config.json`` and ``adapter_model.*``, so the

@@ -1,6 +1,11 @@
 """``vllm-lora doctor``: the effective configuration, the resolvers vLLM would try and in which
 order, whether each store answers, whether the cache is usable, and common misconfigurations,
-each with its fix. Secrets are never printed, only whether they are set."""
+each with its fix. Secrets are never printed, only whether they are set.
+
+It only reads the stores, as a server does, unless ``--check-writes`` asks it to check what
+``vllm-lora publish`` relies on: that a bucket store refuses writes whose condition does not hold
+(one probe object, `BucketStore.conditional_writes`, with the publisher's credentials).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import click
 from rich.console import Console
 from rich.text import Text
 
+from vllm_lora_resolvers.backends.bucket import BucketStore
 from vllm_lora_resolvers.cli.output import Finding, Level, console, line, plural, print_finding
 from vllm_lora_resolvers.cli.plugins import (
     PluginPlan,
@@ -39,7 +47,7 @@ from vllm_lora_resolvers.config import (
     ConfigurationError,
     Settings,
 )
-from vllm_lora_resolvers.errors import ResolverError
+from vllm_lora_resolvers.errors import ResolverError, StoreRefusedError
 from vllm_lora_resolvers.plugin import VLLM_FS_PLUGIN
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_BACKEND, STORES
@@ -51,14 +59,24 @@ SECRETS: frozenset[str] = frozenset().union(*(store.secrets for store in STORES)
 STORE_VARIABLES = tuple(name for store in STORES for name in store.environment)
 _USERINFO = re.compile(r"//[^/@\s]*@")
 _URL_QUERY = re.compile(r"(://[^?#\s]*)[?#]\S*")
+_T = TypeVar("_T")
 
 
 @click.command()
 @click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait for a store.")
-def doctor(timeout: float) -> None:
+@click.option(
+    "--check-writes",
+    is_flag=True,
+    help=(
+        "Also check that each bucket store refuses writes whose condition does not hold, as "
+        "`vllm-lora publish` needs (writes PREFIX/_vllm-lora-conditional-write-probe: run it with "
+        "the publisher's credentials)."
+    ),
+)
+def doctor(timeout: float, check_writes: bool) -> None:
     """Diagnose this environment as a vLLM server with these resolvers would see it.
 
-    Exit 1 when any check FAILs.
+    The stores are only read, unless --check-writes. Exit 1 when any check FAILs.
     """
     environ = dict(os.environ)
     out = console()
@@ -69,7 +87,7 @@ def doctor(timeout: float) -> None:
     except ConfigurationError as error:
         findings.append(Finding(Level.FAIL, str(error), "fix the value, or unset it"))
     else:
-        findings += _diagnose(out, settings, environ, timeout)
+        findings += _diagnose(out, settings, environ, timeout, check_writes)
     out.print(Text("\nChecks", style="bold"))
     for finding in findings:
         print_finding(out, finding, indent=2)
@@ -80,7 +98,11 @@ def doctor(timeout: float) -> None:
 
 
 def _diagnose(
-    out: Console, settings: Settings, environ: Mapping[str, str], timeout: float
+    out: Console,
+    settings: Settings,
+    environ: Mapping[str, str],
+    timeout: float,
+    check_writes: bool,
 ) -> list[Finding]:
     """Print the plugin plan; the findings about plugins, stores and the cache."""
     installed = installed_plugins()
@@ -89,11 +111,14 @@ def _diagnose(
         plans = plan_plugins(settings, installed, Path(scratch))
         _print_plans(out, plans)
         findings += registration_findings(plans, settings, environ)
-        findings += [
-            probe_store(plan.plugin, plan.resolver, timeout)
-            for plan in plans
-            if plan.registers and plan.resolver is not None
-        ]
+        for plan in plans:
+            if not plan.registers or plan.resolver is None:
+                continue
+            answered = probe_store(plan.plugin, plan.resolver, timeout)
+            findings.append(answered)
+            store = plan.resolver.store
+            if check_writes and answered.level is Level.OK and isinstance(store, BucketStore):
+                findings.append(check_conditional_writes(plan.plugin, store, timeout))
     return findings + plugin_list_findings(settings, installed)
 
 
@@ -132,31 +157,82 @@ def _print_plans(out: Console, plans: list[PluginPlan]) -> None:
         out.print(line(f"  {position:<3} {name:<26} {detail}"))
 
 
-def probe_store(plugin: str, resolver: Resolver, timeout: float) -> Finding:
-    """Ask the store one cheap question within ``timeout`` seconds."""
-    failures: list[ResolverError] = []
-    store = BY_BACKEND[resolver.backend]
+@dataclass
+class _Asked(Generic[_T]):
+    """What a store answered to one question in time (``done`` false: it did not)."""
+
+    answer: _T | None = None
+    error: ResolverError | None = None
+    done: bool = False
+    seconds: float = 0.0
+
+
+def _ask(question: Callable[[], _T], timeout: float) -> _Asked[_T]:
+    """Ask a store ``question``, waiting ``timeout`` seconds at most."""
+    asked: _Asked[_T] = _Asked()
 
     def ask() -> None:
         try:
-            store.probe(resolver.store)
+            asked.answer = question()
         except ResolverError as error:
-            failures.append(error)
+            asked.error = error
+        asked.done = True
 
     started = time.perf_counter()
     # A daemon thread: a store that never answers must not keep the command from exiting.
     asking = threading.Thread(target=ask, daemon=True)
     asking.start()
     asking.join(timeout)
-    seconds = time.perf_counter() - started
-    fix = store.fix
-    if asking.is_alive():
+    asked.seconds = time.perf_counter() - started
+    return asked
+
+
+def probe_store(plugin: str, resolver: Resolver, timeout: float) -> Finding:
+    """Ask the store one cheap question within ``timeout`` seconds."""
+    store = BY_BACKEND[resolver.backend]
+    asked = _ask(lambda: store.probe(resolver.store), timeout)
+    if not asked.done:
         return Finding(
-            Level.FAIL, f"{plugin}: no answer from {resolver.source} in {timeout:g} s", fix
+            Level.FAIL, f"{plugin}: no answer from {resolver.source} in {timeout:g} s", store.fix
         )
-    if failures:
-        return Finding(Level.FAIL, f"{plugin}: {failures[0]}", fix)
-    return Finding(Level.OK, f"{plugin}: {resolver.source} answered in {seconds:.2f} s")
+    if asked.error is not None:
+        return Finding(Level.FAIL, f"{plugin}: {asked.error}", store.fix)
+    return Finding(Level.OK, f"{plugin}: {resolver.source} answered in {asked.seconds:.2f} s")
+
+
+def check_conditional_writes(plugin: str, store: BucketStore, timeout: float) -> Finding:
+    """Whether ``store`` refuses writes whose condition does not hold, as ``vllm-lora publish``
+    needs (`BucketStore.conditional_writes`), asked within ``timeout`` seconds."""
+    asked = _ask(store.conditional_writes, timeout)
+    not_checked = f"{plugin}: conditional writes not checked"
+    fix = BY_BACKEND[store.backend].fix
+    if not asked.done:
+        return Finding(
+            Level.FAIL, f"{not_checked}: no answer from {store.source} in {timeout:g} s", fix
+        )
+    if isinstance(asked.error, StoreRefusedError):
+        return Finding(
+            Level.WARN,
+            f"{not_checked}: {asked.error}",
+            "run `vllm-lora doctor --check-writes` with the credentials `vllm-lora publish` uses "
+            "(a server's should only read)",
+        )
+    if asked.answer is None:
+        return Finding(Level.FAIL, f"{not_checked}: {asked.error}", fix)
+    if asked.answer.honoured:
+        return Finding(
+            Level.OK,
+            f"{plugin}: {store.source} refuses writes whose condition does not hold: "
+            "`vllm-lora publish` detects a publisher racing it",
+        )
+    return Finding(
+        Level.FAIL,
+        f"{plugin}: {store.source} ignores conditional writes: it carried out "
+        f"{asked.answer.ignored()}; `vllm-lora publish` would not detect a publisher racing it, "
+        "and refuses the store unless --allow-unconditional-store",
+        "publish from one place at a time, with `vllm-lora publish --allow-unconditional-store`, "
+        "or keep the adapters in a store that refuses such writes",
+    )
 
 
 def _cache_findings(settings: Settings) -> list[Finding]:

@@ -3,7 +3,9 @@
 
 The files go into a version folder of their own, which is never rewritten; the adapter's pointer,
 written last and only if nobody else moved it meanwhile, makes that version the one ``NAME``
-resolves to (the layout: `vllm_lora_resolvers.backends.published`).
+resolves to (the layout: `vllm_lora_resolvers.backends.published`). Before its first write it
+checks that the store refuses writes whose condition does not hold
+(`BucketStore.conditional_writes`), and refuses a store that ignores them unless told otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import click
 from rich.console import Console
@@ -57,6 +60,7 @@ from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.retry import call_with_retries
 from vllm_lora_resolvers.stores import BUCKET_SCHEMES
 
+_T = TypeVar("_T")
 _VERSION_HELP = "[A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"
 #: An S3 ETag that is the MD5 of the object (single-part uploads without KMS or customer keys).
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
@@ -64,7 +68,8 @@ _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 class RefusedError(click.ClickException):
     """Publishing was refused (exit code 1): an invalid folder, a version that exists with other
-    files or does not exist, a pointer someone else moved meanwhile."""
+    files or does not exist, a pointer someone else moved meanwhile, a store that ignores
+    conditional writes."""
 
     def __init__(self, message: str) -> None:
         super().__init__(printable(message))
@@ -100,6 +105,11 @@ class _Current:
 @click.option("--to", "to_version", metavar="VERSION", help="With --rollback: this version.")
 @click.option("--base-model", help="The server's --model; default: the adapter's own base model.")
 @click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+@click.option(
+    "--allow-unconditional-store",
+    is_flag=True,
+    help="Publish to a store that ignores conditional writes (publishers must take turns).",
+)
 def publish(
     arguments: tuple[str, ...],
     *,
@@ -108,6 +118,7 @@ def publish(
     to_version: str | None,
     base_model: str | None,
     max_rank: int | None,
+    allow_unconditional_store: bool,
 ) -> None:
     """Publish the adapter folder DIR as a new version of URI, atomically: clients asking for NAME
     get the old version or the new one, never a mix of both.
@@ -119,6 +130,10 @@ def publish(
     nothing, other files under an existing VERSION are refused. Then NAME/adapter_current.json
     is pointed at VERSION, unless someone else moved it meanwhile. NAME@VERSION always resolves
     to VERSION.
+
+    Before its first write it checks, with the object NAME/_vllm-lora-conditional-write-probe,
+    that the store refuses writes whose condition does not hold; a store that ignores them
+    cannot tell it of a publisher racing it, and is refused unless --allow-unconditional-store.
 
     --rollback URI points NAME back at the version before (or --to VERSION). Exit 0 when done,
     1 when refused, 2 when it cannot be done (usage, configuration, an unreadable store).
@@ -135,7 +150,7 @@ def publish(
     with cannot_check(), _refusals():
         settings = Settings.from_environ(argv=[])
         with scratch_cache(arguments[-1]) as (cache, _):
-            publisher = _publisher(arguments[-1], settings, cache)
+            publisher = _publisher(arguments[-1], settings, cache, allow_unconditional_store)
             if rollback:
                 move = publisher.roll_back(to_version)
             else:
@@ -160,7 +175,9 @@ def _refusals() -> Iterator[None]:
         raise RefusedError(str(error)) from None
 
 
-def _publisher(uri: str, settings: Settings, cache: NodeCache) -> Publisher:
+def _publisher(
+    uri: str, settings: Settings, cache: NodeCache, allow_unconditional_store: bool
+) -> Publisher:
     """The publisher of adapter URI ``uri``, by the store's resolver over ``cache``."""
     if not uri.startswith(BUCKET_SCHEMES):
         schemes = ", ".join(BUCKET_SCHEMES)
@@ -173,19 +190,24 @@ def _publisher(uri: str, settings: Settings, cache: NodeCache) -> Publisher:
             f"{adapter.name!r} is not a name clients can ask for (NAME@VERSION names a version: "
             "publish to NAME with --version VERSION)"
         )
-    return Publisher(resolver, name)
+    return Publisher(resolver, name, allow_unconditional_store=allow_unconditional_store)
 
 
 class Publisher:
     """Publishes versions of adapter ``name`` to the store of ``resolver`` (a bucket) and moves
-    its pointer."""
+    its pointer; to a store that ignores conditional writes only if
+    ``allow_unconditional_store``."""
 
-    def __init__(self, resolver: Resolver, name: str) -> None:
+    def __init__(
+        self, resolver: Resolver, name: str, *, allow_unconditional_store: bool = False
+    ) -> None:
         assert isinstance(resolver.store, BucketStore)  # declared so (tests/test_stores.py)
         self.resolver = resolver
         self.store = resolver.store
         self.name = name
         self.pointer_key = self.store.pointer_key(name)
+        self.allow_unconditional_store = allow_unconditional_store
+        self._may_write = False
 
     def version_key(self, version: str) -> str:
         """The key prefix of the folder of version ``version``."""
@@ -207,6 +229,7 @@ class Publisher:
         for path in files:
             if path.name in existing:
                 continue
+            self._check_conditional_writes()
             key = target + path.name
             upload = functools.partial(self.store.upload_object, key, path)
             if not self._retried(upload, f"upload of {key}"):
@@ -291,6 +314,7 @@ class Publisher:
             updated_at=time.time(),
         )
         content = pointer.model_dump_json(indent=2).encode() + b"\n"
+        self._check_conditional_writes()
         if not self._retried(
             lambda: self.store.write_object(self.pointer_key, content, replacing=current.etag),
             f"write of {self.pointer_key}",
@@ -301,9 +325,35 @@ class Publisher:
             )
         return move
 
-    def _retried(self, write: Callable[[], bool], describe: str) -> bool:
-        """A write to the store, retried on transient failures as the store's reads are (the
-        clients' own retries are off); a retry after a write that landed finds it there."""
+    def _check_conditional_writes(self) -> None:
+        """Before the first write: `RefusedError` if the store ignores conditional writes, unless
+        `allow_unconditional_store` (then a warning of what is not guaranteed)."""
+        if self._may_write:
+            return
+        found = self._retried(
+            lambda: self.store.conditional_writes(self.name),
+            f"probe of {self.store.probe_key(self.name)}",
+        )
+        if not found.honoured:
+            where = self.store.location(self.store.folder_prefix(self.name))
+            ignored = (
+                f"the store of {where} ignores conditional writes: it carried out "
+                f"{found.ignored()}, which it should have refused; a publish or rollback of "
+                f"{self.name!r} running at the same time as this one would not be detected, and "
+                "could be undone without notice"
+            )
+            if not self.allow_unconditional_store:
+                raise RefusedError(
+                    f"{ignored}. Nothing was published. If only one publisher writes to it at a "
+                    "time, publish with --allow-unconditional-store"
+                )
+            console(stderr=True).print(line(f"warning: {ignored} (--allow-unconditional-store)"))
+        self._may_write = True
+
+    def _retried(self, write: Callable[[], _T], describe: str) -> _T:
+        """A write to the store (or the check before the first), retried on transient failures
+        as the store's reads are (the clients' own retries are off); a retry after a write that
+        landed finds it there."""
         return call_with_retries(write, self.store.transfer.transfer_retry, describe)
 
     def _read_current(self) -> _Current:
