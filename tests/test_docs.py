@@ -810,6 +810,42 @@ def test_security_page_names_vllms_sagemaker_adapter_routes() -> None:
     assert "`POST /adapters`, `DELETE /adapters/{name}`" in text
 
 
+def test_stacks_page_describes_vllms_lora_gauge_as_vllm_exports_it() -> None:
+    """The adapter-affinity scorer of the llm-d router reads ``vllm:lora_requests_info``; the
+    page's sizing advice rests on what vLLM puts in it and on its LoRA defaults."""
+    loggers = pytest.importorskip("vllm.v1.metrics.loggers")
+    stats = pytest.importorskip("vllm.v1.metrics.stats")
+    lora_config = pytest.importorskip("vllm.config.lora")
+    source = inspect.getsource(loggers.PrometheusStatLogger)
+    for fragment in (
+        '"vllm:lora_requests_info"',
+        '"max_lora"',
+        '"running_lora_adapters"',
+        '"waiting_lora_adapters"',
+        "lora_config.max_loras",  # max_lora is --max-loras
+        "set_to_current_time()",  # the value is the time of the update
+        "misleading with data parallel",
+    ):
+        assert fragment in source, fragment
+    # An adapter with a request waiting and one with a request running: both labels list both;
+    # an adapter with nothing in flight is in neither.
+    states = stats.LoRARequestStates(log_stats=True)
+    states.request_waiting("r1", "sql-expert")
+    states.request_waiting("r2", "chat-v2")
+    states.request_running("r2", "chat-v2")
+    states.request_waiting("r3", "support-bot")
+    states.request_finished("r3", "support-bot")
+    scheduler_stats = stats.SchedulerStats()
+    states.update_scheduler_stats(scheduler_stats)
+    assert set(scheduler_stats.running_lora_adapters) == {"sql-expert", "chat-v2"}
+    assert set(scheduler_stats.waiting_lora_adapters) == {"sql-expert", "chat-v2"}
+    assert lora_config.LoRAConfig(max_loras=4).max_cpu_loras == 4  # default: --max-loras
+    text = " ".join(page("stacks.md").split())
+    assert "`running_lora_adapters` and `waiting_lora_adapters` list **the same names**" in text
+    assert "`--max-cpu-loras` per pod (at least `--max-loras`; default equal)" in text
+    assert "`max_lora` is `--max-loras`" in text
+
+
 def test_unknown_variable_warnings_are_vllms_own_and_for_the_variables_it_does_not_know() -> None:
     envs = pytest.importorskip("vllm.envs")
     interface = pytest.importorskip("vllm.platforms.interface")
