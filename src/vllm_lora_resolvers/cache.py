@@ -53,7 +53,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm_lora_resolvers.checksums import RECORDED, file_digests
 from vllm_lora_resolvers.errors import CacheError, CacheFullError
 from vllm_lora_resolvers.memory import KeyedLocks
-from vllm_lora_resolvers.metrics import CacheUsage
 
 logger = logging.getLogger("vllm.lora_resolvers.cache")
 
@@ -134,6 +133,15 @@ def snapshot_key(source: str, name: str, version: str) -> str:
     """A stable key for one version of one adapter of one store."""
     digest = hashlib.sha256(f"{source}\0{name}\0{version}".encode()).hexdigest()
     return digest[:40]
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What a node cache holds, and how many snapshots were evicted from it so far."""
+
+    snapshots: int
+    bytes: int
+    evictions: int
 
 
 class NodeCache:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Histogram, Metric
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from vllm_lora_resolvers.cache import CacheUsage
 
 #: How a resolution ended: served from the cache, fetched from the store, served from the cache
 #: while the store could not answer, not in the store, name refused, adapter refused, the store
@@ -37,15 +40,6 @@ RETRIES = Counter(
 )
 
 
-@dataclass(frozen=True)
-class CacheUsage:
-    """What a node cache holds, and how many snapshots were evicted from it so far."""
-
-    snapshots: int
-    bytes: int
-    evictions: int
-
-
 class NodeCacheCollector(Collector):
     """The node cache's metrics, read from the cache at each scrape, so they are true whoever
     fetched or evicted: this process, another pod's, the sync, ``vllm-lora cache prune``."""
@@ -54,28 +48,29 @@ class NodeCacheCollector(Collector):
         self.usage: Callable[[], CacheUsage] | None = None
 
     def describe(self) -> Iterator[Metric]:
-        return self._families(CacheUsage(snapshots=0, bytes=0, evictions=0))
+        return self._families(None)
 
     def collect(self) -> Iterator[Metric]:
         if self.usage is not None:
             yield from self._families(self.usage())
 
-    def _families(self, usage: CacheUsage) -> Iterator[Metric]:
+    def _families(self, usage: CacheUsage | None) -> Iterator[Metric]:
+        """The families, with ``usage``'s values (``None``: none, to describe them)."""
         yield GaugeMetricFamily(
             "vllm_lora_resolver_cache_bytes",
             "Bytes of adapter snapshots in the node cache.",
-            usage.bytes,
+            None if usage is None else usage.bytes,
         )
         yield GaugeMetricFamily(
             "vllm_lora_resolver_cache_snapshots",
             "Adapter snapshots in the node cache.",
-            usage.snapshots,
+            None if usage is None else usage.snapshots,
         )
         yield CounterMetricFamily(
             "vllm_lora_resolver_evictions",
             "Snapshots evicted from the node cache, by any process of the node (the same on "
             "every pod of a node).",
-            usage.evictions,
+            None if usage is None else usage.evictions,
         )
 
 
