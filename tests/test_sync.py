@@ -1,29 +1,44 @@
-"""`vllm-lora sync`'s building blocks without a vLLM server: answers shared by a node's processes,
-lease release when a name is resolved again, the command's exit codes.
+"""`vllm-lora sync` without a vLLM server: answers shared by a node's processes, lease release when
+a name is resolved again, the command's exit codes, and a sync against a loopback stand-in of a
+server (`fake_vllm.FakeVllmServer`) for what a real one cannot be made to do on demand: odd
+answers, redirects, a switch whose answer is lost, a busy or idle server at a given moment.
 
 The sync itself, against two real vLLM servers, is tested in ``test_e2e_rollout.py``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from conftest import BASE_MODEL, REPO
+from fake_vllm import Answer, FakeVllmServer
 
 from devtools.models import write_lora_adapter
+from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli import main
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.resolver import Resolver
-from vllm_lora_resolvers.sync import StoreAnswer
+from vllm_lora_resolvers.sync import (
+    AdapterSync,
+    RoundResult,
+    StoreAnswer,
+    VllmServerApi,
+)
 
 _ASK_ONCE = textwrap.dedent(
     """
@@ -147,3 +162,140 @@ def test_sync_refuses_to_start_without_a_store(
     result = CliRunner().invoke(main, ["sync", "--server", "http://127.0.0.1:9", "--once"])
     assert result.exit_code == 2
     assert "no store is configured" in result.output
+
+
+# -- a sync against a stand-in of the server ------------------------------------------------
+
+
+@dataclass
+class Node:
+    """One node cache, a store, and a server (`FakeVllmServer`) that resolves through a resolver
+    of its own, as a vLLM server does; each sync gets its own resolver and cache, as the sync's
+    own process would have."""
+
+    cache_dir: Path
+    make_store: Callable[[Settings, NodeCache], Store]
+    server: FakeVllmServer
+
+    def sync(self, max_rank: int = 16, api_key: str | None = None, **options: Any) -> AdapterSync:
+        """A sync of the server that asks the store every round (unless told otherwise)."""
+        settings = Settings.from_environ(
+            {
+                "VLLM_LORA_RESOLVER_CACHE_DIR": str(self.cache_dir),
+                "VLLM_LORA_RESOLVER_MAX_RANK": str(max_rank),
+            },
+            argv=[],
+        )
+        resolver = Resolver(self.make_store(settings, NodeCache(self.cache_dir)))
+        options.setdefault("answer_max_age", 0.0)
+        server = VllmServerApi(self.server.url, api_key)
+        return AdapterSync(server, {resolver.source: resolver}, resolver.cache, **options)
+
+    def serve(self, name: str) -> str:
+        """Have the server resolve ``name`` (as a first request would); the snapshot's key."""
+        assert self.server.resolver is not None
+        resolved = self.server.resolver.resolve(BASE_MODEL, name)
+        assert resolved is not None
+        self.server.adapters[name] = str(resolved.path)
+        return resolved.snapshot.key
+
+    def served_key(self, name: str) -> str | None:
+        snapshot = NodeCache(self.cache_dir).snapshot_in_path(self.server.adapters.get(name, ""))
+        return None if snapshot is None else snapshot.key
+
+
+@contextmanager
+def running_node(
+    cache_dir: Path, make_store: Callable[[Settings, NodeCache], Store]
+) -> Iterator[Node]:
+    settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}, argv=[])
+    with FakeVllmServer(Resolver(make_store(settings, NodeCache(cache_dir)))) as server:
+        yield Node(cache_dir, make_store, server)
+
+
+@pytest.fixture
+def node(cache_dir: Path, adapters_dir: Path) -> Iterator[Node]:
+    """A node whose store is the folder ``adapters_dir``."""
+    with running_node(cache_dir, partial(FilesystemStore, adapters_dir)) as running:
+        yield running
+
+
+def publish(adapters_dir: Path, name: str, seed: int, rank: int = 8) -> None:
+    write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed, rank=rank)
+
+
+def sync_once(node: Node, *arguments: str) -> Result:
+    """``vllm-lora sync --server SERVER --once ARGUMENTS``; the environment names the store."""
+    command = ["sync", "--server", node.server.url, "--once", *arguments]
+    return CliRunner().invoke(main, command)
+
+
+@pytest.fixture
+def sync_environment(cache_dir: Path, adapters_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_FS_DIR", str(adapters_dir))
+
+
+HTML_PAGE = Answer(
+    200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", (("Content-Type", "text/html"),)
+)
+SQL_CARD_WITHOUT_ROOT = {"id": "sql", "root": None, "parent": BASE_MODEL}
+UNREADABLE_MODEL_LISTS = {
+    "an HTML page": HTML_PAGE,
+    "no model": Answer(200, b'{"data": []}'),
+    "no base model": Answer(
+        200, json.dumps({"data": [{"id": "sql", "root": "/x", "parent": "b"}]}).encode()
+    ),
+    "a card whose root is null": Answer(
+        200,
+        json.dumps(
+            {"data": [{"id": BASE_MODEL, "root": BASE_MODEL}, SQL_CARD_WITHOUT_ROOT]}
+        ).encode(),
+    ),
+    "no data": Answer(200, b'{"object": "list"}'),
+}
+
+
+@pytest.mark.parametrize(
+    "answer", UNREADABLE_MODEL_LISTS.values(), ids=UNREADABLE_MODEL_LISTS.keys()
+)
+@pytest.mark.usefixtures("sync_environment")
+def test_a_model_list_the_sync_cannot_read_is_cannot_ask(node: Node, answer: Answer) -> None:
+    node.server.answers["GET /v1/models"] = answer
+    assert node.sync().run_round() is RoundResult.CANNOT_ASK
+    result = sync_once(node)
+    assert result.exit_code == 2, result.output
+
+
+@pytest.mark.usefixtures("sync_environment")
+def test_sync_once_with_unreadable_metrics_ends_by_drain_seconds(
+    node: Node, adapters_dir: Path
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    node.serve("sql")
+    node.server.answers["GET /metrics"] = HTML_PAGE
+    publish(adapters_dir, "sql", seed=2)
+    result = sync_once(node, "--drain-seconds", "0")
+    assert result.exit_code == 0, result.output
+    assert node.served_key("sql") == node.serve("sql")
+
+
+SECRET = "sk-never-elsewhere"
+
+
+@pytest.mark.usefixtures("sync_environment")
+def test_a_redirect_is_not_followed_so_the_api_key_reaches_no_other_origin(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FakeVllmServer() as elsewhere:
+        node.server.answers["GET /v1/models"] = Answer(
+            302, headers=(("Location", f"{elsewhere.url}/v1/models"),)
+        )
+        with caplog.at_level(logging.DEBUG, logger="vllm.lora_resolvers.sync"):
+            assert node.sync(api_key=SECRET).run_round() is RoundResult.CANNOT_ASK
+        result = sync_once(node, "--api-key", SECRET)
+        assert result.exit_code == 2, result.output
+        assert elsewhere.received == []
+    assert [r.headers["Authorization"] for r in node.server.received] == [f"Bearer {SECRET}"] * 2
+    assert "a redirect" in caplog.text
+    assert SECRET not in caplog.text + result.output

@@ -21,6 +21,11 @@ version it resolved first until it restarts. Beside each server, once per round:
    request running or waiting) or ``drain_seconds`` have passed, since a request that started
    before the switch may make vLLM read its folder again; then it is released.
 
+Whatever the server answers that is not what the sync expects (a page that is not vLLM's model
+list, a list without a base model, ``/metrics`` without the request gauges, a redirect: none is
+followed, so the API key reaches no other origin) is "cannot ask": nothing changes, the next round
+asks again.
+
 Rounds of every sync on a node start together (the node's processes share one phase), so a
 change reaches every server on the node within one interval plus the fetch.
 """
@@ -37,11 +42,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from enum import IntEnum
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ValidationError
 
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import ConfigurationError
@@ -84,6 +91,7 @@ RELEASED = Counter(
 
 _WARM_PROMPT = "."
 _SCHEDULE_QUESTION = "vllm-lora sync: the node's phase"
+_IN_FLIGHT_GAUGES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting"})
 
 
 class RoundResult(IntEnum):
@@ -102,6 +110,33 @@ class ServerError(ResolverError):
         self.status = status
 
 
+class _ModelCard(BaseModel):
+    id: str
+    root: str
+    parent: str | None = None
+
+
+class _ModelList(BaseModel):
+    """The part of vLLM's ``GET /v1/models`` answer the sync reads."""
+
+    data: list[_ModelCard]
+
+
+class _FollowNoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as an error: the API key goes to ``--server`` and nowhere else."""
+
+    def redirect_request(  # noqa: PLR0917 - urllib's signature
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Message,
+        newurl: str,
+    ) -> None:
+        return None
+
+
 class VllmServerApi:
     """The few routes of a vLLM OpenAI-compatible server that sync uses."""
 
@@ -111,14 +146,23 @@ class VllmServerApi:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(_FollowNoRedirect)
 
     def models(self) -> tuple[str, dict[str, str]]:
         """``(base model, {adapter name: path it was loaded from})``. The base model is what vLLM
         hands resolvers (the model's path or id), the first base model card's ``root``."""
-        cards = json.loads(self._call("GET", "/v1/models"))["data"]
-        base = next(card["root"] for card in cards if not card.get("parent"))
-        adapters = {card["id"]: card["root"] for card in cards if card.get("parent")}
-        return base, adapters
+        body = self._call("GET", "/v1/models")
+        try:
+            cards = _ModelList.model_validate_json(body).data
+        except ValidationError:
+            shown = body[:200].decode(errors="replace")
+            raise ServerError(
+                f"GET /v1/models answered what is not a model list: {shown!r}"
+            ) from None
+        base = next((card.root for card in cards if not card.parent), None)
+        if base is None:
+            raise ServerError("GET /v1/models answered a model list without a base model")
+        return base, {card.id: card.root for card in cards if card.parent}
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` (requests in flight finish); absent already is fine."""
@@ -138,15 +182,22 @@ class VllmServerApi:
         self._call("POST", "/tokenize", {"model": name, "prompt": _WARM_PROMPT})
 
     def is_idle(self) -> bool:
-        """Whether the server reports no request running or waiting (``/metrics``)."""
-        families = text_string_to_metric_families(self._call("GET", "/metrics").decode())
-        in_flight = sum(
-            sample.value
-            for family in families
-            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
-            for sample in family.samples
-        )
-        return in_flight == 0
+        """Whether the server reports no request running or waiting (``/metrics``); a
+        `ServerError` when it does not report both."""
+        text = self._call("GET", "/metrics").decode(errors="replace")
+        try:
+            in_flight = {
+                family.name: sum(sample.value for sample in family.samples)
+                for family in text_string_to_metric_families(text)
+                if family.name in _IN_FLIGHT_GAUGES
+            }
+        except ValueError as error:
+            raise ServerError(
+                f"GET /metrics answered what is not Prometheus text: {error}"
+            ) from None
+        if in_flight.keys() != _IN_FLIGHT_GAUGES:
+            raise ServerError(f"GET /metrics does not report {' and '.join(_IN_FLIGHT_GAUGES)}")
+        return sum(in_flight.values()) == 0
 
     def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> bytes:
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
@@ -158,9 +209,15 @@ class VllmServerApi:
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            with self._opener.open(request, timeout=self.timeout) as response:
                 return bytes(response.read())
         except urllib.error.HTTPError as error:
+            if 300 <= error.code < 400:
+                raise ServerError(
+                    f"{method} {path} answered HTTP {error.code}, a redirect; the sync follows "
+                    "none (its API key goes to --server only): give --server the server's URL",
+                    error.code,
+                ) from None
             detail = error.read()[:500].decode(errors="replace")
             raise ServerError(
                 f"{method} {path} answered HTTP {error.code}: {detail}", error.code
@@ -209,6 +266,7 @@ class AdapterSync:
     #: every sync on the node shares one lookup); 0 asks the store every time.
     answer_max_age: float | None = None
     _draining: list[_Draining] = field(default_factory=list)
+    #: Managed names -> the key of the snapshot the server serves each from.
     _serving: dict[str, str] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
 
