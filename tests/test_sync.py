@@ -8,6 +8,7 @@ The sync itself, against two real vLLM servers, is tested in ``test_e2e_rollout.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -26,12 +27,14 @@ from click.testing import CliRunner, Result
 from conftest import BASE_MODEL, REPO
 from fake_vllm import Answer, FakeVllmServer
 
+from devtools.memory_store import MemoryBucket, MemoryStore
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
-from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.cli import main
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.errors import StoreRefusedError
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.sync import (
     AdapterSync,
@@ -130,15 +133,22 @@ def test_a_name_resolved_again_releases_the_version_it_replaced_unless_another_n
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("current 0123abcd", StoreAnswer("current", "0123abcd")),
+        ("current " + "0123abcd" * 5, StoreAnswer("current", "0123abcd" * 5)),
         ("gone ", StoreAnswer("gone")),
         ("refused rank 64 is above 16", StoreAnswer("refused", "rank 64 is above 16")),
-        ("garbage", StoreAnswer("unreachable", "unreadable shared answer 'garbage'")),
+        ("unreachable HTTP 503", StoreAnswer("unreachable", "HTTP 503")),
     ],
 )
 def test_store_answers_read_back_as_written(text: str, expected: StoreAnswer) -> None:
     assert StoreAnswer.decode(text) == expected
     assert StoreAnswer.decode(expected.encode()) == expected
+
+
+def test_a_current_answer_names_a_snapshot_key_as_the_cache_makes_them() -> None:
+    key = snapshot_key("file:///adapters", "sql", "v1")
+    assert StoreAnswer.decode(f"current {key}") == StoreAnswer("current", key)
+    for damaged in ("garbage", f"current {key.upper()}", "current ../../x", "gone 0123"):
+        assert StoreAnswer.decode(damaged) is None, damaged
 
 
 def test_sync_once_exits_2_when_the_server_cannot_be_asked(
@@ -278,6 +288,63 @@ def test_sync_once_with_unreadable_metrics_ends_by_drain_seconds(
     result = sync_once(node, "--drain-seconds", "0")
     assert result.exit_code == 0, result.output
     assert node.served_key("sql") == node.serve("sql")
+
+
+DAMAGED_PHASES = ["nan", "abc", "1e300", "inf", "-1"]
+
+
+@pytest.mark.parametrize("damage", DAMAGED_PHASES)
+def test_a_damaged_round_phase_is_ignored_and_rewritten(node: Node, damage: str) -> None:
+    sync = node.sync(interval=30)
+    sync.seconds_to_next_round()
+    (record,) = sync.cache.answers.iterdir()
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"answer": damage}))
+    assert 0 <= sync.seconds_to_next_round() <= 30
+    phase = json.loads(record.read_text())["answer"]
+    assert 0 <= float(phase) < 1
+    sync.seconds_to_next_round()
+    assert json.loads(record.read_text())["answer"] == phase  # kept from then on
+
+
+@pytest.mark.parametrize("damage", ["current ../../x", "current", "gone 0123", "sideways x"])
+def test_a_damaged_store_answer_is_asked_again_and_rewritten(
+    node: Node, adapters_dir: Path, damage: str
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    key = node.serve("sql")
+    sync = node.sync(answer_max_age=3600)  # a good record would be read back all along
+    assert sync.run_round() is RoundResult.IN_SYNC
+    (record,) = sync.cache.answers.iterdir()
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"answer": damage}))
+    assert sync.run_round() is RoundResult.IN_SYNC
+    assert json.loads(record.read_text())["answer"] == f"current {key}"
+    assert sync.cache.leased_keys() == {key}
+
+
+def test_a_store_outage_is_reported_once_whatever_its_messages_say(
+    cache_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = MemoryBucket()
+    write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL)
+    bucket.put_folder("sql", tmp_path / "sql")
+    request_ids = itertools.count()
+
+    def refuse(method: str, path: str) -> None:
+        raise StoreRefusedError(f"{method} {path}: HTTP 403, request id {next(request_ids)}")
+
+    with running_node(cache_dir, partial(MemoryStore, bucket)) as node:
+        node.serve("sql")
+        sync = node.sync()
+        bucket.on_request = refuse
+        with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers.sync"):
+            assert [sync.run_round() for _ in range(3)] == [RoundResult.CANNOT_ASK] * 3
+            bucket.on_request = None
+            assert sync.run_round() is RoundResult.IN_SYNC
+            bucket.on_request = refuse
+            assert [sync.run_round() for _ in range(2)] == [RoundResult.CANNOT_ASK] * 2
+    reports = [r for r in caplog.records if "cannot ask the store" in r.getMessage()]
+    assert len(reports) == 2  # one per outage
+    assert "request id 0" in reports[0].getMessage()
 
 
 SECRET = "sk-never-elsewhere"

@@ -24,7 +24,8 @@ version it resolved first until it restarts. Beside each server, once per round:
 Whatever the server answers that is not what the sync expects (a page that is not vLLM's model
 list, a list without a base model, ``/metrics`` without the request gauges, a redirect: none is
 followed, so the API key reaches no other origin) is "cannot ask": nothing changes, the next round
-asks again.
+asks again. The records the node's processes share (`NodeCache.node_answer`: the round phase, the
+stores' answers) are parsed strictly; a damaged one is asked again and rewritten.
 
 Rounds of every sync on a node start together (the node's processes share one phase), so a
 change reaches every server on the node within one interval plus the fetch.
@@ -36,6 +37,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -92,6 +94,8 @@ RELEASED = Counter(
 _WARM_PROMPT = "."
 _SCHEDULE_QUESTION = "vllm-lora sync: the node's phase"
 _IN_FLIGHT_GAUGES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting"})
+#: A snapshot key as `cache.snapshot_key` makes them.
+_SNAPSHOT_KEY = re.compile(r"[0-9a-f]{40}")
 
 
 class RoundResult(IntEnum):
@@ -238,11 +242,36 @@ class StoreAnswer:
         return f"{self.state} {self.detail}"
 
     @classmethod
-    def decode(cls, text: str) -> StoreAnswer:
+    def decode(cls, text: str) -> StoreAnswer | None:
+        """The answer `encode` wrote as ``text``; ``None`` for a damaged record (a current
+        answer's detail becomes a path in the cache: it must be a snapshot key)."""
         state, _, detail = text.partition(" ")
-        if state not in ("current", "gone", "refused", "unreachable"):
-            return cls("unreachable", f"unreadable shared answer {text[:80]!r}")
-        return cls(state, detail)  # type: ignore[arg-type]
+        if state == "current" and _SNAPSHOT_KEY.fullmatch(detail):
+            return cls("current", detail)
+        if state == "gone" and not detail:
+            return cls("gone")
+        if state == "refused":
+            return cls("refused", detail)
+        if state == "unreachable":
+            return cls("unreachable", detail)
+        return None
+
+
+def _is_store_answer(text: str) -> bool:
+    return StoreAnswer.decode(text) is not None
+
+
+def _phase(text: str) -> float | None:
+    """The node's round phase as recorded: a finite fraction in [0, 1); ``None`` if damaged."""
+    try:
+        phase = float(text)
+    except ValueError:
+        return None
+    return phase if 0 <= phase < 1 else None  # NaN fails both comparisons
+
+
+def _is_phase(text: str) -> bool:
+    return _phase(text) is not None
 
 
 @dataclass
@@ -268,7 +297,8 @@ class AdapterSync:
     _draining: list[_Draining] = field(default_factory=list)
     #: Managed names -> the key of the snapshot the server serves each from.
     _serving: dict[str, str] = field(default_factory=dict)
-    _reported: set[tuple[str, str]] = field(default_factory=set)
+    #: Managed names -> the cause (state, refusal) of the problem last reported for each.
+    _reported: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def run(self, stop: threading.Event) -> None:
         """Run a round at each of the node's round times until ``stop`` is set."""
@@ -285,10 +315,12 @@ class AdapterSync:
         """Seconds until the node's next round: every sync on the node wakes at the same phase
         of the interval (so they share one store lookup), and nodes at different phases (so the
         fleet's lookups spread over the interval)."""
-        phase_text, _ = self.cache.node_answer(
-            _SCHEDULE_QUESTION, math.inf, lambda: f"{random.random():.6f}"
+        text, _ = self.cache.node_answer(
+            _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
         )
-        phase = float(phase_text) * self.interval
+        fraction = _phase(text)
+        assert fraction is not None, "node_answer returns only phases _is_phase accepts"
+        phase = fraction * self.interval
         now = time.time()
         next_round = math.floor((now - phase) / self.interval + 1) * self.interval + phase
         return max(0.0, next_round - now)
@@ -310,6 +342,7 @@ class AdapterSync:
         MANAGED.set(len(managed))
         served_before = self._serving
         self._serving = {name: snapshot.key for name, (_, snapshot, _) in managed.items()}
+        self._reported = {n: c for n, c in self._reported.items() if n in managed}
         result = RoundResult.IN_SYNC
         for name, (path, snapshot, resolver) in managed.items():
             result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
@@ -356,6 +389,7 @@ class AdapterSync:
                 self._report_once(name, answer, "sync: %r is gone from its store%s; keeping it")
                 return RoundResult.IN_SYNC
             return self._retire(name, served)
+        self._reported.pop(name, None)  # answered: a later problem is reported again
         if answer.detail == served.key:
             return RoundResult.IN_SYNC
         return self._switch(name, path, served, answer.detail, seen_at)
@@ -370,10 +404,12 @@ class AdapterSync:
         question = f"current\0{resolver.source}\0{base_model}\0{name}"
         try:
             max_age = self.interval / 2 if self.answer_max_age is None else self.answer_max_age
-            text, _ = self.cache.node_answer(question, max_age, ask)
+            text, _ = self.cache.node_answer(question, max_age, ask, _is_store_answer)
         except CacheError as error:
             return StoreAnswer("unreachable", str(error))
-        return StoreAnswer.decode(text)
+        answer = StoreAnswer.decode(text)
+        assert answer is not None, "node_answer returns only answers _is_store_answer accepts"
+        return answer
 
     def _look_up(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
         try:
@@ -469,9 +505,12 @@ class AdapterSync:
             self.cache.evict()  # what nobody leases any more counts against the cap again
 
     def _report_once(self, name: str, answer: StoreAnswer, message: str) -> bool:
-        """Log ``message`` for this answer about ``name`` once; whether it was new."""
-        if (name, answer.encode()) in self._reported:
+        """Log ``message`` about ``name``'s answer unless its cause was the last reported for
+        ``name``: its state, and for a refusal the reason (an outage is reported when it starts,
+        whatever its messages say since: they count down); whether it was new."""
+        cause = (answer.state, answer.detail if answer.state == "refused" else "")
+        if self._reported.get(name) == cause:
             return False
-        self._reported.add((name, answer.encode()))
+        self._reported[name] = cause
         logger.warning(message, name, answer.detail)
         return True
