@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -288,6 +289,53 @@ def test_sync_once_with_unreadable_metrics_ends_by_drain_seconds(
     result = sync_once(node, "--drain-seconds", "0")
     assert result.exit_code == 0, result.output
     assert node.served_key("sql") == node.serve("sql")
+
+
+LEFT_ALONE = [
+    "an alias of our snapshot",
+    "a name with spaces",
+    "another cache's snapshot",
+    "a path no process can open",
+]
+
+
+@pytest.mark.parametrize("case", LEFT_ALONE)
+def test_the_sync_leaves_alone_what_our_resolvers_did_not_load_under_that_name(
+    node: Node,
+    adapters_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    node.serve("sql")
+    ours = node.server.adapters.pop("sql")
+    if case == "another cache's snapshot":
+        other_cache = tmp_path / "other-cache"
+        with running_node(other_cache, partial(FilesystemStore, adapters_dir)) as other:
+            name, path = "sql", str(Path(ours.replace(str(node.cache_dir), str(other_cache))))
+            other.serve("sql")
+            assert Path(path).is_dir() and path != ours
+    elif case == "a path no process can open":
+        name, path = "sql", ours.replace(str(node.cache_dir), "/no\0where")
+    else:
+        name, path = ("prod-sql" if case == LEFT_ALONE[0] else "sql copy"), ours
+    node.server.adapters[name] = path
+    shutil.rmtree(adapters_dir / "sql")  # were it managed, the sync would unload it as gone
+    sync = node.sync()
+    with caplog.at_level(logging.INFO, logger="vllm.lora_resolvers.sync"):
+        assert [sync.run_round(), sync.run_round()] == [RoundResult.IN_SYNC] * 2
+    assert node.server.adapters == {name: path}
+    assert "POST /v1/unload_lora_adapter" not in node.server.routes_called()
+    assert len([r for r in caplog.records if f"leaving {name!r} alone" in r.getMessage()]) == 1
+
+
+def test_an_adapter_of_ours_gone_from_its_store_is_unloaded(node: Node, adapters_dir: Path) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    node.serve("sql")
+    shutil.rmtree(adapters_dir / "sql")
+    assert node.sync().run_round() is RoundResult.IN_SYNC
+    assert node.server.adapters == {}
 
 
 DAMAGED_PHASES = ["nan", "abc", "1e300", "inf", "-1"]

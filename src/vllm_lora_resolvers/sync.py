@@ -3,8 +3,12 @@
 vLLM asks resolvers only about names it does not hold, so without this a server serves the
 version it resolved first until it restarts. Beside each server, once per round:
 
-1. ask the server what it holds (``GET /v1/models``); an adapter whose path is one of our
-   snapshots, from a store configured here, is managed; anything else is left alone;
+1. ask the server what it holds (``GET /v1/models``). An adapter is managed when its path is a
+   snapshot of this node cache (a path this process can see must be that snapshot's folder; one
+   it cannot see is taken as the cache mounted at another path in the server's container), the
+   snapshot's manifest names that adapter (`Store.snapshot_name`: an alias loaded by hand from
+   another name's snapshot is not), and its store is configured here. Anything else is left
+   alone (and logged once);
 2. ask its store for the current version (through the resolvers' pipeline: one lookup, retries,
    outage memory) once per round and node, however many servers the node runs (the answer is
    shared through the node cache, `NodeCache.node_answer`); a new version is fetched and checked
@@ -46,6 +50,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from enum import IntEnum
+from pathlib import Path
 from typing import IO, Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -274,6 +279,18 @@ def _is_phase(text: str) -> bool:
     return _phase(text) is not None
 
 
+def _is_snapshot_folder(path: str, snapshot: Snapshot) -> bool:
+    """Whether ``path`` is ``snapshot``'s adapter folder as this process sees it. A path it cannot
+    see is the cache mounted at another path in the server's container: the key in it names the
+    snapshot."""
+    try:
+        return Path(path).samefile(snapshot.adapter_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):  # unreadable here, or no path at all (a NUL in it)
+        return False
+
+
 @dataclass
 class _Draining:
     key: str
@@ -299,6 +316,8 @@ class AdapterSync:
     _serving: dict[str, str] = field(default_factory=dict)
     #: Managed names -> the cause (state, refusal) of the problem last reported for each.
     _reported: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: (name, path) the server holds that this sync leaves alone (each reported once).
+    _left_alone: set[tuple[str, str]] = field(default_factory=set)
 
     def run(self, stop: threading.Event) -> None:
         """Run a round at each of the node's round times until ``stop`` is set."""
@@ -353,16 +372,35 @@ class AdapterSync:
         return result
 
     def _managed(self, held: Mapping[str, str]) -> dict[str, tuple[str, Snapshot, Resolver]]:
-        """The adapters the server holds from our snapshots of stores configured here, each
-        snapshot leased (so it stays while the server may read it)."""
+        """The adapters of `held` this sync manages (see the module's 1.), each snapshot leased
+        (so it stays while the server may read it)."""
         managed = {}
+        left_alone = set()
         for name, path in held.items():
-            snapshot = self.cache.snapshot_in_path(path)
-            resolver = None if snapshot is None else self.resolvers.get(snapshot.manifest.source)
-            if snapshot is None or resolver is None or self.cache.lease(snapshot.key) is None:
-                continue
-            managed[name] = (path, snapshot, resolver)
+            ours = self._ours(name, path)
+            if isinstance(ours, str):
+                if (name, path) not in self._left_alone:
+                    logger.info("sync: leaving %r alone: %s", name, ours)
+                left_alone.add((name, path))
+            elif self.cache.lease(ours[0].key) is not None:
+                managed[name] = (path, *ours)
+        self._left_alone = left_alone
         return managed
+
+    def _ours(self, name: str, path: str) -> tuple[Snapshot, Resolver] | str:
+        """The snapshot and store of adapter ``name`` loaded from ``path`` if this sync manages
+        it, else why it does not."""
+        snapshot = self.cache.snapshot_in_path(path)
+        if snapshot is None:
+            return f"{path} is not a snapshot of this node cache"
+        if not _is_snapshot_folder(path, snapshot):
+            return f"{path} is not this node cache's snapshot {snapshot.key}"
+        resolver = self.resolvers.get(snapshot.manifest.source)
+        if resolver is None:
+            return f"its store {snapshot.manifest.source} is not configured here"
+        if resolver.store.snapshot_name(name) != snapshot.manifest.name:
+            return f"it was loaded from a snapshot of {snapshot.manifest.name!r}"
+        return snapshot, resolver
 
     def _sync_adapter(
         self,
