@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import BASE_MODEL, REPO
 from fake_vllm import Answer, FakeVllmServer
+from prometheus_client import REGISTRY
 
 from devtools.memory_store import MemoryBucket, MemoryStore
 from devtools.models import write_lora_adapter
@@ -38,6 +39,7 @@ from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import StoreRefusedError
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.sync import (
+    ADMISSION_SECONDS,
     AdapterSync,
     RoundResult,
     StoreAnswer,
@@ -178,6 +180,19 @@ def test_sync_refuses_to_start_without_a_store(
 # -- a sync against a stand-in of the server ------------------------------------------------
 
 
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class Node:
     """One node cache, a store, and a server (`FakeVllmServer`) that resolves through a resolver
@@ -247,6 +262,10 @@ def sync_environment(cache_dir: Path, adapters_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("VLLM_LORA_RESOLVER_FS_DIR", str(adapters_dir))
 
 
+def counted(metric: str) -> float:
+    return REGISTRY.get_sample_value(metric) or 0.0
+
+
 HTML_PAGE = Answer(
     200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", (("Content-Type", "text/html"),)
 )
@@ -276,6 +295,34 @@ def test_a_model_list_the_sync_cannot_read_is_cannot_ask(node: Node, answer: Ans
     assert node.sync().run_round() is RoundResult.CANNOT_ASK
     result = sync_once(node)
     assert result.exit_code == 2, result.output
+
+
+UNREADABLE_METRICS = {
+    "an HTML page": HTML_PAGE,
+    "no request gauges": Answer(
+        200, b"# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.5\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", UNREADABLE_METRICS.values(), ids=UNREADABLE_METRICS.keys())
+def test_metrics_the_sync_cannot_read_keep_the_replaced_version_until_drain_seconds(
+    node: Node, adapters_dir: Path, answer: Answer
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    old = node.serve("sql")
+    clock = Clock()
+    sync = node.sync(drain_seconds=60, clock=clock)
+    node.server.answers["GET /metrics"] = answer
+    publish(adapters_dir, "sql", seed=2)
+    assert sync.run_round() is RoundResult.IN_SYNC
+    clock.advance(59)
+    assert sync.run_round() is RoundResult.IN_SYNC
+    assert "GET /metrics" in node.server.routes_called()
+    assert old in sync.cache.leased_keys()  # the server may still be busy
+    clock.advance(1)
+    sync.run_round()
+    assert old not in sync.cache.leased_keys()
 
 
 @pytest.mark.usefixtures("sync_environment")
@@ -336,6 +383,78 @@ def test_an_adapter_of_ours_gone_from_its_store_is_unloaded(node: Node, adapters
     shutil.rmtree(adapters_dir / "sql")
     assert node.sync().run_round() is RoundResult.IN_SYNC
     assert node.server.adapters == {}
+
+
+def test_a_version_the_server_refuses_at_the_switch_is_not_switched_to_again(
+    node: Node, adapters_dir: Path
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    old = node.serve("sql")
+    sync = node.sync(max_rank=64)  # the sync's checks pass rank 32, the server's (16) do not
+    publish(adapters_dir, "sql", seed=2, rank=32)
+    refused = counted("vllm_lora_sync_refused_versions_total")
+    assert sync.run_round() is RoundResult.NOT_APPLIED
+    switch = ["POST /v1/unload_lora_adapter", "POST /tokenize", "POST /v1/load_lora_adapter"]
+    assert [r for r in node.server.routes_called() if r.startswith("POST")] == switch
+    assert node.served_key("sql") == old
+    node.server.received.clear()
+    assert [sync.run_round(), sync.run_round()] == [RoundResult.NOT_APPLIED] * 2
+    assert node.server.routes_called() == ["GET /v1/models"] * 2  # no unload, no 400 for anyone
+    assert counted("vllm_lora_sync_refused_versions_total") == refused + 1
+    publish(adapters_dir, "sql", seed=3)  # the store's version changes: it is tried
+    assert sync.run_round() is RoundResult.IN_SYNC
+    assert node.served_key("sql") not in (None, old)
+
+
+def test_a_switch_that_fails_after_the_unload_keeps_the_replaced_version_leased(
+    node: Node, adapters_dir: Path
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    old = node.serve("sql")
+    sync = node.sync()
+    node.server.in_flight = 1  # busy: nothing drains before drain_seconds
+    node.server.tokenize_status = 504  # the server switched; its answer was lost
+    publish(adapters_dir, "sql", seed=2)
+    assert sync.run_round() is RoundResult.NOT_APPLIED
+    assert node.served_key("sql") != old
+    assert sync.run_round() is RoundResult.IN_SYNC
+    assert old in sync.cache.leased_keys()
+
+
+def test_an_idle_server_right_after_the_switch_does_not_release_the_replaced_version(
+    node: Node, adapters_dir: Path
+) -> None:
+    # A request accepted just before the switch may not have reached the engine yet: /metrics
+    # does not count it. The server is idle on every sample here.
+    publish(adapters_dir, "sql", seed=1)
+    old = node.serve("sql")
+    sync = node.sync()
+    publish(adapters_dir, "sql", seed=2)
+    assert sync.run_round() is RoundResult.IN_SYNC
+    assert node.served_key("sql") != old
+    assert old in sync.cache.leased_keys()
+
+
+def test_the_replaced_version_is_released_once_the_server_is_idle_after_the_admission_grace(
+    node: Node, adapters_dir: Path
+) -> None:
+    publish(adapters_dir, "sql", seed=1)
+    old = node.serve("sql")
+    clock = Clock()
+    sync = node.sync(drain_seconds=60, clock=clock)
+    publish(adapters_dir, "sql", seed=2)
+    assert sync.run_round() is RoundResult.IN_SYNC
+    clock.advance(ADMISSION_SECONDS - 0.5)
+    sync.run_round()
+    assert old in sync.cache.leased_keys()
+    clock.advance(0.5)
+    node.server.in_flight = 1
+    sync.run_round()
+    assert old in sync.cache.leased_keys()
+    node.server.in_flight = 0
+    sync.run_round()
+    assert old not in sync.cache.leased_keys()
+    assert node.served_key("sql") in sync.cache.leased_keys()
 
 
 DAMAGED_PHASES = ["nan", "abc", "1e300", "inf", "-1"]
@@ -414,3 +533,8 @@ def test_a_redirect_is_not_followed_so_the_api_key_reaches_no_other_origin(
     assert [r.headers["Authorization"] for r in node.server.received] == [f"Bearer {SECRET}"] * 2
     assert "a redirect" in caplog.text
     assert SECRET not in caplog.text + result.output
+
+
+def test_the_rollout_page_states_the_admission_grace() -> None:
+    page = (REPO / "docs" / "rollout.md").read_text()
+    assert f"at least {ADMISSION_SECONDS:g} seconds after the switch" in page

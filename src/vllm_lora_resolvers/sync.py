@@ -19,11 +19,18 @@ version it resolved first until it restarts. Beside each server, once per round:
    engine keeps them under the old id), later ones run on the new ones, none on a mix, and no
    prefix-cache block computed with the old weights is reused (vLLM keys blocks by adapter name
    and path). ``load_inplace`` would swap the weights under requests in flight;
-4. a new version that fails the checks leaves the old one served (logged, counted); a name gone
-   from the store is unloaded (``--on-delete unload``) or kept (``keep``);
-5. the replaced snapshot stays leased by this process until the server has been seen idle (no
-   request running or waiting) or ``drain_seconds`` have passed, since a request that started
-   before the switch may make vLLM read its folder again; then it is released.
+4. a new version that fails the checks leaves the old one served (logged, counted); so does one
+   the server refuses at the switch (HTTP 400: the old one is loaded back), which is remembered
+   and not tried again until the store's version changes; a name gone from the store is unloaded
+   (``--on-delete unload``) or kept (``keep``);
+5. a snapshot a managed name stops being served from (switched, also when the switch then failed,
+   or unloaded) stays leased by this process until the server has been seen idle (no request
+   running or waiting) on a sample taken `ADMISSION_SECONDS` or more after that, or
+   ``drain_seconds`` have passed, since a request that started before the switch may make vLLM
+   read its folder again; then it is released. ``/metrics`` counts a request only once it
+   reached the engine: one the server accepted before the switch but was still tokenizing is
+   not counted. The grace covers it: such a request is in the engine (counted) or done by the
+   idle sample, unless it took more than `ADMISSION_SECONDS` from arriving to the engine's queue.
 
 Whatever the server answers that is not what the sync expects (a page that is not vLLM's model
 list, a list without a base model, ``/metrics`` without the request gauges, a redirect: none is
@@ -46,7 +53,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from enum import IntEnum
@@ -95,6 +102,10 @@ ROUNDS = Counter("vllm_lora_sync_rounds", "Rounds run, whatever their result.", 
 RELEASED = Counter(
     "vllm_lora_sync_released_snapshots", "Replaced snapshots whose lease was released."
 )
+
+#: Seconds after a name stopped being served from a snapshot before an idle ``/metrics`` sample
+#: may release it: a request accepted just before the switch reaches the engine within them.
+ADMISSION_SECONDS = 5.0
 
 _WARM_PROMPT = "."
 _SCHEDULE_QUESTION = "vllm-lora sync: the node's phase"
@@ -292,12 +303,6 @@ def _is_snapshot_folder(path: str, snapshot: Snapshot) -> bool:
 
 
 @dataclass
-class _Draining:
-    key: str
-    since: float
-
-
-@dataclass
 class AdapterSync:
     """One server's sync: `run_round` once, or `run` until stopped."""
 
@@ -311,9 +316,14 @@ class AdapterSync:
     #: Seconds an answer another process of the node got stays good for this one (a round of
     #: every sync on the node shares one lookup); 0 asks the store every time.
     answer_max_age: float | None = None
-    _draining: list[_Draining] = field(default_factory=list)
+    #: The clock of the drain (see the module's 5.).
+    clock: Callable[[], float] = time.monotonic
+    #: Replaced snapshots still leased: key -> when its name stopped being served from it.
+    _draining: dict[str, float] = field(default_factory=dict)
     #: Managed names -> the key of the snapshot the server serves each from.
     _serving: dict[str, str] = field(default_factory=dict)
+    #: Managed names -> the key of the version the server refused at the switch.
+    _refused_at_switch: dict[str, str] = field(default_factory=dict)
     #: Managed names -> the cause (state, refusal) of the problem last reported for each.
     _reported: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: (name, path) the server holds that this sync leaves alone (each reported once).
@@ -359,15 +369,17 @@ class AdapterSync:
             return RoundResult.CANNOT_ASK
         managed = self._managed(held)
         MANAGED.set(len(managed))
-        served_before = self._serving
+        served_last_round = self._serving
         self._serving = {name: snapshot.key for name, (_, snapshot, _) in managed.items()}
+        served = {*served_last_round.items(), *self._serving.items()}
         self._reported = {n: c for n, c in self._reported.items() if n in managed}
+        self._refused_at_switch = {n: k for n, k in self._refused_at_switch.items() if n in managed}
         result = RoundResult.IN_SYNC
         for name, (path, snapshot, resolver) in managed.items():
             result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
-        for name, key in served_before.items():
-            if name not in self._serving:  # unloaded by someone else meanwhile
-                self._draining.append(_Draining(key, time.monotonic()))
+        for name, key in served:
+            if self._serving.get(name) != key:  # switched or unloaded, here or by someone else
+                self._draining.setdefault(key, self.clock())
         self._release_leases()
         return result
 
@@ -428,8 +440,12 @@ class AdapterSync:
                 return RoundResult.IN_SYNC
             return self._retire(name, served)
         self._reported.pop(name, None)  # answered: a later problem is reported again
+        if self._refused_at_switch.get(name) != answer.detail:
+            self._refused_at_switch.pop(name, None)  # the store's version changed
         if answer.detail == served.key:
             return RoundResult.IN_SYNC
+        if name in self._refused_at_switch:
+            return RoundResult.NOT_APPLIED
         return self._switch(name, path, served, answer.detail, seen_at)
 
     def _ask_store(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
@@ -472,9 +488,15 @@ class AdapterSync:
             try:
                 self.server.resolve(name)
             except ServerError as error:
-                if error.status == 400:
-                    self.server.load(name, path)  # the server refused it: serve the old again
-                raise
+                if error.status != 400:
+                    raise
+                self._refused_at_switch[name] = key
+                REFUSED.inc()
+                self.server.load(name, path)
+                raise ServerError(
+                    f"{error}; the old version is served again, and this one is not tried "
+                    "again until the store's version changes"
+                ) from None
             _, held = self.server.models()
         except ServerError as error:
             FAILURES.labels("switch").inc()
@@ -483,7 +505,6 @@ class AdapterSync:
             )
             return RoundResult.NOT_APPLIED
         now_served = self.cache.snapshot_in_path(held.get(name, ""))
-        self._draining.append(_Draining(served.key, time.monotonic()))
         if now_served is not None:
             self._serving[name] = now_served.key
         else:
@@ -512,7 +533,6 @@ class AdapterSync:
             return RoundResult.NOT_APPLIED
         RETIREMENTS.inc()
         self._serving.pop(name, None)
-        self._draining.append(_Draining(served.key, time.monotonic()))
         logger.info(
             "sync: %r is gone from its store; unloaded (version %s)", name, served.manifest.version
         )
@@ -521,26 +541,41 @@ class AdapterSync:
     def _release_leases(self) -> None:
         """Release the leases of replaced snapshots no request can need any more (see the
         module's 5.), and of versions fetched here but not served."""
-        now = time.monotonic()
         serving = set(self._serving.values())
-        if self._draining:
-            try:
-                idle = self.server.is_idle()
-            except ServerError:
-                idle = False
-            drained = [
-                draining
-                for draining in self._draining
-                if idle or now - draining.since >= self.drain_seconds
-            ]
-            self._draining = [draining for draining in self._draining if draining not in drained]
-            RELEASED.inc(len({draining.key for draining in drained} - serving))
-        keep = serving | {draining.key for draining in self._draining}
-        released = self.cache.leased_keys() - keep
+        for key in serving & self._draining.keys():
+            del self._draining[key]  # served again: it drains from when it is replaced again
+        drained = self._drained()
+        for key in drained:
+            del self._draining[key]
+        RELEASED.inc(len(drained))
+        released = self.cache.leased_keys() - serving - self._draining.keys()
         for key in released:
             self.cache.release(key)
         if released:
             self.cache.evict()  # what nobody leases any more counts against the cap again
+
+    def _drained(self) -> list[str]:
+        """The draining snapshots no request can need any more: replaced ``drain_seconds`` ago,
+        or `ADMISSION_SECONDS` ago and the server idle now."""
+        now = self.clock()
+        timed_out = [
+            key for key, since in self._draining.items() if now - since >= self.drain_seconds
+        ]
+        admitted = [
+            key
+            for key, since in self._draining.items()
+            if key not in timed_out and now - since >= ADMISSION_SECONDS
+        ]
+        if admitted and self._is_idle():
+            return timed_out + admitted
+        return timed_out
+
+    def _is_idle(self) -> bool:
+        try:
+            return self.server.is_idle()
+        except ServerError as error:
+            logger.debug("sync: cannot tell whether the server is idle: %s", error)
+            return False
 
     def _report_once(self, name: str, answer: StoreAnswer, message: str) -> bool:
         """Log ``message`` about ``name``'s answer unless its cause was the last reported for
