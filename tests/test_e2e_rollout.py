@@ -312,3 +312,37 @@ def lookups_per_round(fleet: Fleet, servers: list[VllmServer]) -> float:
             sync.stop()
     assert rounds >= 4
     return len(listings) / rounds
+
+
+def test_a_version_the_server_refuses_at_the_switch_is_switched_to_once(fleet: Fleet) -> None:
+    # The sync's checks pass rank 32 (--max-rank 64); the server's (16) refuse it at the switch.
+    for sync in fleet.syncs:
+        sync.stop()  # their checks (16) would refuse the version first, for the whole node
+    server = fleet.servers[0]
+    fleet.upload("z", 9)
+    assert text(server, "z") == fleet.reference(9)
+    permissive = SyncSidecar(
+        server,
+        fleet.env,
+        fleet.work / "sync-permissive.log",
+        interval=INTERVAL,
+        extra_args=("--drain-seconds", "30", "--max-rank", "64"),
+    )
+    try:
+        permissive.wait_for_a_round()
+        fleet.upload("z", 10, rank=32)
+        deadline = time.monotonic() + CONVERGENCE_DEADLINE
+        while permissive.metric("vllm_lora_sync_refused_versions_total") < 1:
+            assert time.monotonic() < deadline, permissive.log.read_text()[-3000:]
+            time.sleep(0.2)
+        rounds = permissive.metric("vllm_lora_sync_rounds_total")
+        while permissive.metric("vllm_lora_sync_rounds_total") < rounds + 3:
+            assert text(server, "z") == fleet.reference(9)  # never a 400: no switch any more
+            time.sleep(0.2)
+        assert permissive.metric("vllm_lora_sync_refused_versions_total") == 1
+        assert permissive.metric("vllm_lora_sync_failures_total") == 1
+        assert permissive.log.read_text().count("switching 'z' to version") == 1
+        fleet.upload("z", 11)  # a new version is switched to
+        wait_until_served(fleet, "z", fleet.reference(11))
+    finally:
+        permissive.stop()

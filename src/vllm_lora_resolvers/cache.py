@@ -519,13 +519,18 @@ class NodeCache:
     # -- answers shared by the node's processes ----------------------------------------------
 
     def node_answer(
-        self, question: str, max_age: float, ask: Callable[[], str]
+        self,
+        question: str,
+        max_age: float,
+        ask: Callable[[], str],
+        accept: Callable[[str], bool] | None = None,
     ) -> tuple[str, bool]:
         """The answer to ``question`` some process of this node recorded at most ``max_age``
         seconds ago, else ``ask()``'s, recorded for the others: ``(answer, asked here)``.
 
         Processes asking at once wait for the first one's answer (one lock per question), so a
-        node asks at most once per ``max_age`` however many processes want to know.
+        node asks at most once per ``max_age`` however many processes want to know. A recorded
+        answer ``accept`` rejects (a damaged record) is asked again and rewritten.
         """
         digest = hashlib.sha256(question.encode()).hexdigest()[:40]
         record = self.answers / f"{digest}.json"
@@ -538,7 +543,11 @@ class NodeCache:
         assert descriptor is not None
         try:
             recorded = _read_answer(record, question)
-            if recorded is not None and 0 <= time.time() - recorded.at < max_age:
+            if (
+                recorded is not None
+                and 0 <= time.time() - recorded.at < max_age
+                and (accept is None or accept(recorded.answer))
+            ):
                 return recorded.answer, False
             answer = ask()
             temporary = self._own_scratch() / f"answer.{secrets.token_hex(8)}"

@@ -3,8 +3,12 @@
 vLLM asks resolvers only about names it does not hold, so without this a server serves the
 version it resolved first until it restarts. Beside each server, once per round:
 
-1. ask the server what it holds (``GET /v1/models``); an adapter whose path is one of our
-   snapshots, from a store configured here, is managed; anything else is left alone;
+1. ask the server what it holds (``GET /v1/models``). An adapter is managed when its path is a
+   snapshot of this node cache (a path this process can see must be that snapshot's folder; one
+   it cannot see is taken as the cache mounted at another path in the server's container), the
+   snapshot's manifest names that adapter (`Store.snapshot_name`: an alias loaded by hand from
+   another name's snapshot is not), and its store is configured here. Anything else is left
+   alone (and logged once);
 2. ask its store for the current version (through the resolvers' pipeline: one lookup, retries,
    outage memory) once per round and node, however many servers the node runs (the answer is
    shared through the node cache, `NodeCache.node_answer`); a new version is fetched and checked
@@ -15,11 +19,24 @@ version it resolved first until it restarts. Beside each server, once per round:
    engine keeps them under the old id), later ones run on the new ones, none on a mix, and no
    prefix-cache block computed with the old weights is reused (vLLM keys blocks by adapter name
    and path). ``load_inplace`` would swap the weights under requests in flight;
-4. a new version that fails the checks leaves the old one served (logged, counted); a name gone
-   from the store is unloaded (``--on-delete unload``) or kept (``keep``);
-5. the replaced snapshot stays leased by this process until the server has been seen idle (no
-   request running or waiting) or ``drain_seconds`` have passed, since a request that started
-   before the switch may make vLLM read its folder again; then it is released.
+4. a new version that fails the checks leaves the old one served (logged, counted); so does one
+   the server refuses at the switch (HTTP 400: the old one is loaded back), which is remembered
+   and not tried again until the store's version changes; a name gone from the store is unloaded
+   (``--on-delete unload``) or kept (``keep``);
+5. a snapshot a managed name stops being served from (switched, also when the switch then failed,
+   or unloaded) stays leased by this process until the server has been seen idle (no request
+   running or waiting) on a sample taken `ADMISSION_SECONDS` or more after that, or
+   ``drain_seconds`` have passed, since a request that started before the switch may make vLLM
+   read its folder again; then it is released. ``/metrics`` counts a request only once it
+   reached the engine: one the server accepted before the switch but was still tokenizing is
+   not counted. The grace covers it: such a request is in the engine (counted) or done by the
+   idle sample, unless it took more than `ADMISSION_SECONDS` from arriving to the engine's queue.
+
+Whatever the server answers that is not what the sync expects (a page that is not vLLM's model
+list, a list without a base model, ``/metrics`` without the request gauges, a redirect: none is
+followed, so the API key reaches no other origin) is "cannot ask": nothing changes, the next round
+asks again. The records the node's processes share (`NodeCache.node_answer`: the round phase, the
+stores' answers) are parsed strictly; a damaged one is asked again and rewritten.
 
 Rounds of every sync on a node start together (the node's processes share one phase), so a
 change reaches every server on the node within one interval plus the fetch.
@@ -31,17 +48,21 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from enum import IntEnum
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ValidationError
 
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
 from vllm_lora_resolvers.config import ConfigurationError
@@ -82,8 +103,15 @@ RELEASED = Counter(
     "vllm_lora_sync_released_snapshots", "Replaced snapshots whose lease was released."
 )
 
+#: Seconds after a name stopped being served from a snapshot before an idle ``/metrics`` sample
+#: may release it: a request accepted just before the switch reaches the engine within them.
+ADMISSION_SECONDS = 5.0
+
 _WARM_PROMPT = "."
 _SCHEDULE_QUESTION = "vllm-lora sync: the node's phase"
+_IN_FLIGHT_GAUGES = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting"})
+#: A snapshot key as `cache.snapshot_key` makes them.
+_SNAPSHOT_KEY = re.compile(r"[0-9a-f]{40}")
 
 
 class RoundResult(IntEnum):
@@ -102,6 +130,33 @@ class ServerError(ResolverError):
         self.status = status
 
 
+class _ModelCard(BaseModel):
+    id: str
+    root: str
+    parent: str | None = None
+
+
+class _ModelList(BaseModel):
+    """The part of vLLM's ``GET /v1/models`` answer the sync reads."""
+
+    data: list[_ModelCard]
+
+
+class _FollowNoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as an error: the API key goes to ``--server`` and nowhere else."""
+
+    def redirect_request(  # noqa: PLR0917 - urllib's signature
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Message,
+        newurl: str,
+    ) -> None:
+        return None
+
+
 class VllmServerApi:
     """The few routes of a vLLM OpenAI-compatible server that sync uses."""
 
@@ -111,14 +166,23 @@ class VllmServerApi:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(_FollowNoRedirect)
 
     def models(self) -> tuple[str, dict[str, str]]:
         """``(base model, {adapter name: path it was loaded from})``. The base model is what vLLM
         hands resolvers (the model's path or id), the first base model card's ``root``."""
-        cards = json.loads(self._call("GET", "/v1/models"))["data"]
-        base = next(card["root"] for card in cards if not card.get("parent"))
-        adapters = {card["id"]: card["root"] for card in cards if card.get("parent")}
-        return base, adapters
+        body = self._call("GET", "/v1/models")
+        try:
+            cards = _ModelList.model_validate_json(body).data
+        except ValidationError:
+            shown = body[:200].decode(errors="replace")
+            raise ServerError(
+                f"GET /v1/models answered what is not a model list: {shown!r}"
+            ) from None
+        base = next((card.root for card in cards if not card.parent), None)
+        if base is None:
+            raise ServerError("GET /v1/models answered a model list without a base model")
+        return base, {card.id: card.root for card in cards if card.parent}
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` (requests in flight finish); absent already is fine."""
@@ -138,15 +202,22 @@ class VllmServerApi:
         self._call("POST", "/tokenize", {"model": name, "prompt": _WARM_PROMPT})
 
     def is_idle(self) -> bool:
-        """Whether the server reports no request running or waiting (``/metrics``)."""
-        families = text_string_to_metric_families(self._call("GET", "/metrics").decode())
-        in_flight = sum(
-            sample.value
-            for family in families
-            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
-            for sample in family.samples
-        )
-        return in_flight == 0
+        """Whether the server reports no request running or waiting (``/metrics``); a
+        `ServerError` when it does not report both."""
+        text = self._call("GET", "/metrics").decode(errors="replace")
+        try:
+            in_flight = {
+                family.name: sum(sample.value for sample in family.samples)
+                for family in text_string_to_metric_families(text)
+                if family.name in _IN_FLIGHT_GAUGES
+            }
+        except ValueError as error:
+            raise ServerError(
+                f"GET /metrics answered what is not Prometheus text: {error}"
+            ) from None
+        if in_flight.keys() != _IN_FLIGHT_GAUGES:
+            raise ServerError(f"GET /metrics does not report {' and '.join(_IN_FLIGHT_GAUGES)}")
+        return sum(in_flight.values()) == 0
 
     def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> bytes:
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
@@ -158,9 +229,15 @@ class VllmServerApi:
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            with self._opener.open(request, timeout=self.timeout) as response:
                 return bytes(response.read())
         except urllib.error.HTTPError as error:
+            if 300 <= error.code < 400:
+                raise ServerError(
+                    f"{method} {path} answered HTTP {error.code}, a redirect; the sync follows "
+                    "none (its API key goes to --server only): give --server the server's URL",
+                    error.code,
+                ) from None
             detail = error.read()[:500].decode(errors="replace")
             raise ServerError(
                 f"{method} {path} answered HTTP {error.code}: {detail}", error.code
@@ -181,17 +258,48 @@ class StoreAnswer:
         return f"{self.state} {self.detail}"
 
     @classmethod
-    def decode(cls, text: str) -> StoreAnswer:
+    def decode(cls, text: str) -> StoreAnswer | None:
+        """The answer `encode` wrote as ``text``; ``None`` for a damaged record (a current
+        answer's detail becomes a path in the cache: it must be a snapshot key)."""
         state, _, detail = text.partition(" ")
-        if state not in ("current", "gone", "refused", "unreachable"):
-            return cls("unreachable", f"unreadable shared answer {text[:80]!r}")
-        return cls(state, detail)  # type: ignore[arg-type]
+        if state == "current" and _SNAPSHOT_KEY.fullmatch(detail):
+            return cls("current", detail)
+        if state == "gone" and not detail:
+            return cls("gone")
+        if state == "refused":
+            return cls("refused", detail)
+        if state == "unreachable":
+            return cls("unreachable", detail)
+        return None
 
 
-@dataclass
-class _Draining:
-    key: str
-    since: float
+def _is_store_answer(text: str) -> bool:
+    return StoreAnswer.decode(text) is not None
+
+
+def _phase(text: str) -> float | None:
+    """The node's round phase as recorded: a finite fraction in [0, 1); ``None`` if damaged."""
+    try:
+        phase = float(text)
+    except ValueError:
+        return None
+    return phase if 0 <= phase < 1 else None  # NaN fails both comparisons
+
+
+def _is_phase(text: str) -> bool:
+    return _phase(text) is not None
+
+
+def _is_snapshot_folder(path: str, snapshot: Snapshot) -> bool:
+    """Whether ``path`` is ``snapshot``'s adapter folder as this process sees it. A path it cannot
+    see is the cache mounted at another path in the server's container: the key in it names the
+    snapshot."""
+    try:
+        return Path(path).samefile(snapshot.adapter_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):  # unreadable here, or no path at all (a NUL in it)
+        return False
 
 
 @dataclass
@@ -208,9 +316,18 @@ class AdapterSync:
     #: Seconds an answer another process of the node got stays good for this one (a round of
     #: every sync on the node shares one lookup); 0 asks the store every time.
     answer_max_age: float | None = None
-    _draining: list[_Draining] = field(default_factory=list)
+    #: The clock of the drain (see the module's 5.).
+    clock: Callable[[], float] = time.monotonic
+    #: Replaced snapshots still leased: key -> when its name stopped being served from it.
+    _draining: dict[str, float] = field(default_factory=dict)
+    #: Managed names -> the key of the snapshot the server serves each from.
     _serving: dict[str, str] = field(default_factory=dict)
-    _reported: set[tuple[str, str]] = field(default_factory=set)
+    #: Managed names -> the key of the version the server refused at the switch.
+    _refused_at_switch: dict[str, str] = field(default_factory=dict)
+    #: Managed names -> the cause (state, refusal) of the problem last reported for each.
+    _reported: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: (name, path) the server holds that this sync leaves alone (each reported once).
+    _left_alone: set[tuple[str, str]] = field(default_factory=set)
 
     def run(self, stop: threading.Event) -> None:
         """Run a round at each of the node's round times until ``stop`` is set."""
@@ -227,10 +344,12 @@ class AdapterSync:
         """Seconds until the node's next round: every sync on the node wakes at the same phase
         of the interval (so they share one store lookup), and nodes at different phases (so the
         fleet's lookups spread over the interval)."""
-        phase_text, _ = self.cache.node_answer(
-            _SCHEDULE_QUESTION, math.inf, lambda: f"{random.random():.6f}"
+        text, _ = self.cache.node_answer(
+            _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
         )
-        phase = float(phase_text) * self.interval
+        fraction = _phase(text)
+        assert fraction is not None, "node_answer returns only phases _is_phase accepts"
+        phase = fraction * self.interval
         now = time.time()
         next_round = math.floor((now - phase) / self.interval + 1) * self.interval + phase
         return max(0.0, next_round - now)
@@ -250,28 +369,50 @@ class AdapterSync:
             return RoundResult.CANNOT_ASK
         managed = self._managed(held)
         MANAGED.set(len(managed))
-        served_before = self._serving
+        served_last_round = self._serving
         self._serving = {name: snapshot.key for name, (_, snapshot, _) in managed.items()}
+        served = {*served_last_round.items(), *self._serving.items()}
+        self._reported = {n: c for n, c in self._reported.items() if n in managed}
+        self._refused_at_switch = {n: k for n, k in self._refused_at_switch.items() if n in managed}
         result = RoundResult.IN_SYNC
         for name, (path, snapshot, resolver) in managed.items():
             result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
-        for name, key in served_before.items():
-            if name not in self._serving:  # unloaded by someone else meanwhile
-                self._draining.append(_Draining(key, time.monotonic()))
+        for name, key in served:
+            if self._serving.get(name) != key:  # switched or unloaded, here or by someone else
+                self._draining.setdefault(key, self.clock())
         self._release_leases()
         return result
 
     def _managed(self, held: Mapping[str, str]) -> dict[str, tuple[str, Snapshot, Resolver]]:
-        """The adapters the server holds from our snapshots of stores configured here, each
-        snapshot leased (so it stays while the server may read it)."""
+        """The adapters of `held` this sync manages (see the module's 1.), each snapshot leased
+        (so it stays while the server may read it)."""
         managed = {}
+        left_alone = set()
         for name, path in held.items():
-            snapshot = self.cache.snapshot_in_path(path)
-            resolver = None if snapshot is None else self.resolvers.get(snapshot.manifest.source)
-            if snapshot is None or resolver is None or self.cache.lease(snapshot.key) is None:
-                continue
-            managed[name] = (path, snapshot, resolver)
+            ours = self._ours(name, path)
+            if isinstance(ours, str):
+                if (name, path) not in self._left_alone:
+                    logger.info("sync: leaving %r alone: %s", name, ours)
+                left_alone.add((name, path))
+            elif self.cache.lease(ours[0].key) is not None:
+                managed[name] = (path, *ours)
+        self._left_alone = left_alone
         return managed
+
+    def _ours(self, name: str, path: str) -> tuple[Snapshot, Resolver] | str:
+        """The snapshot and store of adapter ``name`` loaded from ``path`` if this sync manages
+        it, else why it does not."""
+        snapshot = self.cache.snapshot_in_path(path)
+        if snapshot is None:
+            return f"{path} is not a snapshot of this node cache"
+        if not _is_snapshot_folder(path, snapshot):
+            return f"{path} is not this node cache's snapshot {snapshot.key}"
+        resolver = self.resolvers.get(snapshot.manifest.source)
+        if resolver is None:
+            return f"its store {snapshot.manifest.source} is not configured here"
+        if resolver.store.snapshot_name(name) != snapshot.manifest.name:
+            return f"it was loaded from a snapshot of {snapshot.manifest.name!r}"
+        return snapshot, resolver
 
     def _sync_adapter(
         self,
@@ -298,8 +439,13 @@ class AdapterSync:
                 self._report_once(name, answer, "sync: %r is gone from its store%s; keeping it")
                 return RoundResult.IN_SYNC
             return self._retire(name, served)
+        self._reported.pop(name, None)  # answered: a later problem is reported again
+        if self._refused_at_switch.get(name) != answer.detail:
+            self._refused_at_switch.pop(name, None)  # the store's version changed
         if answer.detail == served.key:
             return RoundResult.IN_SYNC
+        if name in self._refused_at_switch:
+            return RoundResult.NOT_APPLIED
         return self._switch(name, path, served, answer.detail, seen_at)
 
     def _ask_store(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
@@ -312,10 +458,12 @@ class AdapterSync:
         question = f"current\0{resolver.source}\0{base_model}\0{name}"
         try:
             max_age = self.interval / 2 if self.answer_max_age is None else self.answer_max_age
-            text, _ = self.cache.node_answer(question, max_age, ask)
+            text, _ = self.cache.node_answer(question, max_age, ask, _is_store_answer)
         except CacheError as error:
             return StoreAnswer("unreachable", str(error))
-        return StoreAnswer.decode(text)
+        answer = StoreAnswer.decode(text)
+        assert answer is not None, "node_answer returns only answers _is_store_answer accepts"
+        return answer
 
     def _look_up(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
         try:
@@ -340,9 +488,15 @@ class AdapterSync:
             try:
                 self.server.resolve(name)
             except ServerError as error:
-                if error.status == 400:
-                    self.server.load(name, path)  # the server refused it: serve the old again
-                raise
+                if error.status != 400:
+                    raise
+                self._refused_at_switch[name] = key
+                REFUSED.inc()
+                self.server.load(name, path)
+                raise ServerError(
+                    f"{error}; the old version is served again, and this one is not tried "
+                    "again until the store's version changes"
+                ) from None
             _, held = self.server.models()
         except ServerError as error:
             FAILURES.labels("switch").inc()
@@ -351,7 +505,6 @@ class AdapterSync:
             )
             return RoundResult.NOT_APPLIED
         now_served = self.cache.snapshot_in_path(held.get(name, ""))
-        self._draining.append(_Draining(served.key, time.monotonic()))
         if now_served is not None:
             self._serving[name] = now_served.key
         else:
@@ -380,7 +533,6 @@ class AdapterSync:
             return RoundResult.NOT_APPLIED
         RETIREMENTS.inc()
         self._serving.pop(name, None)
-        self._draining.append(_Draining(served.key, time.monotonic()))
         logger.info(
             "sync: %r is gone from its store; unloaded (version %s)", name, served.manifest.version
         )
@@ -389,31 +541,49 @@ class AdapterSync:
     def _release_leases(self) -> None:
         """Release the leases of replaced snapshots no request can need any more (see the
         module's 5.), and of versions fetched here but not served."""
-        now = time.monotonic()
         serving = set(self._serving.values())
-        if self._draining:
-            try:
-                idle = self.server.is_idle()
-            except ServerError:
-                idle = False
-            drained = [
-                draining
-                for draining in self._draining
-                if idle or now - draining.since >= self.drain_seconds
-            ]
-            self._draining = [draining for draining in self._draining if draining not in drained]
-            RELEASED.inc(len({draining.key for draining in drained} - serving))
-        keep = serving | {draining.key for draining in self._draining}
-        released = self.cache.leased_keys() - keep
+        for key in serving & self._draining.keys():
+            del self._draining[key]  # served again: it drains from when it is replaced again
+        drained = self._drained()
+        for key in drained:
+            del self._draining[key]
+        RELEASED.inc(len(drained))
+        released = self.cache.leased_keys() - serving - self._draining.keys()
         for key in released:
             self.cache.release(key)
         if released:
             self.cache.evict()  # what nobody leases any more counts against the cap again
 
-    def _report_once(self, name: str, answer: StoreAnswer, message: str) -> bool:
-        """Log ``message`` for this answer about ``name`` once; whether it was new."""
-        if (name, answer.encode()) in self._reported:
+    def _drained(self) -> list[str]:
+        """The draining snapshots no request can need any more: replaced ``drain_seconds`` ago,
+        or `ADMISSION_SECONDS` ago and the server idle now."""
+        now = self.clock()
+        timed_out = [
+            key for key, since in self._draining.items() if now - since >= self.drain_seconds
+        ]
+        admitted = [
+            key
+            for key, since in self._draining.items()
+            if key not in timed_out and now - since >= ADMISSION_SECONDS
+        ]
+        if admitted and self._is_idle():
+            return timed_out + admitted
+        return timed_out
+
+    def _is_idle(self) -> bool:
+        try:
+            return self.server.is_idle()
+        except ServerError as error:
+            logger.debug("sync: cannot tell whether the server is idle: %s", error)
             return False
-        self._reported.add((name, answer.encode()))
+
+    def _report_once(self, name: str, answer: StoreAnswer, message: str) -> bool:
+        """Log ``message`` about ``name``'s answer unless its cause was the last reported for
+        ``name``: its state, and for a refusal the reason (an outage is reported when it starts,
+        whatever its messages say since: they count down); whether it was new."""
+        cause = (answer.state, answer.detail if answer.state == "refused" else "")
+        if self._reported.get(name) == cause:
+            return False
+        self._reported[name] = cause
         logger.warning(message, name, answer.detail)
         return True

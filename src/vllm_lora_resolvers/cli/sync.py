@@ -46,7 +46,11 @@ from vllm_lora_resolvers.sync import AdapterSync, VllmServerApi
     show_default=True,
     help="Longest a replaced version stays leased when the server is never seen idle.",
 )
-@click.option("--api-key", envvar="VLLM_API_KEY", help="The server's --api-key [VLLM_API_KEY].")
+@click.option(
+    "--api-key",
+    envvar="VLLM_API_KEY",
+    help="The server's --api-key [VLLM_API_KEY], sent to --server only: no redirect is followed.",
+)
 @click.option("--max-rank", type=click.IntRange(min=1), help="The server's --max-lora-rank.")
 @click.option(
     "--metrics-port", type=click.IntRange(min=0, max=65535), default=0, help="Serve /metrics."
@@ -68,7 +72,8 @@ def sync(
     without failing a request; adapters gone from their store are unloaded; a refused new
     version leaves the old one served. With --once: one round that asks the store afresh, then
     wait until replaced versions are drained; exit 0 when everything is in sync, 1 when a new
-    version was refused or a switch failed, 2 when the server or a store could not be asked.
+    version was refused or a switch failed, 2 when the server or a store could not be asked (or
+    the server answered what the sync cannot read).
     """
     logging.getLogger("vllm.lora_resolvers.sync").setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:  # a long-running process: lines carry the time
