@@ -6,20 +6,41 @@ and diagnose a server's configuration. It runs without vLLM installed.
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
 
-from vllm_lora_resolvers.cli.cache import cache_group
-from vllm_lora_resolvers.cli.doctor import doctor
-from vllm_lora_resolvers.cli.listing import list_adapters
-from vllm_lora_resolvers.cli.publish import publish
-from vllm_lora_resolvers.cli.pull import pull
-from vllm_lora_resolvers.cli.sync import sync
-from vllm_lora_resolvers.cli.validate import validate
+#: Each command, by the module and function that define it: a command imports only its own
+#: module (``vllm-lora pull`` in an init container never pays for ``doctor``'s imports).
+COMMANDS = {
+    "validate": ("validate", "validate"),
+    "publish": ("publish", "publish"),
+    "ls": ("listing", "list_adapters"),
+    "pull": ("pull", "pull"),
+    "cache": ("cache", "cache_group"),
+    "doctor": ("doctor", "doctor"),
+    "sync": ("sync", "sync"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyCommands(click.Group):
+    """A group whose commands are imported when they are run (or help lists them)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, function = COMMANDS[cmd_name]
+        command: click.Command = getattr(
+            importlib.import_module(f"vllm_lora_resolvers.cli.{module}"), function
+        )
+        return command
+
+
+@click.group(cls=LazyCommands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what the resolvers do.")
 @click.version_option(package_name="vllm-lora-resolvers")
 def main(verbose: bool) -> None:
@@ -32,12 +53,3 @@ def main(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-
-
-main.add_command(validate)
-main.add_command(publish)
-main.add_command(list_adapters)
-main.add_command(pull)
-main.add_command(cache_group)
-main.add_command(doctor)
-main.add_command(sync)
