@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import report
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.stores import SeaweedS3, upload_folder
 from devtools.vllm_server import VllmServer
+from vllm_lora_resolvers.metrics import sample_sums
 
 ADAPTERS = 8
 WARM_REPEATS = 3
@@ -46,17 +46,11 @@ def ttft_seconds(session: requests.Session, url: str, model: str) -> float:
 
 def resolver_seconds(server: VllmServer) -> tuple[float, float]:
     """(sum, count) of our resolution-latency histogram for fetched adapters."""
-    families = text_string_to_metric_families(server.get("/metrics").text)
-    totals = {"sum": 0.0, "count": 0.0}
-    for family in families:
-        for sample in family.samples:
-            kind = sample.name.rsplit("_", 1)[-1]
-            if (
-                sample.name.startswith("vllm_lora_resolver_resolve_seconds_")
-                and kind in totals
-                and sample.labels.get("outcome") == "fetched"
-            ):
-                totals[kind] += sample.value
+    histogram = "vllm_lora_resolver_resolve_seconds"
+    sums = sample_sums(
+        server.get("/metrics").text, {f"{histogram}_sum", f"{histogram}_count"}, outcome="fetched"
+    )
+    totals = {kind: sums.get(f"{histogram}_{kind}", 0.0) for kind in ("sum", "count")}
     return totals["sum"], totals["count"]
 
 

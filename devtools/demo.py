@@ -24,12 +24,12 @@ from pathlib import Path
 from types import FrameType
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.stores import SeaweedS3, upload_folder
 from devtools.sync_sidecar import VLLM_LORA, SyncSidecar
 from devtools.vllm_server import VllmServer
+from vllm_lora_resolvers.metrics import sample_sums
 
 WORK = Path(__file__).resolve().parents[1] / ".work" / "demo"
 BUCKET, PREFIX = "demo-adapters", "adapters"
@@ -76,13 +76,7 @@ class Demo:
     def metric(self, sample: str, **labels: str) -> float:
         """Sum of the server's ``/metrics`` samples named ``sample`` that carry ``labels``."""
         assert self.server is not None
-        families = text_string_to_metric_families(self.server.get("/metrics").text)
-        return sum(
-            s.value
-            for family in families
-            for s in family.samples
-            if s.name == sample and labels.items() <= s.labels.items()
-        )
+        return sample_sums(self.server.get("/metrics").text, {sample}, **labels).get(sample, 0.0)
 
 
 def generated(response: requests.Response) -> str:

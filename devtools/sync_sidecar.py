@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.vllm_server import VllmServer, free_port
+from vllm_lora_resolvers.metrics import sample_sums
 
 VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")
 
@@ -66,12 +66,7 @@ class SyncSidecar:
     def metric(self, name: str) -> float:
         """The sum of the samples named ``name`` on the sync's ``/metrics``."""
         response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples
-            if sample.name == name
-        )
+        return sample_sums(response.text, {name}).get(name, 0.0)
 
     def stop(self) -> None:
         """Stop the process (SIGTERM ends its loop between rounds)."""

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import start_worker, worker_result
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.relay import FaultRelay
 from devtools.stores import S3Endpoint, upload_folder
 from devtools.vllm_server import VllmServer
+from vllm_lora_resolvers.metrics import sample_sums
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 12
@@ -129,12 +129,7 @@ def metric(server: VllmServer, sample: str, **labels: str) -> float:
     """Sum of the samples named ``sample`` on the server's ``/metrics`` matching ``labels``."""
     response = server.get("/metrics")
     response.raise_for_status()
-    return sum(
-        value.value
-        for family in text_string_to_metric_families(response.text)
-        for value in family.samples
-        if value.name == sample and labels.items() <= value.labels.items()
-    )
+    return sample_sums(response.text, {sample}, **labels).get(sample, 0.0)
 
 
 _PULL = """

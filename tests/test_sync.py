@@ -37,6 +37,7 @@ from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.cli import main
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import StoreRefusedError
+from vllm_lora_resolvers.metrics import sample_sums
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.sync import (
     ADMISSION_SECONDS,
@@ -538,3 +539,19 @@ def test_a_redirect_is_not_followed_so_the_api_key_reaches_no_other_origin(
 def test_the_rollout_page_states_the_admission_grace() -> None:
     page = (REPO / "docs" / "rollout.md").read_text()
     assert f"at least {ADMISSION_SECONDS:g} seconds after the switch" in page
+
+
+def test_sample_sums_add_up_the_samples_of_each_name_that_carry_the_labels() -> None:
+    exposition = (
+        "# TYPE r counter\n"
+        'r_total{backend="s3",outcome="hit"} 2.0\n'
+        'r_total{backend="gcs",outcome="hit"} 3.0\n'
+        'r_total{backend="s3",outcome="fetched"} 5.0\n'
+        "# TYPE g gauge\n"
+        "g 7.0\n"
+    )
+    assert sample_sums(exposition, {"r_total", "g", "absent"}) == {"r_total": 10.0, "g": 7.0}
+    assert sample_sums(exposition, {"r_total"}, outcome="hit") == {"r_total": 5.0}
+    assert sample_sums(exposition, {"r_total"}, backend="s3", outcome="hit") == {"r_total": 2.0}
+    with pytest.raises(ValueError):
+        sample_sums("<html>not prometheus</html>", {"g"})

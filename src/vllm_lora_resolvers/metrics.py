@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Histogram, Metric
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -81,3 +82,15 @@ REGISTRY.register(NODE_CACHE)
 def report_node_cache(usage: Callable[[], CacheUsage]) -> None:
     """Report the process's node cache (``usage``) at each scrape."""
     NODE_CACHE.usage = usage
+
+
+def sample_sums(exposition: str, names: Collection[str], **labels: str) -> dict[str, float]:
+    """For each sample name of ``names`` that Prometheus text ``exposition`` (a ``/metrics``
+    page) has, the sum of its samples that carry ``labels``; absent names are absent. Raises
+    `ValueError` when the text is not Prometheus text."""
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name in names and labels.items() <= sample.labels.items():
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return sums

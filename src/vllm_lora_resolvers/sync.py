@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ValidationError
 
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
@@ -72,6 +71,7 @@ from vllm_lora_resolvers.errors import (
     ResolverError,
     StoreUnavailableError,
 )
+from vllm_lora_resolvers.metrics import sample_sums
 from vllm_lora_resolvers.resolver import Resolver
 
 logger = logging.getLogger("vllm.lora_resolvers.sync")
@@ -206,11 +206,7 @@ class VllmServerApi:
         `ServerError` when it does not report both."""
         text = self._call("GET", "/metrics").decode(errors="replace")
         try:
-            in_flight = {
-                family.name: sum(sample.value for sample in family.samples)
-                for family in text_string_to_metric_families(text)
-                if family.name in _IN_FLIGHT_GAUGES
-            }
+            in_flight = sample_sums(text, _IN_FLIGHT_GAUGES)
         except ValueError as error:
             raise ServerError(
                 f"GET /metrics answered what is not Prometheus text: {error}"
