@@ -40,7 +40,7 @@ STORE_EXTRAS = [store.extra for store in STORES if store.extra is not None]
 
 SDIST_TOP_LEVEL = {
     "src", "tests", "devtools", "docs", "mkdocs.yml", "README.md", "pyproject.toml", "PKG-INFO",
-    ".gitignore", "Makefile", "Dockerfile", ".dockerignore",
+    ".gitignore", "Makefile", "Dockerfile", ".dockerignore", "deploy",
 }  # fmt: skip
 DIST_INFO = {"METADATA", "WHEEL", "RECORD", "entry_points.txt"}
 NEVER_SHIPPED_FOLDERS = {

@@ -4,11 +4,9 @@ The example backend of ``docs/writing-a-resolver.md`` is resolved against a real
 127.0.0.1 into a real node cache, and its testing script runs as the page prints it; the
 configuration, metrics and troubleshooting pages (and the README's list of plugins) are checked
 against the variables, stores, metrics, error messages and log lines the package really has; the
-Kubernetes manifests pass the Kubernetes JSON schemas (kubernetes-validate ships them, so this
-runs offline), refer only to what they define or tell the reader to create, and hang together
-(selectors, ports, users, the node caches); the
-Prometheus Operator objects, which have no schema there, are checked for the operator's shape and
-for real metrics and outcomes; what the pages say of vLLM (the paths ``--api-key`` guards, its
+Kubernetes page shows every manifest of deploy/kubernetes and the Dockerfile (what the manifests
+do is tests/test_kubernetes.py's), and the alert rules use real metrics and outcomes; what the
+pages say of vLLM (the paths ``--api-key`` guards, its
 adapter routes, its warnings about our variables, its logging configuration) is checked against the
 installed vLLM; and the site builds with ``mkdocs build --strict``.
 """
@@ -38,6 +36,7 @@ from contract_stores import EXAMPLE, http_backend
 from google.api_core import exceptions as google_api_errors
 from google.auth import exceptions as google_auth_errors
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from image_recipe import image_recipe
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.file_server import FileServer
@@ -202,7 +201,7 @@ def test_readme_lists_each_stores_plugin() -> None:
 
 def test_no_page_or_manifest_names_a_variable_config_lacks() -> None:
     known = {variable.name for variable in config.ALL_VARIABLES}
-    for path in sorted(DOCS.rglob("*")):
+    for path in [*sorted(DOCS.rglob("*")), *sorted((REPO / "deploy").rglob("*"))]:
         if path.suffix in (".md", ".yaml", ".py"):
             unknown = set(OUR_VARIABLE.findall(path.read_text())) - known
             assert not unknown, f"{path.relative_to(REPO)} names {sorted(unknown)}"
@@ -513,249 +512,16 @@ def test_troubleshooting_shows_a_path_as_the_client_sees_it() -> None:
     assert utils.sanitize_message(message) in page("troubleshooting.md")
 
 
-# -- Kubernetes manifests --------------------------------------------------------------------
+# -- Kubernetes manifests (tests/test_kubernetes.py checks what they do) ----------------------
 
-MANIFESTS = sorted((DOCS / "kubernetes").glob("*.yaml"))
-#: Prometheus Operator objects (CRDs): kubernetes-validate has no schema for them; their shape is
-#: checked by `test_prometheus_operator_objects_have_the_operators_shape`.
-OPERATOR_MANIFEST = DOCS / "kubernetes" / "monitoring.yaml"
-SCHEMA_MANIFESTS = [manifest for manifest in MANIFESTS if manifest != OPERATOR_MANIFEST]
-KUBERNETES_VERSION = "1.30"  # the oldest minor still in standard support on EKS and GKE
-
-
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [document for document in yaml.safe_load_all(path.read_text()) if document]
-
-
-def deployment_file() -> dict[str, dict[str, Any]]:
-    """The documents of ``deployment.yaml`` by kind (one of each)."""
-    found = documents(DOCS / "kubernetes" / "deployment.yaml")
-    kinds = {document["kind"]: document for document in found}
-    assert len(kinds) == len(found)
-    return kinds
-
-
-def pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = deployment_file()["Deployment"]["spec"]["template"]["spec"]
-    return spec
-
-
-def containers(kind: str) -> dict[str, dict[str, Any]]:
-    """The pod's ``initContainers`` or ``containers`` by name."""
-    return {container["name"]: container for container in pod_spec()[kind]}
-
-
-def server() -> dict[str, Any]:
-    return containers("containers")["vllm"]
-
-
-def sync_sidecar() -> dict[str, Any]:
-    return containers("containers")["lora-sync"]
-
-
-@pytest.mark.parametrize("manifest", SCHEMA_MANIFESTS, ids=lambda path: path.name)
-def test_kubernetes_manifest_passes_the_schema_check(manifest: Path) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for document in documents(manifest):
-        # strict: unknown fields (typos) fail too; a kind without a schema raises, and fails.
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-
-
-def test_kubernetes_manifests_refer_only_to_what_they_define() -> None:
-    defined: dict[str, set[str]] = {}
-    for manifest in SCHEMA_MANIFESTS:
-        for document in documents(manifest):
-            defined.setdefault(document["kind"], set()).add(document["metadata"]["name"])
-    deployment = deployment_file()["Deployment"]
-    template = deployment["spec"]["template"]
-    assert (
-        deployment["spec"]["selector"]["matchLabels"].items()
-        <= template["metadata"]["labels"].items()
-    )
-    pod = template["spec"]
-    assert pod["serviceAccountName"] in defined["ServiceAccount"]
-    volumes = {volume["name"] for volume in pod["volumes"]}
-    for container in pod["initContainers"] + pod["containers"]:
-        assert {mount["name"] for mount in container["volumeMounts"]} <= volumes
-        for source in container.get("envFrom", []):
-            if "configMapRef" in source:
-                assert source["configMapRef"]["name"] in defined["ConfigMap"]
-    for store in ("s3.yaml", "gcs.yaml", "hf.yaml"):  # each store file is complete
-        kinds = {d["kind"]: d for d in documents(DOCS / "kubernetes" / store)}
-        assert kinds["ServiceAccount"]["metadata"]["name"] == pod["serviceAccountName"]
-        Settings.from_environ(kinds["ConfigMap"]["data"], argv=[])  # a usable configuration
-
-
-def secret_references() -> set[tuple[str, str | None]]:
-    """(Secret, key) pairs the pod reads; key ``None`` for a whole Secret (``secretRef``)."""
-    found: set[tuple[str, str | None]] = set()
-    for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
-        for source in container.get("envFrom", []):
-            if "secretRef" in source:
-                assert not source["secretRef"].get("optional"), "a missing Secret must show"
-                found.add((source["secretRef"]["name"], None))
-        for variable in container.get("env", []):
-            reference = variable.get("valueFrom", {}).get("secretKeyRef")
-            if reference is not None:
-                assert not reference.get("optional"), "a missing Secret must show"
-                found.add((reference["name"], reference["key"]))
-    return found
-
-
-def test_every_secret_the_pods_read_is_one_the_page_says_to_create() -> None:
-    created = dict(
-        re.findall(
-            r"^kubectl create secret generic ([\w-]+) --from-(?:file|literal)=(\w+)=",
-            page("kubernetes.md"),
-            re.M,
-        )
-    )
-    referenced = secret_references()
-    assert {name for name, _ in referenced} == set(created)  # none missing, none superfluous
-    for name, key in referenced:
-        assert key in (None, created[name])
-    assert created == {"hf-token": "HF_TOKEN", "vllm-api-key": "VLLM_API_KEY"}
-    for manifest in MANIFESTS:  # never a Secret with a value in a file
-        assert all(document["kind"] != "Secret" for document in documents(manifest))
-
-
-def test_the_server_reads_its_api_key_from_a_variable_vllm_knows() -> None:
-    envs = pytest.importorskip("vllm.envs")
-    keys = [v for v in server()["env"] if "valueFrom" in v]
-    assert [v["name"] for v in keys] == ["VLLM_API_KEY"]
-    assert "VLLM_API_KEY" in envs.environment_variables
-    assert not any(argument.startswith("--api-key") for argument in server()["args"])
-
-
-def test_the_manifests_start_vllm_serve_with_the_model_the_init_container_checks_against() -> None:
-    assert server()["command"] == ["vllm", "serve"]
-    model = server()["args"][0]
-    assert not model.startswith("-")  # positional: vllm serve MODEL
-    (warm_up,) = containers("initContainers")["warm-adapters"]["args"]
-    assert f"--base-model {model}" in " ".join(warm_up.split())
-    assert Settings.from_environ({}, argv=server()["args"]).max_rank == 16  # read from argv
-
-
-def test_the_network_policy_admits_only_the_gateway_and_prometheus_to_the_server_port() -> None:
-    kinds = deployment_file()
-    policy = kinds["NetworkPolicy"]["spec"]
-    pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    assert policy["policyTypes"] == ["Ingress"]
-    rule, metrics_rule = policy["ingress"]  # the server's port; the sync's metrics port
-
-    def peers(rule: dict[str, Any]) -> list[str]:
-        found = [
-            (peer["namespaceSelector"]["matchLabels"], peer["podSelector"]["matchLabels"])
-            for peer in rule["from"]
-        ]
-        assert all("kubernetes.io/metadata.name" in namespace for namespace, _ in found)
-        return [pods["app.kubernetes.io/name"] for _, pods in found]
-
-    port = server()["ports"][0]["containerPort"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
-    assert peers(rule) == ["llm-gateway", "prometheus"]
-    (sync_port,) = sync_sidecar()["ports"]
-    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": sync_port["containerPort"]}]
-    assert peers(metrics_rule) == ["prometheus"]
-    assert metrics_rule["from"] == rule["from"][1:]
-    service = kinds["Service"]["spec"]
-    assert service["selector"].items() <= pod_labels.items()
-    budget = kinds["PodDisruptionBudget"]["spec"]
-    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert budget["maxUnavailable"] == 1
-
-
-def test_the_pods_run_as_one_non_root_user_that_owns_the_node_caches() -> None:
-    pod = pod_spec()
-    context = pod["securityContext"]
-    assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
-    owner = f"{context['runAsUser']}:{context['runAsGroup']}"
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert set(host_paths) == {"adapter-cache", "model-cache"}
-    prepare = containers("initContainers")["prepare-node-caches"]
-    assert list(containers("initContainers")) == ["prepare-node-caches", "warm-adapters"]
-    mounted = {m["name"]: m["mountPath"] for m in prepare["volumeMounts"]}
-    assert mounted == host_paths  # mounted where they are on the node
-    script = " ".join(prepare["args"][0].split())
-    assert f"chown {owner} {' '.join(host_paths.values())}" in script
-    root = prepare["securityContext"]
-    assert root["runAsUser"] == 0 and root["capabilities"] == {
-        "drop": ["ALL"],
-        "add": ["CHOWN", "FOWNER"],
-    }
-    for container in pod["initContainers"][1:] + pod["containers"]:  # everything else: not root
-        assert "runAsUser" not in container.get("securityContext", {})
-        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-        assert container["securityContext"]["allowPrivilegeEscalation"] is False
-        home = {v["name"]: v.get("value") for v in container["env"]}["HOME"]
-        assert {m["mountPath"] for m in container["volumeMounts"]} >= {home}
-    env = {v["name"]: v.get("value") for v in server()["env"]}
-    assert env["HF_HOME"] == host_paths["model-cache"]
-
-
-def test_the_sync_sidecar_sees_what_its_server_sees() -> None:
-    sidecar, vllm = sync_sidecar(), server()
-    assert sidecar["image"] == vllm["image"]
-    assert sidecar["command"] == ["vllm-lora", "sync"]
-    options = dict(argument.split("=", 1) for argument in sidecar["args"])
-    assert options["--server"] == f"http://127.0.0.1:{vllm['ports'][0]['containerPort']}"
-    assert f"--max-lora-rank={options['--max-rank']}" in vllm["args"]
-    (port,) = sidecar["ports"]
-    assert options["--metrics-port"] == str(port["containerPort"])
-    assert sidecar["livenessProbe"]["httpGet"]["port"] == port["name"]
-    assert sidecar["envFrom"] == vllm["envFrom"]  # the same stores and credentials
-    keys = [v for v in vllm["env"] if "valueFrom" in v]
-    assert [v for v in sidecar["env"] if "valueFrom" in v] == keys  # the server's API key
-    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
-    server_mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
-    assert mounts["adapter-cache"] == server_mounts["adapter-cache"]
-
-
-def test_every_container_requests_and_limits_what_it_uses() -> None:
-    for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
-        for bound in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(container["resources"][bound]), container["name"]
-    for bound in ("requests", "limits"):
-        assert "ephemeral-storage" in server()["resources"][bound]
-    assert server()["resources"]["limits"]["nvidia.com/gpu"] == 1
-
-
-# Fields of the Prometheus Operator's monitoring.coreos.com/v1 kinds that the manifest may use.
-POD_MONITOR_ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "relabelings"}
-RELABELING_FIELDS = {"sourceLabels", "targetLabel", "action", "regex", "replacement"}
-RULE_FIELDS = {"alert", "expr", "for", "labels", "annotations"}
-DURATION = re.compile(r"^(\d+[smhd])+$")
-
-
-def test_prometheus_operator_objects_have_the_operators_shape() -> None:
-    kinds = {document["kind"]: document for document in documents(OPERATOR_MANIFEST)}
-    assert set(kinds) == {"PodMonitor", "PrometheusRule"}
-    for document in kinds.values():
-        assert document["apiVersion"] == "monitoring.coreos.com/v1"
-        assert set(document) == {"apiVersion", "kind", "metadata", "spec"}
-    monitor = kinds["PodMonitor"]["spec"]
-    assert set(monitor) == {"selector", "podMetricsEndpoints"}
-    pod_labels = deployment_file()["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_names = {port["name"] for c in pod_spec()["containers"] for port in c.get("ports", [])}
-    assert {e["port"] for e in monitor["podMetricsEndpoints"]} == port_names  # all scraped
-    for endpoint in monitor["podMetricsEndpoints"]:
-        assert set(endpoint) <= POD_MONITOR_ENDPOINT_FIELDS
-        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
-        assert DURATION.match(endpoint["interval"])
-        for relabeling in endpoint.get("relabelings", []):
-            assert set(relabeling) <= RELABELING_FIELDS
-    (group,) = kinds["PrometheusRule"]["spec"]["groups"]
-    assert set(group) == {"name", "rules"}
-    for rule in group["rules"]:
-        assert set(rule) <= RULE_FIELDS and {"alert", "expr", "labels"} <= set(rule)
-        assert DURATION.match(rule.get("for", "1m"))
-        assert rule["labels"]["severity"] in ("page", "warning", "ticket")
+DEPLOY = REPO / "deploy" / "kubernetes"
+#: The Prometheus Operator objects of the monitoring component.
+OPERATOR_MANIFEST = DEPLOY / "components" / "monitoring" / "monitoring.yaml"
 
 
 def alert_rules() -> dict[str, dict[str, Any]]:
-    (rule_file,) = [d for d in documents(OPERATOR_MANIFEST) if d["kind"] == "PrometheusRule"]
+    documents = [d for d in yaml.safe_load_all(OPERATOR_MANIFEST.read_text()) if d]
+    (rule_file,) = [d for d in documents if d["kind"] == "PrometheusRule"]
     return {rule["alert"]: rule for rule in rule_file["spec"]["groups"][0]["rules"]}
 
 
@@ -775,15 +541,18 @@ def test_the_alert_rules_use_real_metrics_and_outcomes_and_page_on_refused_store
     assert failures.items() <= alerted.items()
 
 
-def test_kubernetes_page_shows_every_manifest() -> None:
+def test_kubernetes_page_shows_every_manifest_and_the_image_recipe() -> None:
     text = page("kubernetes.md")
-    for manifest in MANIFESTS:
-        assert f'--8<-- "kubernetes/{manifest.name}"' in text
-    sections = re.findall(r'--8<-- "kubernetes/deployment.yaml:(\w+)"', text)
-    deployment = (DOCS / "kubernetes" / "deployment.yaml").read_text()
-    for section in sections:
-        assert f"# --8<-- [start:{section}]" in deployment
-        assert f"# --8<-- [end:{section}]" in deployment
+    shown = re.findall(r'^--8<-- "([^":]+)(?::(\w+))?"$', text, re.M)
+    manifests = {str(path.relative_to(REPO)) for path in DEPLOY.rglob("*.yaml")}
+    assert manifests <= {path for path, _ in shown}  # each whole, or in sections
+    assert ("Dockerfile", "") in shown
+    text = " ".join(page("index.md").split())
+    assert f"(the repository's `Dockerfile`) starts from `{image_recipe().base}`." in text
+    for path, section in shown:
+        if section:
+            source = (REPO / path).read_text()
+            assert f"# --8<-- [start:{section}]" in source and f"# --8<-- [end:{section}]" in source
 
 
 # -- what the pages say about vLLM itself ----------------------------------------------------
