@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import ast
 import errno
+import fnmatch
 import inspect
 import logging
 import os
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,6 +199,25 @@ def test_configuration_page_states_the_default_order_of_the_plugins() -> None:
 def test_readme_lists_each_stores_plugin() -> None:
     listed = re.findall(r"^\| `(lora_\w+)` \|", (REPO / "README.md").read_text(), re.M)
     assert sorted(listed) == sorted(store.plugin for store in stores.STORES)
+
+
+def pages_and_readme() -> list[Path]:
+    return [*sorted(DOCS.rglob("*.md")), REPO / "README.md"]
+
+
+def test_no_page_installs_the_package_from_an_index_but_the_wheel_make_dist_builds() -> None:
+    """The package is on no index yet: a page that pip-installs it by name would install
+    nothing, or whatever someone else published under that name."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wheel = f"dist/vllm_lora_resolvers-{project['version']}-py3-none-any.whl"
+    installs = 0
+    for path in pages_and_readme():
+        for command in re.findall(r"pip install ([^\n]*)", path.read_text()):
+            assert not re.search(r"(?<![\w/*.-])vllm-lora-resolvers\b", command), (path, command)
+            for pattern in re.findall(r"(\S*\.whl)", command):
+                assert fnmatch.fnmatch(wheel, pattern), (path, pattern)
+                installs += 1
+    assert installs >= 6  # the README's, each quickstart's, the Kubernetes page's
 
 
 def test_no_page_or_manifest_names_a_variable_config_lacks() -> None:
