@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import errno
 import fnmatch
+import importlib.util
 import inspect
 import logging
 import os
@@ -43,7 +44,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.file_server import FileServer
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics, plugin, stores, sync
+from vllm_lora_resolvers import config, metrics, plugin, resolver, stores, sync
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -54,6 +55,7 @@ from vllm_lora_resolvers.adapter import (
 from vllm_lora_resolvers.backends import gcs, hf_hub, s3
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import NodeCache, cache_write_error
+from vllm_lora_resolvers.cli.sync import LOG_FORMAT as SYNC_LOG_FORMAT
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
@@ -196,9 +198,61 @@ def test_configuration_page_states_the_default_order_of_the_plugins() -> None:
     assert tuple(re.findall(r"`(\w+)`", stated)) == plugin.DEFAULT_ORDER
 
 
-def test_readme_lists_each_stores_plugin() -> None:
-    listed = re.findall(r"^\| `(lora_\w+)` \|", (REPO / "README.md").read_text(), re.M)
-    assert sorted(listed) == sorted(store.plugin for store in stores.STORES)
+def test_each_plugin_table_lists_every_stores_plugin_and_the_variable_that_enables_it() -> None:
+    tables = 0
+    for path in pages_and_readme():
+        table = re.search(r"^\| plugin \(entry point\) \|.*?\n\n", path.read_text(), re.M | re.S)
+        if table is None:
+            continue
+        tables += 1
+        rows = re.findall(r"^\| `(lora_\w+)` \|[^|]*\|([^|]*)\|$", table.group(), re.M)
+        assert sorted(plugin for plugin, _ in rows) == sorted(stores.BY_PLUGIN), path.name
+        if "| enabled by |" in table.group():
+            for plugin, enabled_by in rows:
+                assert f"`{stores.BY_PLUGIN[plugin].variable.name}`" in enabled_by, plugin
+    assert tables == 2  # the README's and the overview's
+
+
+def test_the_overview_links_every_quickstart() -> None:
+    linked = re.findall(r"\]\(quickstart/([\w-]+\.md)\)", page("index.md"))
+    assert sorted(linked) == sorted(path.name for path in (DOCS / "quickstart").glob("*.md"))
+    assert len(linked) == len(stores.STORES)  # one per store
+
+
+def test_each_list_of_the_backend_label_names_every_store() -> None:
+    lists = 0
+    for path in pages_and_readme():
+        for listed in re.findall(r"`backend` is ((?:`\w+`(?:, | or ))+`\w+`)", path.read_text()):
+            assert re.findall(r"`(\w+)`", listed) == [s.backend for s in stores.STORES], path
+            lists += 1
+    assert lists >= 1
+
+
+#: How the pages call each store.
+STORE_TITLES = {"s3": "S3", "gcs": "GCS", "azure": "Azure", "hf": "Hub", "fs": "filesystem"}
+
+
+def sentences(text: str) -> Iterator[str]:
+    """The sentences (and headings, table rows, list items) of a page, each on one line."""
+    for block in re.split(r"\n\s*\n|\n(?=#|\||- )", text):
+        yield from re.split(r"(?<=[.;])\s+(?=[A-Z`(\[])", " ".join(block.split()))
+
+
+def test_what_the_pages_say_of_publishing_and_pins_names_every_store_that_has_them() -> None:
+    """A list of stores ("S3 and GCS") in a sentence about publishing or ``@VERSION`` pins names
+    every store ``vllm-lora publish`` writes to."""
+    assert set(STORE_TITLES) == set(stores.BY_BACKEND)
+    buckets = {STORE_TITLES[store.backend] for store in stores.STORES if store.bucket}
+    title = "|".join(sorted(buckets))
+    listing = re.compile(rf"\b(?:{title})(?:(?:, | and | or |, and )(?:{title})\b)+")
+    checked = 0
+    for path in pages_and_readme():
+        for sentence in sentences(path.read_text()):
+            if re.search(r"publish|@VERSION|\bpins?\b", sentence, re.I):
+                for listed in listing.findall(sentence):
+                    assert set(re.findall(title, listed)) == buckets, f"{path.name}: {sentence}"
+                    checked += 1
+    assert checked >= 4
 
 
 def pages_and_readme() -> list[Path]:
@@ -354,6 +408,133 @@ def test_metrics_page_shows_the_real_log_line_of_a_resolution(
     shape = re.sub(r"%(\.\d+)?[srdf]", "__VALUE__", re.escape(record.msg))
     shape = shape.replace("__VALUE__", r"\S+")
     assert re.search(f"^{shape}$", text, re.M), "no example line of that shape"
+
+
+def outcomes_named(listed: str) -> set[str]:
+    return set(re.findall(r"`(\w+)`", listed))
+
+
+def test_the_pages_state_the_level_each_resolution_is_logged_at() -> None:
+    at_info = set(resolver.LOGGED_AT_INFO)
+    at_debug = set(metrics.OUTCOMES) - at_info
+    metrics_page = " ".join(page("metrics.md").split())
+    ((info, debug),) = re.findall(r"- ([^.;]*) are logged at INFO; ([^.;]*) at DEBUG", metrics_page)
+    assert (outcomes_named(info), outcomes_named(debug)) == (at_info, at_debug)
+    runbook = " ".join(page("troubleshooting.md").split())
+    ((info, debug),) = re.findall(
+        r"At INFO \(the default\) you see the start-up lines, (.*?) resolutions, evictions, and "
+        r"warnings; (.*?) resolutions are DEBUG",
+        runbook,
+    )
+    assert (outcomes_named(info), outcomes_named(debug)) == (at_info, at_debug)
+    (debug,) = re.findall(r"`DEBUG` also shows the (.*?) resolutions", page("configuration.md"))
+    assert outcomes_named(debug) == at_debug
+
+
+def test_a_refused_resolution_is_logged_at_info_and_a_hit_at_debug(
+    fs_resolver: Any,
+    adapters_dir: Path,
+    cache_dir: Path,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_lora_adapter(adapters_dir / "sql-expert", base_model=BASE_MODEL)
+    store = RefusingStore("s3://my-adapters/prod", make_settings(), NodeCache(cache_dir))
+    with caplog.at_level(logging.DEBUG, logger="vllm.lora_resolvers"):
+        fs_resolver.resolve(BASE_MODEL, "sql-expert")
+        fs_resolver.resolve(BASE_MODEL, "sql-expert")
+        with pytest.raises(StoreRefusedError):
+            Resolver(store).resolve(BASE_MODEL, "sql-expert")
+    levels = {
+        record.getMessage().split(" outcome=")[1].split()[0]: record.levelno
+        for record in caplog.records
+        if record.getMessage().startswith("resolution ")
+    }
+    assert levels == {"fetched": logging.INFO, "hit": logging.DEBUG, "refused": logging.INFO}
+    for outcome, level in levels.items():
+        assert (level == logging.INFO) == (outcome in resolver.LOGGED_AT_INFO), outcome
+
+
+def test_the_log_samples_name_the_resolver_classes_vllm_would_print() -> None:
+    """vLLM's line names the class of the resolver that answered: ours are `VllmResolver` (each
+    store) and `GuardedFilesystemResolver` (its own filesystem resolver, wrapped)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vllm is not installed")
+    serving = Path(spec.submodule_search_locations[0], "entrypoints/openai/models/serving.py")
+    source = serving.read_text()
+    assert "\"Resolved and loaded LoRA adapter '%s' using %s\"," in source
+    assert "resolver.__class__.__name__," in source
+    ours = {VllmResolver.__name__, plugin.GuardedFilesystemResolver.__name__}
+    named = 0
+    for path in pages_and_readme():
+        for lines in re.findall(r"```text\n(.*?)```", path.read_text(), re.S):
+            previous = ""
+            for line in lines.splitlines():
+                used = re.search(r"Resolved and loaded LoRA adapter '[^']+' using (\w+)$", line)
+                if used:
+                    assert used.group(1) in ours, (path.name, line)
+                    if " resolution backend=" in previous:  # one of our stores answered
+                        assert used.group(1) == VllmResolver.__name__, (path.name, line)
+                    named += 1
+                previous = line
+    assert named >= 1
+
+
+#: A path in this repository, as the pages cite them (the package's modules also without src/;
+#: ``deploy/NAME`` alone is kubectl's name of a Deployment).
+CITED_PATH = re.compile(
+    r"(?<![\w/.-])((?:tests|devtools|src|docs|bench|deploy/kubernetes|vllm_lora_resolvers)/[\w./-]*\w)"
+)
+
+
+def test_the_files_the_pages_cite_exist() -> None:
+    cited = 0
+    for path in [*pages_and_readme(), *sorted(DEPLOY.rglob("*.yaml")), REPO / "Dockerfile"]:
+        for name in CITED_PATH.findall(path.read_text()):
+            where = REPO / "src" / name if name.startswith("vllm_lora_resolvers/") else REPO / name
+            assert where.exists(), f"{path.relative_to(REPO)} cites {name}"
+            cited += 1
+    assert cited >= 10
+
+
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7}
+
+
+def test_the_pages_count_the_plugins_right() -> None:
+    counted = 0
+    for path in pages_and_readme():
+        for word in re.findall(r"\b(?:all|our) (\w+) plugins\b", path.read_text(), re.I):
+            assert NUMBERS.get(word.lower()) == len(stores.STORES), (path.name, word)
+            counted += 1
+    assert counted >= 1
+
+
+def test_the_quoted_lines_of_the_sync_have_its_log_format() -> None:
+    """The stated format, and every quoted line, are the sync's own (time included)."""
+    log_format = SYNC_LOG_FORMAT
+    stated = {"asctime": "TIME", "levelname": "LEVEL", "name": "LOGGER", "message": "MESSAGE"}
+    placeholders = re.sub(r"%\((\w+)\)s", lambda m: stated[m.group(1)], log_format)
+    assert f"in the format `{placeholders}`" in " ".join(page("metrics.md").split())
+    shapes = {
+        "asctime": r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}",
+        "levelname": "(?:DEBUG|INFO|WARNING|ERROR)",
+        "name": re.escape(sync.logger.name),
+        "message": "sync: .*",
+    }
+    fields = re.split(r"%\((\w+)\)s", log_format)  # text, field, text, field, ..., text
+    line_shape = re.compile(
+        "".join(shapes[part] if i % 2 else re.escape(part) for i, part in enumerate(fields))
+    )
+    record = sync.logger.makeRecord(sync.logger.name, logging.INFO, "", 0, "sync: x", (), None)
+    assert line_shape.fullmatch(logging.Formatter(log_format).format(record))
+    quoted = 0
+    for path in pages_and_readme():
+        for line in path.read_text().splitlines():
+            if f"{sync.logger.name}: sync: " in line:
+                assert line_shape.fullmatch(line.strip()), (path.name, line)
+                quoted += 1
+    assert quoted >= 5
 
 
 def test_metrics_page_documents_every_metric_of_the_sync() -> None:
