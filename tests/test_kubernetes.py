@@ -310,6 +310,7 @@ def test_each_container_builds_its_stores_resolver_from_its_own_environment(
     server_argv = output.argv("vllm")
     for name in OUR_CONTAINERS:
         variables = output.environment(name)
+        assert {store.variable.name, CACHE_DIR.name, "VLLM_PLUGINS"} <= set(variables), name
         # The cache the variable names is the node cache mounted there.
         assert variables[CACHE_DIR.name] == output.volume("adapter-cache")["hostPath"]["path"]
         assert output.mounts(name)["adapter-cache"] == variables[CACHE_DIR.name]
