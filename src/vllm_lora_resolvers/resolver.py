@@ -54,6 +54,8 @@ from vllm_lora_resolvers.transfer import (
 
 logger = logging.getLogger("vllm.lora_resolvers")
 
+#: The outcomes whose resolution line is logged at INFO; the others' at DEBUG.
+LOGGED_AT_INFO = ("fetched", "stale", "invalid", "refused", "error")
 #: How long an unreachable store is remembered as such (at most the miss TTL).
 OUTAGE_MEMORY_SECONDS = 5.0
 #: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was
@@ -507,8 +509,7 @@ class Resolver:
         resolutions, latency = self._outcome_metrics[outcome]
         resolutions.inc()
         latency.observe(seconds)
-        noteworthy = ("fetched", "invalid", "refused", "error", "stale")
-        log = logger.info if outcome in noteworthy else logger.debug
+        log = logger.info if outcome in LOGGED_AT_INFO else logger.debug
         log(
             "resolution backend=%s name=%r version=%s outcome=%s bytes=%d seconds=%.4f",
             self.backend,

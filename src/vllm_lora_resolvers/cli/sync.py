@@ -21,6 +21,9 @@ from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.plugin import configured_resolvers, node_cache
 from vllm_lora_resolvers.sync import AdapterSync, VllmServerApi
 
+#: Its log lines' format: a long-running process's lines carry the time.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 @click.command()
 @click.option("--server", required=True, help="The vLLM server, e.g. http://127.0.0.1:8000.")
@@ -76,8 +79,8 @@ def sync(
     the server answered what the sync cannot read).
     """
     logging.getLogger("vllm.lora_resolvers.sync").setLevel(logging.INFO)
-    for handler in logging.getLogger().handlers:  # a long-running process: lines carry the time
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     with cannot_check():
         settings = Settings.from_environ(argv=[])
         if max_rank is not None:
