@@ -1,8 +1,9 @@
 """Pointers (``adapter_current.json``) that lie about the version they name, written straight to
 real servers (SeaweedFS, fake-gcs-server, Azurite) with their own clients, as whoever can write to
 the bucket could: a declared size far below the object's, an ETag or generation that is not the
-object's. Each is a refusal of that version, received at most up to its declared size per try,
-kept nowhere, and remembered: asking again downloads nothing."""
+object's, an ETag built to reach a request header or URL. Each is a refusal of that version,
+received at most up to its declared size per try, kept nowhere, and remembered: asking again
+downloads nothing."""
 
 from __future__ import annotations
 
@@ -166,3 +167,44 @@ def test_a_pointer_declaring_another_etag_than_the_objects_is_refused_and_rememb
     resolver = server.bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_MAX_ADAPTER_BYTES=LIMIT)
     declared = sum(file["size"] for file in files.values())
     assert_refused_then_remembered(server, resolver, cache_dir, declared)
+
+
+@pytest.mark.parametrize(
+    "etag",
+    [
+        "1&userProject=attacker",
+        '"0123456789abcdef0123456789abcdef"\r\nX-Injected: 1',
+        "12\n34",
+        "*",
+        '"a", "b"',
+    ],
+)
+def test_an_etag_that_could_reach_a_header_or_url_is_refused_before_any_read(
+    server: Server, tmp_path: Path, cache_dir: Path, etag: str
+) -> None:
+    files = put_version(server, tmp_path)
+    files[WEIGHTS]["etag"] = etag
+    point_at(server, files)
+    with pytest.raises(InvalidAdapterError) as raised:
+        server.bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
+    message = str(raised.value)
+    assert "adapter 'sql'" in message and "not a valid adapter pointer" in message
+    assert "not an ETag or generation" in message and "vllm-lora publish" in message
+    assert "\n" not in message and "userProject" not in message
+    assert server.version_reads() == []
+
+
+def test_a_gcs_pointer_declaring_a_generation_that_is_not_a_number_is_refused(
+    gcs_bucket: GcsBucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    server = gcs_server(gcs_bucket)
+    files = put_version(server, tmp_path)
+    files[WEIGHTS]["etag"] = "abc"
+    point_at(server, files)
+    with pytest.raises(InvalidAdapterError) as raised:
+        gcs_bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql")
+    assert str(raised.value) == (
+        "adapter 'sql': its pointer declares adapter_model.safetensors at 'abc', which is not an "
+        "ETag or generation of a gcs object; publish the adapter again with `vllm-lora publish`"
+    )
+    assert server.version_reads() == []

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import google.auth.exceptions
 import requests
@@ -70,6 +70,8 @@ class GcsStore(BucketStore):
     """Adapters in a Google Cloud Storage bucket (see the module's docstring)."""
 
     backend: ClassVar[str] = "gcs"
+    #: A generation is a number.
+    object_version: ClassVar[re.Pattern[str]] = re.compile(r"[0-9]{1,20}")
 
     def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
         """``gs://bucket[/prefix]``; the endpoint an emulator's (``STORAGE_EMULATOR_HOST``): its
@@ -211,11 +213,13 @@ class GcsStore(BucketStore):
 
     def _media_url(self, key: str, generation: str | None = None) -> str:
         """The URL of the bytes of object ``key`` (at ``generation``; default: the live one)."""
-        url = (
+        query = {"alt": "media"}
+        if generation is not None:
+            query["generation"] = generation
+        return (
             f"{self.client.api_endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
-            f"{quote(key, safe='')}?alt=media"
+            f"{quote(key, safe='')}?{urlencode(query)}"
         )
-        return url if generation is None else f"{url}&generation={generation}"
 
 
 def _unless_refused(where: str, write: Callable[[], None]) -> bool:
