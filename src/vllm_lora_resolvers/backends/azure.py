@@ -237,6 +237,8 @@ class AzureBlobStore(BucketStore):
         answer longer than asked, is refused from its headers, before its body is read."""
 
         def before_the_body(response: PipelineResponse[Any, Any]) -> None:
+            if response.http_response.status_code not in (200, 206):
+                return  # an error, whose body the SDK reads into its own exception
             headers = response.http_response.headers
             try:
                 check_stored_size(file, stored_size(headers.get("Content-Range")))
