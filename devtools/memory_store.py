@@ -169,6 +169,8 @@ class MemoryStore(Store):
             cut = fault is not None and fault.kind in ("reset_after", "close_after")
             if fault is not None and cut:
                 body = body[: fault.after_bytes]
+            if fault is not None and fault.kind == "pad":
+                body += bytes(fault.extra_bytes)
             for offset in range(0, len(body), _CHUNK):
                 chunk = body[offset : offset + _CHUNK]
                 self.store.count_body_bytes(len(chunk))

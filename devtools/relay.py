@@ -4,8 +4,9 @@ Bytes pass unchanged, so SigV4 signatures stay valid. The relay parses just enou
 count requests and to find where each response body starts and ends (Content-Length, chunked or
 until EOF; keep-alive with many requests per connection; ``100 Continue``). With that it can
 answer an error status instead of the server, delay a request, cut a response body after N
-bytes with a reset (RST) or a clean close (FIN, i.e. a truncated body), or flip a bit of one byte of
-a body (same size, other content: what only a checksum catches).
+bytes with a reset (RST) or a clean close (FIN, i.e. a truncated body), flip a bit of one byte of
+a body (same size, other content: what only a checksum catches), or pad a body with N more bytes
+(a store sending more than it declared).
 
 It can also drop request headers before the server sees them (``drop_request_headers``): then the
 server behaves as one that ignores them. That breaks the signature of a signed header, so only a
@@ -24,13 +25,14 @@ import asyncio
 import contextlib
 import fcntl
 import http
+import re
 import socket
 import struct
 import termios
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -39,6 +41,7 @@ from xml.sax.saxutils import escape
 _HEAD_LIMIT = 1 << 20
 _PIECE = 1 << 16
 _ERRORS = (OSError, EOFError, asyncio.LimitOverrunError, ValueError)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[^\r]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,12 @@ class Fault:
         (RST) or close it cleanly (FIN, a truncated body);
       - ``delay``: wait ``seconds`` before forwarding the request;
       - ``corrupt_at``: forward the request and the whole response, with one bit of the response
-        body's byte at offset ``after_bytes`` flipped (bodies shorter than that pass unchanged).
+        body's byte at offset ``after_bytes`` flipped (bodies shorter than that pass unchanged);
+      - ``pad``: forward the request and the whole response, followed by ``extra_bytes`` zero
+        bytes its ``Content-Length`` counts (a body without one passes unchanged).
     """
 
-    kind: Literal["status", "reset_after", "close_after", "delay", "corrupt_at"]
+    kind: Literal["status", "reset_after", "close_after", "delay", "corrupt_at", "pad"]
     method: str | None = None
     path_contains: str | None = None
     match: Callable[[str, str], bool] | None = None
@@ -67,6 +72,7 @@ class Fault:
     status: int = 503
     code: str = "SlowDown"
     after_bytes: int = 0
+    extra_bytes: int = 0
     seconds: float = 0.0
 
     def matches(self, method: str, path: str) -> bool:
@@ -158,11 +164,31 @@ class FaultRelay(FaultLedger):
         self._thread = threading.Thread(target=self._loop.run_forever, name="FaultRelay")
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._responses_in_flight = 0
+        self._response_ended = threading.Condition()
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` of the relay."""
         return f"http://127.0.0.1:{self.port}"
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until every response the relay began is relayed, or abandoned by its client, so
+        that `response_body_bytes` counts all it will send; `TimeoutError` after ``timeout`` s."""
+        with self._response_ended:
+            if not self._response_ended.wait_for(lambda: self._responses_in_flight == 0, timeout):
+                raise TimeoutError(f"{self._responses_in_flight} responses still being relayed")
+
+    @contextlib.contextmanager
+    def _relaying_a_response(self) -> Iterator[None]:
+        with self._response_ended:
+            self._responses_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._response_ended:
+                self._responses_in_flight -= 1
+                self._response_ended.notify_all()
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -245,38 +271,70 @@ class FaultRelay(FaultLedger):
         client: asyncio.StreamWriter,
         pending: deque[tuple[str, Fault | None]],
     ) -> None:
-        """Relay upstream's responses to the client, cutting bodies as faults say."""
+        """Relay upstream's responses to the client, cutting, damaging or padding bodies as
+        faults say."""
         try:
             while (message := await _read_head(upstream)) is not None:
-                head, status_line, headers = message
-                client.write(head)
-                await client.drain()
+                head, status_line, _ = message
                 status = int(status_line.split(" ", 2)[1])
                 if status < 200:  # 100 Continue: the final response follows
+                    client.write(head)
+                    await client.drain()
                     continue
                 method, fault = pending.popleft() if pending else ("", None)
-                if method == "HEAD" or status in (204, 304):
-                    continue
-                cut = fault if fault is not None and fault.kind.endswith("_after") else None
-                corrupt = fault if fault is not None and fault.kind == "corrupt_at" else None
-                sent = 0
-                async with contextlib.aclosing(_body(upstream, headers, until_eof=True)) as body:
-                    async for piece in body:
-                        if cut is not None:
-                            piece = piece[: cut.after_bytes - sent]  # noqa: PLW2901
-                        if corrupt is not None and 0 <= corrupt.after_bytes - sent < len(piece):
-                            piece = _flip_bit(piece, corrupt.after_bytes - sent)  # noqa: PLW2901
-                        self.count_body_bytes(len(piece))
-                        client.write(piece)
-                        await client.drain()
-                        sent += len(piece)
-                        if cut is not None and sent >= cut.after_bytes:
-                            await _cut(client, reset=cut.kind == "reset_after")
-                            return
+                with self._relaying_a_response():
+                    if not await self._relay_response(upstream, client, message, method, fault):
+                        return
         except _ERRORS:
             pass
         finally:
             client.close()  # the client must not send more to a dead upstream connection
+
+    async def _relay_response(
+        self,
+        upstream: asyncio.StreamReader,
+        client: asyncio.StreamWriter,
+        message: tuple[bytes, str, dict[str, str]],
+        method: str,
+        fault: Fault | None,
+    ) -> bool:
+        """Relay one final response (its head already read), as ``fault`` says; whether the
+        connection goes on."""
+        head, status_line, headers = message
+        status = int(status_line.split(" ", 2)[1])
+        bodiless = method == "HEAD" or status in (204, 304)
+        padding = 0
+        if fault is not None and fault.kind == "pad" and not bodiless:
+            padding = fault.extra_bytes if "content-length" in headers else 0
+        if padding:
+            length = int(headers["content-length"]) + padding
+            head = _CONTENT_LENGTH.sub(b"\r\nContent-Length: %d" % length, head, count=1)
+        client.write(head)
+        await client.drain()
+        if bodiless:
+            return True
+        cut = fault if fault is not None and fault.kind.endswith("_after") else None
+        corrupt = fault if fault is not None and fault.kind == "corrupt_at" else None
+        sent = 0
+        async with contextlib.aclosing(_body(upstream, headers, until_eof=True)) as body:
+            async for piece in body:
+                if cut is not None:
+                    piece = piece[: cut.after_bytes - sent]  # noqa: PLW2901
+                if corrupt is not None and 0 <= corrupt.after_bytes - sent < len(piece):
+                    piece = _flip_bit(piece, corrupt.after_bytes - sent)  # noqa: PLW2901
+                self.count_body_bytes(len(piece))
+                client.write(piece)
+                await client.drain()
+                sent += len(piece)
+                if cut is not None and sent >= cut.after_bytes:
+                    await _cut(client, reset=cut.kind == "reset_after")
+                    return False
+        for offset in range(0, padding, _PIECE):
+            piece = bytes(min(_PIECE, padding - offset))
+            self.count_body_bytes(len(piece))
+            client.write(piece)
+            await client.drain()
+        return True
 
 
 def _without_headers(head: bytes, dropped: frozenset[str]) -> bytes:

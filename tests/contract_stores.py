@@ -148,9 +148,11 @@ class RelayedStore(StoreUnderTest):
         return self.relay.requests
 
     def reset_counters(self) -> None:
+        self.relay.settle()  # no byte of an earlier response is counted after
         self.relay.reset_counters()
 
     def body_bytes(self) -> int:
+        self.relay.settle()
         return self.relay.response_body_bytes
 
     def add_fault(self, fault: Fault) -> None:

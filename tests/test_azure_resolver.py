@@ -296,3 +296,19 @@ def test_doctor_shows_the_azure_row_with_its_secrets_hidden(
     assert re.search(r"AZURE_STORAGE_CONNECTION_STRING\W+set", result.stdout), result.stdout
     assert azure_container.server.key not in result.stdout
     assert "AZURE_STORAGE_ACCOUNT_NAME" in result.stdout
+
+
+def test_an_error_answer_longer_than_the_range_asked_is_the_error_it_is(
+    azure_container: AzureContainer, tmp_path: Path, cache_dir: Path
+) -> None:
+    """The size checks made from a blob answer's headers concern its bytes only: a 503 whose
+    body is longer than the config it answers for is retried, not taken for more bytes than
+    declared."""
+    source = adapter(tmp_path / "sql")
+    azure_container.upload("sql", source)
+    config_size = (source / "adapter_config.json").stat().st_size
+    azure_container.relay.add_fault(
+        Fault("status", code="ServerBusy" * config_size, path_contains="adapter_config", times=2)
+    )
+    resolved = azure_container.resolver(cache_dir).resolve(BASE_MODEL, "sql")
+    assert resolved is not None and files_of(resolved.path) == files_of(source)

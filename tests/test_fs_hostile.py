@@ -26,8 +26,8 @@ from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
-from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError
-from vllm_lora_resolvers.remote import RemoteAdapter
+from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError, VersionChangedError
+from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import Resolver
 
 WEIGHTS = "adapter_model.safetensors"
@@ -205,3 +205,31 @@ def test_a_weights_file_larger_than_its_header_declares_is_refused_before_its_co
     with pytest.raises(InvalidAdapterError, match="bytes of data"):
         resolver.resolve(BASE_MODEL, "sql")
     assert _cache_disk_bytes(cache_dir) < 1 << 20
+
+
+class GrowingOnceOpened(FilesystemStore):
+    """Grows the weights file by 8 MiB right after the copy opened it and found it the file
+    looked up, as a writer appending to it would."""
+
+    @staticmethod
+    @contextmanager
+    def _file(adapter: RemoteAdapter, file: RemoteFile, directory: int) -> Iterator[int]:
+        with FilesystemStore._file(adapter, file, directory) as reader:
+            if file.path == WEIGHTS:
+                os.truncate(Path(adapter.location) / WEIGHTS, file.size + (8 << 20))
+            yield reader
+
+
+def test_a_file_growing_while_it_is_copied_is_copied_no_further_than_looked_up(
+    adapters_dir: Path, tmp_path: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    store = GrowingOnceOpened(adapters_dir, make_settings(), NodeCache(cache_dir))
+    remote = store.locate("sql")
+    assert remote is not None
+    weights = remote.file(WEIGHTS)
+    assert weights is not None
+    copy = tmp_path / "copy"
+    with pytest.raises(VersionChangedError, match="changed"):  # looked up again, as a new version
+        store.download(remote, weights, copy)
+    assert copy.stat().st_size == weights.size

@@ -10,7 +10,7 @@ from gcs_fixtures import GcsBucket
 from resolver_setup import fast_transfer
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers.backends.gcs import parse_gcs_uri
+from vllm_lora_resolvers.backends.gcs import GcsStore, parse_gcs_uri
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import StoreUnavailableError
 
@@ -82,3 +82,14 @@ def test_the_lookup_lists_only_the_key_range_of_the_adapter_files(
     [listing] = [path for _, path in gcs_bucket.requests("GET") if "/o?" in path]
     assert "startOffset=adapters%2Fsql%2Fadapter_config.json" in listing
     assert "endOffset=adapters%2Fsql%2Fadapter_n" in listing
+
+
+def test_a_generation_is_url_encoded_into_the_media_url(
+    gcs_bucket: GcsBucket, cache_dir: Path
+) -> None:
+    store = gcs_bucket.resolver(cache_dir).store
+    assert isinstance(store, GcsStore)
+    url = store._media_url("adapters/sql/adapter_model.safetensors", "1&userProject=x")
+    assert url.endswith(
+        "/o/adapters%2Fsql%2Fadapter_model.safetensors?alt=media&generation=1%26userProject%3Dx"
+    )

@@ -394,3 +394,39 @@ def test_a_checksum_mismatch_is_refused(
     resolved = resolver.resolve(BASE_MODEL, store.name("sql"))
     assert resolved is not None
     assert files_of(resolved.path) == files_of(source)
+
+
+#: What a hostile store pads a body with: far more than the tries of a resolution may receive.
+PADDING = 128 << 20
+#: What may reach the node per try beyond the bytes it asked for: the chunk being read when it
+#: hangs up, and what the TCP buffers of both ends took in meanwhile (a few MiB on loopback).
+IN_FLIGHT = 16 << 20
+#: Tries of a version the store serves otherwise than it declared: it is looked up once more (it
+#: may have just changed), then refused.
+TRIES = 2
+
+
+def test_a_store_sending_more_than_it_declared_is_refused_and_remembered(
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A store sending more bytes than it declared for a file is not an outage retried on every
+    request: each try stops at the declared size, nothing is kept, and the version is refused
+    from then on without a download."""
+    store.require(Capability.FAULTS)
+    source = put_adapter(store, tmp_path, "sql")
+    declared = sum(path.stat().st_size for path in source.iterdir())
+    padded = Fault(
+        "pad", method="GET", path_contains="adapter_model", extra_bytes=PADDING, times=1_000_000
+    )
+    store.add_fault(padded)
+    resolver = store.resolver(cache_dir)
+    with pytest.raises(InvalidAdapterError, match=r"does not serve version \S+ as it declares it"):
+        resolver.resolve(BASE_MODEL, store.name("sql"))
+    assert store.body_bytes() < TRIES * (declared + IN_FLIGHT)
+    assert_nothing_published(cache_dir, store.name("sql"))
+
+    store.reset_counters()
+    with pytest.raises(InvalidAdapterError, match="publish it again"):
+        resolver.resolve(BASE_MODEL, store.name("sql"))
+    assert store.weights_reads() == []
+    assert store.body_bytes() < 64 << 10  # a lookup's answer at most

@@ -10,13 +10,14 @@ from pathlib import Path
 import google_crc32c
 import pytest
 
-from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError, VersionChangedError
 from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import (
     DEFAULT_TRANSFER,
     TransferConfig,
     download_in_parts,
+    stored_size,
     verify_file,
 )
 
@@ -122,18 +123,50 @@ def test_a_part_that_keeps_breaking_fails_the_download(tmp_path: Path) -> None:
         )
 
 
-def test_a_store_sending_more_than_asked_is_refused(tmp_path: Path) -> None:
+def test_a_part_longer_than_asked_is_refused_before_it_is_written(tmp_path: Path) -> None:
     def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
         write(DATA[start : end + 10])
 
+    target = tmp_path / "out"
     with pytest.raises(IntegrityError, match="more than asked"):
         download_in_parts(
-            tmp_path / "out",
-            1000,
-            fetch_range,
-            config=_config(1000, 1),
-            on_retry=lambda _: None,
+            target, 1000, fetch_range, config=_config(500, 1), on_retry=lambda _: None
         )
+    assert target.read_bytes() == bytes(1000)  # the first part's bytes never reached the file
+
+
+def test_nothing_is_written_past_the_declared_size(tmp_path: Path) -> None:
+    """A store sending more than it declared is not a transfer fault to retry: the download
+    stops at once, with the file at its declared size."""
+    asked: list[tuple[int, int]] = []
+
+    def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        asked.append((start, end))
+        for offset in range(start, len(DATA), 4096):  # the whole megabyte, whatever was asked
+            write(DATA[offset : offset + 4096])
+
+    target = tmp_path / "out"
+    with pytest.raises(VersionChangedError, match="more than the 10000 bytes it declared"):
+        download_in_parts(
+            target, 10_000, fetch_range, config=_config(10_000, 1), on_retry=lambda _: None
+        )
+    assert target.read_bytes() == DATA[:8192] + bytes(10_000 - 8192)
+    assert asked == [(0, 10_000)]  # not retried
+
+
+def test_a_file_larger_than_declared_is_a_store_serving_another_version(data_file: Path) -> None:
+    with pytest.raises(VersionChangedError, match="more than the 1048575 bytes it declared"):
+        verify_file(data_file, RemoteFile("weights", len(DATA) - 1))
+
+
+@pytest.mark.parametrize(
+    ("content_range", "size"),
+    [("bytes 0-99/41943040", 41943040), ("bytes 0-99/*", None), (None, None), ("junk", None)],
+)
+def test_the_stored_size_is_read_from_content_range(
+    content_range: str | None, size: int | None
+) -> None:
+    assert stored_size(content_range) == size
 
 
 def test_the_default_worst_case_is_seconds_not_minutes() -> None:

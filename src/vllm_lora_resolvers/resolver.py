@@ -197,6 +197,8 @@ class Resolver:
                 if serve_stale and self._misses.is_missing(lora_name):
                     outcome = "missing"
                     return None
+                #: Snapshot keys whose fetch found the store serving other bytes than it declared.
+                not_as_declared: set[str] = set()
                 for lookup in range(LOOKUPS_PER_RESOLUTION):
                     try:
                         remote = self.lookup(lora_name)
@@ -217,7 +219,7 @@ class Resolver:
                         with self._refusals.remembered((key, base_model_name)):
                             leased_before = self.cache.held(key) is not None
                             snapshot, outcome, fetched_bytes = self._lease_or_fetch(
-                                remote, key, policy
+                                remote, key, policy, not_as_declared
                             )
                             self._check_and_point(lora_name, snapshot, policy, leased_before)
                     except _LookAgainError as error:
@@ -268,10 +270,15 @@ class Resolver:
         return remote
 
     def _lease_or_fetch(
-        self, remote: RemoteAdapter, key: str, policy: AdapterPolicy
+        self, remote: RemoteAdapter, key: str, policy: AdapterPolicy, not_as_declared: set[str]
     ) -> tuple[Snapshot, str, int]:
         """The snapshot ``key`` leased, fetched first if it is not cached: (snapshot, outcome,
-        bytes fetched). Raises `_LookAgainError` when what `locate` saw is gone or changed."""
+        bytes fetched). Raises `_LookAgainError` when what `locate` saw is gone or changed.
+
+        A store that serves another size or ETag than it declared for a version may have just
+        changed it (``key`` is added to ``not_as_declared``); if it declares that same version
+        again and again serves otherwise, it does not serve it as it says: the version is refused
+        (`InvalidAdapterError`, which the pipeline remembers), not downloaded on every request."""
         snapshot = self.cache.lease(key)
         if snapshot is not None:
             return snapshot, "hit", 0
@@ -280,8 +287,28 @@ class Resolver:
         try:
             snapshot, fetched_bytes = self._fetch(remote, key, policy)
         except VersionChangedError as error:
+            if key in not_as_declared:
+                raise self._not_as_declared(remote, error) from None
+            not_as_declared.add(key)
             raise _LookAgainError(str(error)) from None
         return snapshot, "fetched", fetched_bytes
+
+    def _not_as_declared(
+        self, remote: RemoteAdapter, error: VersionChangedError
+    ) -> InvalidAdapterError:
+        """The refusal of a version the store twice declared and twice served otherwise."""
+        logger.warning(
+            "%s store: %s; refusing version %s of %r",
+            self.backend,
+            error,
+            remote.version,
+            remote.name,
+        )
+        return InvalidAdapterError(
+            f"adapter {remote.name!r}: the store does not serve version {remote.version} as it "
+            "declares it (another size or ETag than its listing or pointer says); upload the "
+            "adapter again, or publish it again with `vllm-lora publish`"
+        )
 
     def _fetch(
         self, remote: RemoteAdapter, key: str, policy: AdapterPolicy

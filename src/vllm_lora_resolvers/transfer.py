@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_lora_resolvers.checksums import RECORDED, file_digests
-from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError
+from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError, VersionChangedError
 from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
 
@@ -75,10 +76,14 @@ def verify_file(
 ) -> FetchedFile:
     """Check ``path`` against the size and checksums of ``expected`` (and ``declared``).
 
-    Raises `IntegrityError` on any mismatch. The file is read once whatever the checksums; its
-    CRC32C (hardware-accelerated) is always computed, for the manifest that ``cache verify`` uses.
+    Raises `IntegrityError` on any mismatch (a body cut short or damaged in transit: worth
+    fetching again), `VersionChangedError` for more bytes than declared (no transfer fault makes
+    those: the store serves another version than it declared). The file is read once whatever the
+    checksums; its CRC32C (hardware-accelerated) is always computed, for the manifest that
+    ``cache verify`` uses.
     """
     size = path.stat().st_size
+    check_received(expected.path, 0, size, end=expected.size, size=expected.size)
     if size != expected.size:
         raise IntegrityError(
             f"{expected.path}: got {size} bytes, the store declared {expected.size}"
@@ -91,6 +96,35 @@ def verify_file(
                 f"{expected.path}: {algorithm} does not match what the store declared"
             )
     return FetchedFile(path=expected.path, size=size, crc32c=found[RECORDED])
+
+
+def stored_size(content_range: str | None) -> int | None:
+    """The size of the whole object a ranged answer came from, as its ``Content-Range`` says.
+
+    >>> stored_size("bytes 0-99/41943040"), stored_size("bytes 0-99/*"), stored_size(None)
+    (41943040, None, None)
+    """
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    return int(match.group(1)) if match else None
+
+
+def check_stored_size(file: RemoteFile, stored: int | None) -> None:
+    """Raise `VersionChangedError` if the store says the object it reads ``file`` from is not the
+    size it declared for it (``stored``; ``None``: it did not say), before a byte is written."""
+    if stored is not None and stored != file.size:
+        raise VersionChangedError(
+            f"{file.path} is {stored} bytes in the store, which declared {file.size}"
+        )
+
+
+def check_received(name: str, start: int, length: int, *, end: int, size: int) -> None:
+    """Refuse ``length`` bytes at ``start`` of file ``name``, declared ``size`` bytes and asked
+    for up to ``end``: past ``size`` the store sends more than it declared (`VersionChangedError`),
+    past ``end`` only more than it was asked (`IntegrityError`)."""
+    if start + length > size:
+        raise VersionChangedError(f"{name}: the store sent more than the {size} bytes it declared")
+    if start + length > end:
+        raise IntegrityError(f"{name}: the store sent more than asked")
 
 
 def _worth_verifying(checksums: Mapping[str, str]) -> dict[str, str]:
@@ -113,6 +147,8 @@ def fetch_file(
 
     A failed attempt is retried as ``policy`` allows, unless a retry layer below (its ranged
     parts') already gave up on it; bytes that do not match what the store declared are deleted.
+    A store that serves other bytes than it declared (`VersionChangedError`) is not retried: the
+    pipeline looks the adapter up again.
     """
 
     def attempt() -> FetchedFile:
@@ -122,7 +158,7 @@ def fetch_file(
             raise TransientStoreError(f"{file.path}: {type(error).__name__}") from None
         try:
             return verify_file(target, file, declared)
-        except IntegrityError:
+        except (IntegrityError, VersionChangedError):
             target.unlink(missing_ok=True)
             raise
 
@@ -142,7 +178,9 @@ def download_in_parts(
     ``fetch_range(start, end, write)`` streams the bytes ``[start, end)`` to ``write`` in chunks.
     Each part is written in place with ``pwrite`` as it streams (memory stays at one chunk per
     part in flight), and a part that breaks resumes from the byte where it broke; finished parts
-    are never fetched again.
+    are never fetched again (a part that fails once all its bytes came, a client's checksum
+    say, is left to the file's verification). Nothing is written past a part's end (see
+    `check_received`).
     """
     descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -155,14 +193,14 @@ def download_in_parts(
             def write(chunk: bytes) -> None:
                 nonlocal position
                 view = memoryview(chunk)
-                if position + len(view) > end:
-                    raise IntegrityError(f"{destination.name}: the store sent more than asked")
+                check_received(destination.name, position, len(view), end=end, size=size)
                 while view:
                     written = os.pwrite(descriptor, view, position)
                     view, position = view[written:], position + written
 
             def attempt() -> None:
-                fetch_range(position, end, write)
+                if position < end:  # a try that failed past its last byte left nothing to fetch
+                    fetch_range(position, end, write)
                 if position != end:
                     raise TransientStoreError(f"{destination.name}: part ended at byte {position}")
 

@@ -33,6 +33,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
+from azure.core.pipeline import PipelineResponse
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
@@ -47,7 +48,13 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
+from vllm_lora_resolvers.transfer import (
+    DEFAULT_TRANSFER,
+    TransferConfig,
+    check_received,
+    check_stored_size,
+    stored_size,
+)
 
 _URI = re.compile(r"(az|azure|abfss?)://([^/@]+)(?:@([^/]+))?/*(.*)")
 _CONTAINER = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
@@ -204,7 +211,9 @@ class AzureBlobStore(BucketStore):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """Parallel ranged reads of the listed ETag (``If-Match``), written in place."""
+        """Parallel ranged reads of the listed ETag (``If-Match``), written in place; a blob the
+        store says is of another size than listed is not read, and nothing is written past that
+        size."""
         key = self.object_key(adapter, file)
         where = self.location(key)
 
@@ -223,12 +232,29 @@ class AzureBlobStore(BucketStore):
             return self._read(key, file, 0, length).readall() if length else b""
 
     def _read(self, key: str, file: RemoteFile, offset: int, length: int) -> Any:
+        """``length`` bytes at ``offset`` of the listed ETag. The SDK holds a whole answer in
+        memory before it hands any of it over, so a blob of another size than listed, or an
+        answer longer than asked, is refused from its headers, before its body is read."""
+
+        def before_the_body(response: PipelineResponse[Any, Any]) -> None:
+            if response.http_response.status_code not in (200, 206):
+                return  # an error, whose body the SDK reads into its own exception
+            headers = response.http_response.headers
+            try:
+                check_stored_size(file, stored_size(headers.get("Content-Range")))
+                sent = int(headers.get("Content-Length", 0))
+                check_received(file.path, offset, sent, end=offset + length, size=file.size)
+            except StoreUnavailableError:
+                response.http_response.internal_response.close()  # hang up: its body is unread
+                raise
+
         return self.client.download_blob(
             key,
             offset=offset,
             length=length,
             etag=f'"{file.etag}"',
             match_condition=MatchConditions.IfNotModified,
+            raw_response_hook=before_the_body,
         )
 
 

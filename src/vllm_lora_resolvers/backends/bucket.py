@@ -9,12 +9,14 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 from vllm_lora_resolvers.adapter import adapter_from_listing
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.backends.published import (
     MAX_POINTER_BYTES,
+    OBJECT_VERSION,
     POINTER_FILE,
     Pointer,
     is_version,
@@ -25,7 +27,7 @@ from vllm_lora_resolvers.backends.published import (
 )
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import ConfigurationError, Settings
-from vllm_lora_resolvers.errors import TransientStoreError
+from vllm_lora_resolvers.errors import InvalidAdapterError, TransientStoreError
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
@@ -123,6 +125,10 @@ class BucketStore(Store):
     A store implements the object calls below; a lookup is one listing, plus one read of the
     pointer when it changed since this process last read it.
     """
+
+    #: The ETags or generations this store gives objects; a pointer declaring a file at anything
+    #: else is refused (its value would reach a request header or URL).
+    object_version: ClassVar[re.Pattern[str]] = OBJECT_VERSION
 
     def __init__(
         self,
@@ -282,4 +288,12 @@ class BucketStore(Store):
         stored = self.read_object(key, MAX_POINTER_BYTES)
         if stored is None:
             return None
-        return CurrentPointer(parse_pointer(name, self.location(key), stored.content), stored.etag)
+        pointer = parse_pointer(name, self.location(key), stored.content)
+        for file in pointer.files:
+            if not self.object_version.fullmatch(file.etag):
+                raise InvalidAdapterError(
+                    f"adapter {name!r}: its pointer declares {file.path} at {file.etag!r}, which "
+                    f"is not an ETag or generation of a {self.backend} object; publish the "
+                    "adapter again with `vllm-lora publish`"
+                )
+        return CurrentPointer(pointer, stored.etag)

@@ -169,8 +169,12 @@ class FilesystemStore(Store):
                 self._file(adapter, file, directory) as reader,
                 destination.open("wb") as writer,
             ):
-                copied = 0
-                while sent := os.sendfile(writer.fileno(), reader, copied, _COPY_CHUNK):
+                copied = 0  # never more than looked up: a file growing meanwhile is a new version
+                while copied < file.size and (
+                    sent := os.sendfile(
+                        writer.fileno(), reader, copied, min(_COPY_CHUNK, file.size - copied)
+                    )
+                ):
                     copied += sent
                 if _identity(os.fstat(reader)) != file.etag:
                     raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import google.auth.exceptions
 import requests
@@ -46,7 +46,7 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig, check_stored_size, stored_size
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20
@@ -70,6 +70,8 @@ class GcsStore(BucketStore):
     """Adapters in a Google Cloud Storage bucket (see the module's docstring)."""
 
     backend: ClassVar[str] = "gcs"
+    #: A generation is a number.
+    object_version: ClassVar[re.Pattern[str]] = re.compile(r"[0-9]{1,20}")
 
     def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
         """``gs://bucket[/prefix]``; the endpoint an emulator's (``STORAGE_EMULATOR_HOST``): its
@@ -180,7 +182,8 @@ class GcsStore(BucketStore):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """Parallel ranged reads of the listed generation, written in place.
+        """Parallel ranged reads of the listed generation, written in place; an object the store
+        says is of another size than listed is not read, and nothing is written past that size.
 
         The media requests go through the client's own authorized session, streamed in 1 MiB
         chunks (Google's download helper reads 8 KiB at a time: five times slower here).
@@ -195,8 +198,13 @@ class GcsStore(BucketStore):
                 with self.client._http.get(
                     url, headers=headers, stream=True, timeout=self.transfer.transfer_timeout
                 ) as response:
+                    if response.status_code == 404:
+                        raise VersionChangedError(
+                            f"{file.path}: the store has no generation {file.etag}"
+                        )
                     if response.status_code not in (200, 206):
                         raise google_errors.from_http_response(response)  # type: ignore[no-untyped-call]
+                    check_stored_size(file, stored_size(response.headers.get("Content-Range")))
                     for chunk in response.iter_content(_CHUNK):
                         write(chunk)
 
@@ -205,11 +213,13 @@ class GcsStore(BucketStore):
 
     def _media_url(self, key: str, generation: str | None = None) -> str:
         """The URL of the bytes of object ``key`` (at ``generation``; default: the live one)."""
-        url = (
+        query = {"alt": "media"}
+        if generation is not None:
+            query["generation"] = generation
+        return (
             f"{self.client.api_endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
-            f"{quote(key, safe='')}?alt=media"
+            f"{quote(key, safe='')}?{urlencode(query)}"
         )
-        return url if generation is None else f"{url}&generation={generation}"
 
 
 def _unless_refused(where: str, write: Callable[[], None]) -> bool:

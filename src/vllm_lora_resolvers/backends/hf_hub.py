@@ -61,7 +61,12 @@ from vllm_lora_resolvers.errors import (
 )
 from vllm_lora_resolvers.names import is_safe_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import DEFAULT_TRANSFER, TransferConfig
+from vllm_lora_resolvers.transfer import (
+    DEFAULT_TRANSFER,
+    TransferConfig,
+    check_stored_size,
+    stored_size,
+)
 
 _CHUNK = 1 << 20
 _LIBRARY = "vllm-lora-resolvers"
@@ -238,7 +243,7 @@ class HfHubStore(Store):
 
         def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
             with hub_errors(f"{doing} (bytes {start}-{end})", target.repo_id):
-                _fetch_range(url, start, end, write, self.transfer.transfer_timeout)
+                _fetch_range(url, file, start, end, write, timeout=self.transfer.transfer_timeout)
 
         self.download_ranges(destination, file.size, fetch_range)
         if not file.checksums and file.etag and git_blob_id(destination) != file.etag:
@@ -248,12 +253,15 @@ class HfHubStore(Store):
 
 def _fetch_range(
     url: str,
+    file: RemoteFile,
     start: int,
     end: int,
     write: Callable[[bytes], None],
+    *,
     timeout: tuple[float, float],
 ) -> None:
-    """Stream bytes ``[start, end)`` of ``GET url`` to ``write``.
+    """Stream bytes ``[start, end)`` of ``file`` (``GET url``) to ``write``, unless the Hub says
+    the file is of another size than it declared.
 
     Redirects to a CDN are followed; httpx drops the ``Authorization`` header on another origin.
     """
@@ -266,6 +274,7 @@ def _fetch_range(
         if response.status_code != 206 and start != 0:  # a whole body is fine from byte 0 only
             status = response.status_code
             raise StoreUnavailableError(f"the Hub ignored a Range request (HTTP {status})")
+        check_stored_size(file, stored_size(response.headers.get("Content-Range")))
         for chunk in response.iter_bytes(_CHUNK):
             write(chunk)
 

@@ -18,6 +18,7 @@ letter or digit).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Annotated, Final, Literal
 
@@ -68,6 +69,21 @@ def _checked_adapter_file(text: str) -> str:
     return text
 
 
+#: What a pointer may declare as a file's ETag or generation: letters, digits and ``._:-``,
+#: optionally in double quotes (S3 quotes its ETags); never whitespace, control characters or
+#: anything that could end a header value or add to a URL query (``,``, ``&``, ``*``, ``"``).
+OBJECT_VERSION = re.compile(r'"[A-Za-z0-9._:-]{1,254}"|[A-Za-z0-9._:-]{1,256}')
+
+
+def _checked_object_version(text: str) -> str:
+    if not OBJECT_VERSION.fullmatch(text):
+        raise ValueError(
+            "not an ETag or generation (letters, digits and ._:- only, optionally in double "
+            "quotes, at most 256 characters)"
+        )
+    return text
+
+
 def split_pin(name: str) -> tuple[str, str | None]:
     """``NAME@VERSION`` -> ``(NAME, VERSION)``; ``NAME`` -> ``(NAME, None)``.
 
@@ -94,7 +110,7 @@ class PublishedFile(BaseModel):
 
     path: Annotated[str, AfterValidator(_checked_adapter_file)]
     size: int = Field(ge=0)
-    etag: str = Field(min_length=1, max_length=256)
+    etag: Annotated[str, AfterValidator(_checked_object_version)]
     checksums: dict[
         Annotated[str, Field(pattern=r"^[a-z0-9]{1,16}$")],
         Annotated[str, Field(pattern=r"^[0-9a-f]{8,128}$")],

@@ -39,7 +39,7 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig, check_stored_size, stored_size
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -193,44 +193,49 @@ class S3Store(BucketStore):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """One ``GET`` for a small file; ``HEAD`` then parallel ranged ``GET``s for a large one.
+        """One ``GET`` of the whole object for a small file; ``HEAD`` then parallel ranged
+        ``GET``s for a large one. Either way, nothing is written past the declared size, and an
+        object the store says is of another size is not read at all.
 
         Every request is pinned to the listed object (its version id, else ``If-Match`` on its
         ETag), so the parts of one file always come from one version of it.
         """
         key = self.object_key(adapter, file)
         where = self.location(key)
-        if file.size <= self.transfer.part_size:
+        pin: dict[str, Any] = {"IfMatch": file.etag}
+        checksums: dict[str, str] = {}
+        if file.size > self.transfer.part_size:
             with store_errors(f"reading {where}"):
-                response = self.client.get_object(
+                head = self.client.head_object(
                     Bucket=self.bucket, Key=key, IfMatch=file.etag, ChecksumMode="ENABLED"
                 )
-                with destination.open("wb") as stream:
-                    for chunk in response["Body"].iter_chunks(_CHUNK):
-                        stream.write(chunk)
-            return head_checksums(response)
-        with store_errors(f"reading {where}"):
-            head = self.client.head_object(
-                Bucket=self.bucket, Key=key, IfMatch=file.etag, ChecksumMode="ENABLED"
-            )
-        version = head.get("VersionId")
-        pin: dict[str, Any] = (
-            {"VersionId": version} if version not in (None, "null") else {"IfMatch": file.etag}
-        )
+            check_stored_size(file, head.get("ContentLength"))
+            checksums = head_checksums(head)
+            version = head.get("VersionId")
+            if version not in (None, "null"):
+                pin = {"VersionId": version}
 
         def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+            whole = (start, end) == (0, file.size)
+            asked: dict[str, Any] = (
+                {"ChecksumMode": "ENABLED"} if whole else {"Range": f"bytes={start}-{end - 1}"}
+            )
             with store_errors(f"reading bytes {start}-{end} of {where}"):
-                body = self.client.get_object(
-                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin
-                )["Body"]
+                response = self.client.get_object(Bucket=self.bucket, Key=key, **pin, **asked)
+                body = response["Body"]
                 try:
+                    if whole:
+                        check_stored_size(file, response.get("ContentLength"))
+                        checksums.update(head_checksums(response))
+                    else:
+                        check_stored_size(file, stored_size(response.get("ContentRange")))
                     for chunk in body.iter_chunks(_CHUNK):
                         write(chunk)
                 finally:
                     body.close()
 
         self.download_ranges(destination, file.size, fetch_range)
-        return head_checksums(head)
+        return checksums
 
 
 def _error_code(error: ClientError) -> str:
