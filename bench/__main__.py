@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = (
     "fs_resolver",
     "s3_transfer",
+    "signing",
     "gcs_transfer",
     "azure_transfer",
     "hf_hub",
