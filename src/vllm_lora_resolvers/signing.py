@@ -36,8 +36,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,9 @@ class _Verifier:
     entry: TrustedSigner
     #: A ``model_signing.verifying.Config`` with the signer's verifier.
     config: Any
+    #: One check at a time: the certificate verifier sets its shared X.509 store's time to each
+    #: signature's certificate before checking the chain.
+    guard: threading.Lock = field(default_factory=threading.Lock)
 
     def verify(self, path: Path) -> tuple[Any, str]:
         """The manifest ``path`` signs and who signed it; raises unless this signer made it."""
@@ -175,7 +179,8 @@ class _Verifier:
 
         reader = sign_sigstore if self.entry.kind == "sigstore" else sign_sigstore_pb
         signature = reader.Signature.read(path)
-        manifest = self.config._verifier.verify(signature)
+        with self.guard:
+            manifest = self.config._verifier.verify(signature)
         if self.entry.kind == "key":
             return manifest, f"key {self.entry.path}"
         if self.entry.kind == "sigstore":
