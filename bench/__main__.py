@@ -9,6 +9,7 @@ BENCHMARKS = (
     "small_adapter",
     "fs_resolver",
     "s3_transfer",
+    "signing",
     "gcs_transfer",
     "azure_transfer",
     "hf_hub",

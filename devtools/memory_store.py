@@ -146,7 +146,9 @@ class MemoryStore(Store):
             path: RemoteFile(path, len(file.content), {"sha256": file.sha256}, etag=file.generation)
             for path, file in folder.items()
         }
-        return adapter_from_listing(name, f"{self.source}/{name}/", listed)
+        return adapter_from_listing(
+            name, f"{self.source}/{name}/", listed, signature=self.lists_signatures
+        )
 
     def list_names(self, folder: str = "") -> Iterator[str]:
         """The folders directly in ``folder`` (``""``: the top): the candidate adapters."""

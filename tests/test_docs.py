@@ -216,7 +216,7 @@ def test_each_plugin_table_lists_every_stores_plugin_and_the_variable_that_enabl
 def test_the_overview_links_every_quickstart() -> None:
     linked = re.findall(r"\]\(quickstart/([\w-]+\.md)\)", page("index.md"))
     assert sorted(linked) == sorted(path.name for path in (DOCS / "quickstart").glob("*.md"))
-    assert len(linked) == len(stores.STORES)  # one per store
+    assert len(set(linked) - {"signing.md"}) == len(stores.STORES)  # one per store
 
 
 def test_each_list_of_the_backend_label_names_every_store() -> None:

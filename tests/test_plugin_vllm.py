@@ -16,6 +16,7 @@ from conftest import BASE_MODEL, REPO, start_worker, worker_result
 from gcs_fixtures import GcsBucket
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
+from signing_support import KeyPair, key_pair, sign_with_key
 
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
@@ -304,3 +305,78 @@ def test_a_store_not_to_be_served_from_the_cache_is_served_by_no_resolver_of_the
     pod.pop("AWS_SECRET_ACCESS_KEY", None)
     again = servers.load_and_resolve(pod, "sql")["answers"]["sql"]
     assert again["resolver"] == "lora_s3_resolver"  # the store answers again: served again
+
+
+# -- signed adapters (VLLM_LORA_RESOLVER_TRUST) ----------------------------------------------------
+
+
+@pytest.fixture
+def signed_and_plain(tmp_path: Path) -> tuple[KeyPair, dict[str, str]]:
+    """A key pair, and a folder with an adapter it signed and one nobody signed."""
+    keys = key_pair(tmp_path / "keys")
+    adapters = tmp_path / "adapters"
+    sign_with_key(write_lora_adapter(adapters / "signed", base_model=BASE_MODEL), keys)
+    write_lora_adapter(adapters / "plain", base_model=BASE_MODEL, seed=1)
+    return keys, {
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path / "cache"),
+        "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
+    }
+
+
+def test_under_trust_vllm_gets_the_signed_adapter_and_a_400_with_the_reason_for_the_other(
+    servers: NewServers, signed_and_plain: tuple[KeyPair, dict[str, str]]
+) -> None:
+    keys, pod = signed_and_plain
+    environment = {**pod, "VLLM_PLUGINS": OURS, "VLLM_LORA_RESOLVER_TRUST": keys.trust}
+    result = servers.load_and_resolve(environment, "signed", "plain")
+    signed, plain = result["answers"]["signed"], result["answers"]["plain"]
+    assert signed["resolver"] == OURS
+    assert signed["vllm_accepts"] is True  # model.sig in the folder is no trouble to vLLM
+    assert plain["type"] == "SignatureError"  # a ValueError: vLLM answers 400 with the message
+    assert "adapter 'plain' is not signed" in plain["error"]
+    assert result["signing"]
+
+
+def test_vllms_filesystem_resolver_does_not_serve_a_snapshot_fetched_unchecked(
+    servers: NewServers, signed_and_plain: tuple[KeyPair, dict[str, str]]
+) -> None:
+    keys, pod = signed_and_plain
+    earlier = servers.load_and_resolve({**pod, "VLLM_PLUGINS": OURS}, "plain")  # no TRUST
+    assert earlier["answers"]["plain"]["resolver"] == OURS
+    assert Path(pod["VLLM_LORA_RESOLVER_CACHE_DIR"], "plain").is_symlink()
+    environment = {
+        **pod,
+        "VLLM_PLUGINS": f"lora_filesystem_resolver,{OURS}",
+        "VLLM_LORA_RESOLVER_TRUST": keys.trust,
+    }
+    answer = servers.load_and_resolve(environment, "plain")["answers"]["plain"]
+    assert answer["resolver"] == VLLM_FILESYSTEM
+    assert "adapter 'plain' is not signed" in answer["error"]
+
+
+def test_without_trust_the_signing_library_is_never_imported(
+    servers: NewServers, signed_and_plain: tuple[KeyPair, dict[str, str]]
+) -> None:
+    _, pod = signed_and_plain
+    result = servers.load_and_resolve(
+        {**pod, "VLLM_PLUGINS": f"{OURS},lora_filesystem_resolver"}, "signed", "plain"
+    )
+    assert result["answers"]["plain"]["resolver"] == OURS
+    assert result["signing"] == []
+
+
+def test_trust_without_the_signing_extra_stops_startup_with_the_install_line(
+    servers: NewServers, signed_and_plain: tuple[KeyPair, dict[str, str]]
+) -> None:
+    keys, pod = signed_and_plain
+    for plugins in (OURS, f"lora_filesystem_resolver,{OURS}"):
+        environment = {
+            **pod,
+            "VLLM_PLUGINS": plugins,
+            "VLLM_LORA_RESOLVER_TRUST": keys.trust,
+            "TEST_HIDDEN_MODULES": "model_signing",
+        }
+        code, _, stderr = servers.run(environment, "signed")
+        assert code != 0
+        assert "VLLM_LORA_RESOLVER_TRUST is set but model-signing is not installed" in stderr
+        assert "pip install 'model-signing" in stderr and "(the [signing] extra)" in stderr

@@ -34,6 +34,8 @@ __all__ = [
     "ADAPTER_FILES",
     "CONFIG_FILE",
     "MAX_CONFIG_BYTES",
+    "MAX_SIGNATURE_BYTES",
+    "SIGNATURE_FILE",
     "WEIGHTS_FILES",
     "AdapterPolicy",
     "LoraAdapterConfig",
@@ -49,6 +51,17 @@ __all__ = [
 # The order in which vLLM's loader looks for weights; it loads the first one present.
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 ADAPTER_FILES = (CONFIG_FILE, *WEIGHTS_FILES)
+#: The adapter's signature, as OpenSSF model signing writes it into the folder it signs
+#: (`vllm_lora_resolvers.signing`); fetched and checked when ``VLLM_LORA_RESOLVER_TRUST`` is set.
+SIGNATURE_FILE = "model.sig"
+#: A signature is a few kilobytes (a few hundred bytes per file signed); a larger file is not one.
+MAX_SIGNATURE_BYTES = 4 << 20
+
+
+def adapter_file_names(*, signature: bool) -> tuple[str, ...]:
+    """The files of an adapter folder a lookup looks for: `ADAPTER_FILES`, and `SIGNATURE_FILE`
+    when ``signature`` is true."""
+    return (*ADAPTER_FILES, SIGNATURE_FILE) if signature else ADAPTER_FILES
 
 
 @dataclass(frozen=True)
@@ -173,18 +186,20 @@ def _invalid_weights(adapter: str, file_name: str, problem: WeightsError) -> Inv
 
 
 def adapter_from_listing(
-    name: str, location: str, listed: Mapping[str, RemoteFile]
+    name: str, location: str, listed: Mapping[str, RemoteFile], *, signature: bool = False
 ) -> RemoteAdapter | None:
     """The adapter in one listed folder (file name -> file), or ``None`` if it has no config.
 
-    It is made of the config and the first weights file in vLLM's order of preference; its
-    version changes whenever the etag (object version) or size of one of those does.
+    It is made of the config and the first weights file in vLLM's order of preference, and its
+    `SIGNATURE_FILE` if ``signature`` is true (`Store.lists_signatures`) and the folder has one;
+    its version changes whenever the etag (object version) or size of one of those does.
     """
     config = listed.get(CONFIG_FILE)
     weights = next((listed[n] for n in WEIGHTS_FILES if n in listed), None)
     if config is None:
         return None
-    files = (config,) if weights is None else (config, weights)
+    signed = listed.get(SIGNATURE_FILE) if signature else None
+    files = tuple(file for file in (config, weights, signed) if file is not None)
     fingerprint = hashlib.sha256()
     for file in files:
         fingerprint.update(f"{file.path}\0{file.etag}\0{file.size}\n".encode())

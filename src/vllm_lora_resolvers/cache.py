@@ -90,6 +90,10 @@ class SnapshotManifest(BaseModel):
     version: str
     files: tuple[SnapshotFile, ...]
     created_at: float
+    #: The fingerprint of the ``VLLM_LORA_RESOLVER_TRUST`` its signature was checked under when
+    #: it was fetched (`vllm_lora_resolvers.signing.Trust`); ``None``: fetched unchecked. A
+    #: server under another trust checks it again before serving it.
+    trust: str | None = None
 
     @property
     def total_bytes(self) -> int:

@@ -11,6 +11,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 
@@ -95,6 +96,13 @@ STORE_DOWN = Variable(
     "A store that cannot answer, with nothing cached to serve: `next` tries the next resolver, "
     "`fail` fails the request.",
 )
+TRUST = Variable(
+    "VLLM_LORA_RESOLVER_TRUST",
+    "unset: adapters are served without a signature check",
+    "Comma list of the signers whose adapters are served, and only theirs: `key:PATH` (a PEM "
+    "public key), `certificate:PATH` (PEM certificates of the CA issuing signing certificates), "
+    "`sigstore:identity=ID;issuer=URL;trust_config=PATH` (keyless, offline root).",
+)
 VLLM_PLUGINS = Variable(
     "VLLM_PLUGINS",
     "unset: every plugin, in the fixed order of `plugin.DEFAULT_ORDER`",
@@ -115,6 +123,7 @@ ALL_VARIABLES: tuple[Variable, ...] = (
     NEGATIVE_TTL,
     SERVE_STALE,
     STORE_DOWN,
+    TRUST,
     VLLM_PLUGINS,
 )
 
@@ -165,6 +174,75 @@ def max_rank_from_argv(argv: Sequence[str]) -> int | None:
         if value.isdigit():
             return int(value)
     return None
+
+
+#: The forms of a `TRUST` entry: ``KIND:VALUE``.
+TRUST_KINDS = ("key", "certificate", "sigstore")
+_SIGSTORE_FIELDS = ("identity", "issuer", "trust_config")
+
+
+@dataclass(frozen=True)
+class TrustedSigner:
+    """One entry of ``VLLM_LORA_RESOLVER_TRUST``, as written (its files are read when a resolver
+    starts: `vllm_lora_resolvers.signing.load_trust`).
+
+    ``key:PATH``: signatures made with the private key of the PEM public key ``PATH``.
+    ``certificate:PATH``: signatures whose signing certificate chains up to one of the PEM
+    certificates in ``PATH`` (the CA certificates, as ``model_signing verify certificate
+    --certificate_chain`` takes them). ``sigstore:identity=ID;issuer=URL;trust_config=PATH``:
+    keyless Sigstore signatures by the identity ``ID`` (an e-mail address, a CI workflow's URI)
+    whose OIDC issuer is ``URL``, checked against the Sigstore trust root ``PATH`` (a client
+    trust configuration, as ``model_signing verify sigstore --trust_config`` takes it).
+    """
+
+    kind: str
+    path: Path
+    identity: str = ""
+    issuer: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "sigstore":
+            return (
+                f"sigstore:identity={self.identity};issuer={self.issuer};trust_config={self.path}"
+            )
+        return f"{self.kind}:{self.path}"
+
+
+def parse_trust(text: str) -> tuple[TrustedSigner, ...]:
+    """The entries of ``VLLM_LORA_RESOLVER_TRUST`` (``""``: none).
+
+    >>> parse_trust("key:/etc/keys/release.pub")
+    (TrustedSigner(kind='key', path=PosixPath('/etc/keys/release.pub'), identity='', issuer=''),)
+    """
+    return tuple(_trusted_signer(entry) for entry in _comma_list(text))
+
+
+def _trusted_signer(entry: str) -> TrustedSigner:
+    kind, colon, value = entry.partition(":")
+    value = value.strip()
+    if not colon or kind not in TRUST_KINDS or not value:
+        raise ConfigurationError(
+            f"{TRUST.name}: {entry[:200]!r} is not key:PATH, certificate:PATH or "
+            "sigstore:identity=ID;issuer=URL;trust_config=PATH"
+        )
+    if kind != "sigstore":
+        return TrustedSigner(kind, Path(value))
+    fields = dict(part.strip().partition("=")[::2] for part in value.split(";") if part.strip())
+    missing = [name for name in _SIGSTORE_FIELDS if not fields.get(name, "").strip()]
+    unknown = sorted(set(fields) - set(_SIGSTORE_FIELDS))
+    if missing or unknown:
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown {', '.join(unknown)}"
+        raise ConfigurationError(
+            f"{TRUST.name}: {entry[:200]!r} {problem}; write "
+            "sigstore:identity=ID;issuer=URL;trust_config=PATH, PATH a Sigstore trust root "
+            "mounted on the server (keyless signatures are checked offline)"
+        )
+    return TrustedSigner(
+        kind,
+        Path(fields["trust_config"].strip()),
+        identity=fields["identity"].strip(),
+        issuer=fields["issuer"].strip(),
+    )
 
 
 def _comma_list(text: str | None) -> tuple[str, ...]:
@@ -221,6 +299,11 @@ class Settings:
     serve_stale: str
     store_down: str
     plugin_order: tuple[str, ...] | None
+    #: The signers whose adapters are served, and only theirs (``()``: no signature is checked).
+    trust: tuple[TrustedSigner, ...] = ()
+    #: Whether stores list adapters' signatures even when ``trust`` is empty (not a variable:
+    #: ``vllm-lora validate`` sets it to show who signed).
+    read_signatures: bool = False
     #: The environment the settings were read from, for `value` (not compared, not shown).
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -258,8 +341,14 @@ class Settings:
             store_down=_choice(env, STORE_DOWN, ("next", "fail")),
             # vLLM splits VLLM_PLUGINS on "," without stripping; so do we.
             plugin_order=tuple(plugins.split(",")) if plugins is not None else None,
+            trust=parse_trust(env.get(TRUST.name, "")),
             environ=dict(env),
         )
+
+    @property
+    def lists_signatures(self) -> bool:
+        """Whether lookups look for an adapter's signature beside its files."""
+        return bool(self.trust) or self.read_signatures
 
     def value(self, variable: Variable) -> str:
         """The stripped value of ``variable`` in the environment these settings were read from
@@ -274,3 +363,15 @@ class Settings:
                 f"for {for_what} to cache adapters"
             )
         return self.cache_dir
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs this package's extra ``extra``: its requirements, as the
+    installed package declares them (the package itself is on no index yet)."""
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    requirements = [
+        f"'{line.split(';', 1)[0].strip()}'"
+        for line in metadata.requires("vllm-lora-resolvers") or ()
+        if marker.search(line)
+    ]
+    return f"pip install {' '.join(requirements)} (the [{extra}] extra)"

@@ -21,6 +21,11 @@ class InvalidAdapterError(ResolverError, ValueError):
     """The adapter exists but cannot be served as it is (HTTP 400 in vLLM)."""
 
 
+class SignatureError(InvalidAdapterError):
+    """The adapter has no signature, one by a signer this server does not trust, or one its
+    files do not match (``VLLM_LORA_RESOLVER_TRUST``): HTTP 400, ``outcome="untrusted"``."""
+
+
 class StoreUnavailableError(ResolverError, RuntimeError):
     """The store could not be asked or read, and nothing usable is cached."""
 

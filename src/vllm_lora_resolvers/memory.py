@@ -47,23 +47,26 @@ class RefusalMemory:
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = max_entries
-        self._messages: dict[tuple[str, str], str] = {}
+        #: marker -> the refusal's kind and message (not the exception: no traceback is kept).
+        self._refusals: dict[tuple[str, str], tuple[type[InvalidAdapterError], str]] = {}
         self._guard = threading.Lock()
 
     @contextmanager
     def remembered(self, marker: tuple[str, str]) -> Iterator[None]:
-        """Raise the refusal remembered for ``marker``, or run the block and remember its own."""
+        """Raise the refusal remembered for ``marker`` (of its kind: a signature's refusal is
+        one again), or run the block and remember its own."""
         with self._guard:
-            message = self._messages.get(marker)
-        if message is not None:
-            raise InvalidAdapterError(message)
+            refusal = self._refusals.get(marker)
+        if refusal is not None:
+            kind, message = refusal
+            raise kind(message)
         try:
             yield
         except InvalidAdapterError as error:
             with self._guard:
-                if len(self._messages) >= self.max_entries:
-                    self._messages.pop(next(iter(self._messages)))
-                self._messages[marker] = str(error)
+                if len(self._refusals) >= self.max_entries:
+                    self._refusals.pop(next(iter(self._refusals)))
+                self._refusals[marker] = (type(error), str(error))
             raise
 
 

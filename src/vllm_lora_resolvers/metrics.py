@@ -14,9 +14,21 @@ if TYPE_CHECKING:
     from vllm_lora_resolvers.cache import CacheUsage
 
 #: How a resolution ended: served from the cache, fetched from the store, served from the cache
-#: while the store could not answer, not in the store, name refused, adapter refused, the store
-#: refused us (credentials, permissions, missing bucket), any other failure.
-OUTCOMES = ("hit", "fetched", "stale", "missing", "rejected", "invalid", "refused", "error")
+#: while the store could not answer, not in the store, name refused, adapter refused, adapter
+#: refused for its signature (none, an untrusted signer, files not as signed:
+#: ``VLLM_LORA_RESOLVER_TRUST``), the store refused us (credentials, permissions, missing
+#: bucket), any other failure.
+OUTCOMES = (
+    "hit",
+    "fetched",
+    "stale",
+    "missing",
+    "rejected",
+    "invalid",
+    "untrusted",
+    "refused",
+    "error",
+)
 
 RESOLUTIONS = Counter(
     "vllm_lora_resolver_resolutions",

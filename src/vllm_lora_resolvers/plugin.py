@@ -29,6 +29,7 @@ from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
 from vllm_lora_resolvers.names import is_safe_adapter_name
 from vllm_lora_resolvers.resolver import Resolver
+from vllm_lora_resolvers.signing import load_trust
 from vllm_lora_resolvers.stores import StoreDeclaration
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
@@ -71,15 +72,18 @@ class GuardedFilesystemResolver:
     refusal logged: adapter folders belong in ``VLLM_LORA_RESOLVER_FS_DIR``, where
     ``lora_fs_resolver`` checks and snapshots them. So is a snapshot of a store this server does
     not resolve from (pods of other stores share the node cache and its links), and one checked
-    for another server is checked against this server's model and rank limit first. A snapshot of
-    a store that our resolver found refusing us (or unreachable, with stale copies off) is not
-    served either: the request fails with the reason (`NodeCache.withhold_source`).
+    for another server is checked against this server's model and rank limit first, and, under
+    ``VLLM_LORA_RESOLVER_TRUST``, its signature against this server's trust unless it was fetched
+    under it. A snapshot of a store that our resolver found refusing us (or unreachable, with
+    stale copies off) is not served either: the request fails with the reason
+    (`NodeCache.withhold_source`).
     """
 
     def __init__(self, builtin: Any, cache: NodeCache, settings: Settings) -> None:
         self.builtin = builtin
         self.cache = cache
         self.settings = settings
+        self.trust = load_trust(settings)
         self._checked: set[tuple[str, str]] = set()
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
@@ -101,9 +105,7 @@ class GuardedFilesystemResolver:
                 base_model_name, self.settings.max_rank, self.settings.base_model_aliases
             )
             try:
-                await asyncio.to_thread(
-                    check_adapter_folder, lora_name, snapshot.adapter_dir, policy
-                )
+                await asyncio.to_thread(self._check, lora_name, snapshot, policy)
             except InvalidAdapterError:
                 if not leased_before:  # not served: the lease taken for it is given up
                     self.cache.release(snapshot.key)
@@ -117,6 +119,13 @@ class GuardedFilesystemResolver:
             lora_int_id=request.lora_int_id,
             lora_path=str(snapshot.adapter_dir),
         )
+
+    def _check(self, lora_name: str, snapshot: Snapshot, policy: AdapterPolicy) -> None:
+        """`check_adapter_folder`, and the signature when this server checks signatures and the
+        snapshot was not fetched under its trust."""
+        check_adapter_folder(lora_name, snapshot.adapter_dir, policy)
+        if self.trust is not None and snapshot.manifest.trust != self.trust.fingerprint:
+            self.trust.check_folder(lora_name, snapshot.adapter_dir, lora_name)
 
     def _our_snapshot(self, lora_name: str) -> Snapshot | None:
         """The snapshot of a store this process serves that ``CACHE_DIR/NAME`` leads to; ``None``
@@ -188,6 +197,7 @@ def _register(store: StoreDeclaration) -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     settings = Settings.from_environ()
+    load_trust(settings)  # a trust that cannot be loaded stops the server, whatever is configured
     LoRAResolver.register(VllmResolver)
     LoRAResolver.register(GuardedFilesystemResolver)
     if not isinstance(LoRAResolverRegistry.resolvers, PluginOrderedResolvers):

@@ -17,6 +17,8 @@ from pathlib import Path
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.adapter import (
     CONFIG_FILE,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_FILE,
     WEIGHTS_FILES,
     AdapterPolicy,
     LoraAdapterConfig,
@@ -38,6 +40,7 @@ from vllm_lora_resolvers.errors import (
     CacheFullError,
     InvalidAdapterError,
     ResolverError,
+    SignatureError,
     StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
@@ -47,6 +50,7 @@ from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, Sto
 from vllm_lora_resolvers.names import is_safe_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import call_with_retries, time_budget
+from vllm_lora_resolvers.signing import CheckedSignature, load_trust, unsigned
 from vllm_lora_resolvers.transfer import (
     FetchedFile,
     fetch_file,
@@ -55,7 +59,7 @@ from vllm_lora_resolvers.transfer import (
 logger = logging.getLogger("vllm.lora_resolvers")
 
 #: The outcomes whose resolution line is logged at INFO; the others' at DEBUG.
-LOGGED_AT_INFO = ("fetched", "stale", "invalid", "refused", "error")
+LOGGED_AT_INFO = ("fetched", "stale", "invalid", "untrusted", "refused", "error")
 #: How long an unreachable store is remembered as such (at most the miss TTL).
 OUTAGE_MEMORY_SECONDS = 5.0
 #: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was
@@ -104,6 +108,8 @@ class Resolver:
         self.cache = store.cache
         self.cache.serve_source(store.source)
         self.transfer = store.transfer
+        #: The signers whose adapters are served (``None``: signatures are not checked).
+        self.trust = load_trust(settings)
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._refusals = RefusalMemory()
         self._outage = StoreOutage(
@@ -229,8 +235,8 @@ class Resolver:
                         continue
                     return ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
                 raise AssertionError("unreachable: the loop returns or raises")
-        except InvalidAdapterError:
-            outcome = "invalid"
+        except InvalidAdapterError as error:
+            outcome = "untrusted" if isinstance(error, SignatureError) else "invalid"
             raise
         except StoreRefusedError:
             outcome = "refused"
@@ -355,27 +361,38 @@ class Resolver:
         remote: RemoteAdapter,
         key: str,
         policy: AdapterPolicy,
-        files: tuple[RemoteFile, RemoteFile],
+        files: tuple[RemoteFile, ...],
     ) -> Snapshot:
-        config_file, weights = files
+        """Download, check and publish the snapshot: the signature first (when checked), then
+        the config, then the weights, each refused as soon as it fails."""
+        config_file, weights, *signature_file = files
         staging = self.cache.new_staging(key)
+        folder = staging / "adapter"
         try:
-            fetched = self._download(remote, (config_file,), staging)
-            config = parse_adapter_config(
-                remote.name, (staging / "adapter" / CONFIG_FILE).read_bytes()
-            )
+            fetched, signature = [], None
+            if self.trust is not None:
+                fetched += self._download(remote, tuple(signature_file), staging)
+                signature = self.trust.check(
+                    remote.name, folder / SIGNATURE_FILE, self.store.snapshot_name(remote.name)
+                )
+                signature.check_covers(remote.name, config_file.path, weights.path)
+            fetched += self._download(remote, (config_file,), staging, signature)
+            config = parse_adapter_config(remote.name, (folder / CONFIG_FILE).read_bytes())
             # Refuse a wrong base model or rank, or a weights file whose header does not add up,
             # before fetching the (large) weights.
             check_adapter_config(remote.name, config, policy)
             self._check_weights_head(remote, weights, config)
-            fetched += self._download(remote, (weights,), staging)
-            check_adapter_folder(remote.name, staging / "adapter", policy)
+            fetched += self._download(remote, (weights,), staging, signature)
+            check_adapter_folder(remote.name, folder, policy)
             manifest = SnapshotManifest(
                 source=self.source,
                 name=self.store.snapshot_name(remote.name),
-                version=remote.version,
-                files=tuple(fetched),
+                version=self.store.snapshot_version(remote.version),
+                files=tuple(
+                    SnapshotFile(path=f.path, size=f.size, crc32c=f.crc32c) for f in fetched
+                ),
                 created_at=time.time(),
+                trust=None if self.trust is None else self.trust.fingerprint,
             )
             return self.cache.publish(staging, key, manifest)
         finally:
@@ -383,11 +400,16 @@ class Resolver:
                 self.cache.discard_staging(staging)
 
     def fetch_to(
-        self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], destination: Path
+        self,
+        remote: RemoteAdapter,
+        files: tuple[RemoteFile, ...],
+        destination: Path,
+        digests: tuple[str, ...] = (),
     ) -> list[FetchedFile]:
         """Download ``files`` of ``remote`` into ``destination`` (created if need be) as a
         resolution does: one after the other, each in parallel parts, retried, with its size and
-        every checksum the store declares verified. For the command line too."""
+        every checksum the store declares verified (and ``digests`` computed in the same read).
+        For the command line too."""
         destination.mkdir(parents=True, exist_ok=True)
         return [
             fetch_file(
@@ -396,22 +418,36 @@ class Resolver:
                 lambda file, target: self.store.download(remote, file, target),
                 policy=self.transfer.transfer_retry,
                 on_retry=self.store.count_retry,
+                digests=digests,
             )
             for file in files
         ]
 
     def _download(
-        self, remote: RemoteAdapter, files: tuple[RemoteFile, ...], staging: Path
-    ) -> list[SnapshotFile]:
+        self,
+        remote: RemoteAdapter,
+        files: tuple[RemoteFile, ...],
+        staging: Path,
+        signature: CheckedSignature | None = None,
+    ) -> list[FetchedFile]:
+        """Download ``files`` into the staging folder; with a ``signature``, refuse each file
+        whose bytes are not the signed ones (by the digests the download's read computed, when
+        the signature's method is theirs)."""
+        algorithm = None if signature is None else signature.digest_algorithm
         try:
-            fetched = self.fetch_to(remote, files, staging / "adapter")
+            fetched = self.fetch_to(
+                remote, files, staging / "adapter", (algorithm,) if algorithm else ()
+            )
         except OSError as error:
             # Only errors of the cache's own disk are the cache's; a backend's read errors are
             # its own to translate (and a broken connection was retried as transient already).
             if isinstance(error, CacheError) or error.errno not in CACHE_DISK_ERRNOS:
                 raise
             raise cache_write_error(error) from None
-        return [SnapshotFile(path=f.path, size=f.size, crc32c=f.crc32c) for f in fetched]
+        if signature is not None:
+            for file in fetched:
+                signature.check_file(remote.name, staging / "adapter", file.path, file.digests)
+        return fetched
 
     def _check_weights_head(
         self, remote: RemoteAdapter, weights: RemoteFile, config: LoraAdapterConfig
@@ -434,24 +470,35 @@ class Resolver:
         except TransientStoreError as error:
             logger.info("the weights of %r will be checked once fetched: %s", remote.name, error)
 
-    def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, RemoteFile]:
-        """The config and the one weights file vLLM would load, in vLLM's order of preference."""
+    def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, ...]:
+        """The config and the one weights file vLLM would load, in vLLM's order of preference,
+        and the signature when signatures are checked."""
         config = remote.file(CONFIG_FILE)
         if config is None:
             raise InvalidAdapterError(f"adapter {remote.name!r} has no {CONFIG_FILE}")
-        for name in WEIGHTS_FILES:
-            weights = remote.file(name)
-            if weights is not None:
-                return config, weights
-        raise InvalidAdapterError(
-            f"adapter {remote.name!r} has no weights file; expected one of "
-            f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
-        )
+        weights = next(filter(None, map(remote.file, WEIGHTS_FILES)), None)
+        if weights is None:
+            raise InvalidAdapterError(
+                f"adapter {remote.name!r} has no weights file; expected one of "
+                f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
+            )
+        if self.trust is None:
+            return config, weights
+        signature = remote.file(SIGNATURE_FILE)
+        if signature is None:
+            raise unsigned(remote.name)
+        if signature.size > MAX_SIGNATURE_BYTES:
+            raise SignatureError(
+                f"adapter {remote.name!r}: {SIGNATURE_FILE} is {signature.size} bytes, too large "
+                "for a signature"
+            )
+        return config, weights, signature
 
     def _check_and_point(
         self, name: str, snapshot: Snapshot, policy: AdapterPolicy, leased_before: bool
     ) -> None:
-        """Check a snapshot ``name`` resolved to against this server's policy and point ``name``
+        """Check a snapshot ``name`` resolved to against this server's policy (and its signature
+        against this server's trust, unless the snapshot was fetched under it) and point ``name``
         at it, once per process and name (it is immutable; it may have several names). A
         snapshot that fails the checks is not served: the lease taken for it is given up (one
         this process held before is someone else's to release)."""
@@ -460,6 +507,10 @@ class Resolver:
             return
         try:
             check_adapter_folder(name, snapshot.adapter_dir, policy)
+            if self.trust is not None and snapshot.manifest.trust != self.trust.fingerprint:
+                # Checked under another trust (or none): its signature is checked again here.
+                served_as = self.store.snapshot_name(name)
+                self.trust.check_folder(name, snapshot.adapter_dir, served_as)
         except InvalidAdapterError:
             if not leased_before:
                 self.cache.release(snapshot.key)

@@ -15,11 +15,9 @@ nothing until its variable is set.
 from __future__ import annotations
 
 import importlib
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,6 +31,7 @@ from vllm_lora_resolvers.config import (
     S3_URI,
     Settings,
     Variable,
+    install_hint,
 )
 from vllm_lora_resolvers.resolver import Resolver
 
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     from vllm_lora_resolvers.backends.hf_hub import HfHubStore
 
 _BACKENDS = "vllm_lora_resolvers.backends"
-_DISTRIBUTION = "vllm-lora-resolvers"
 
 
 def _missing_name() -> str:
@@ -106,15 +104,8 @@ class StoreDeclaration:
 
     @property
     def install_hint(self) -> str:
-        """The command that installs the store's client: its extra's requirements, as the
-        installed package declares them (the package itself is on no index yet)."""
-        marker = re.compile(rf"""extra\s*==\s*["']{re.escape(str(self.extra))}["']""")
-        requirements = [
-            f"'{line.split(';', 1)[0].strip()}'"
-            for line in metadata.requires(_DISTRIBUTION) or ()
-            if marker.search(line)
-        ]
-        return f"pip install {' '.join(requirements)} (the [{self.extra}] extra)"
+        """The command that installs the store's client (its extra's requirements)."""
+        return install_hint(str(self.extra))
 
     def store_class(self) -> type[Store]:
         """The store's class, imported now; `ImportError` when its client is missing."""

@@ -15,7 +15,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lora_resolvers.checksums import RECORDED, file_digests
@@ -64,15 +64,20 @@ DEFAULT_TRANSFER = TransferConfig()
 
 @dataclass(frozen=True)
 class FetchedFile:
-    """A file downloaded and verified: its size and CRC32C, for the cache's manifest."""
+    """A file downloaded and verified: its size and CRC32C, for the cache's manifest, and the
+    digests asked for besides (algorithm -> hex), computed in the same read."""
 
     path: str
     size: int
     crc32c: str
+    digests: Mapping[str, str] = field(default_factory=dict)
 
 
 def verify_file(
-    path: Path, expected: RemoteFile, declared: Mapping[str, str] | None = None
+    path: Path,
+    expected: RemoteFile,
+    declared: Mapping[str, str] | None = None,
+    digests: Sequence[str] = (),
 ) -> FetchedFile:
     """Check ``path`` against the size and checksums of ``expected`` (and ``declared``).
 
@@ -80,7 +85,7 @@ def verify_file(
     fetching again), `VersionChangedError` for more bytes than declared (no transfer fault makes
     those: the store serves another version than it declared). The file is read once whatever the
     checksums; its CRC32C (hardware-accelerated) is always computed, for the manifest that
-    ``cache verify`` uses.
+    ``cache verify`` uses, and so are ``digests`` (``sha256`` for a signature's check), returned.
     """
     size = path.stat().st_size
     check_received(expected.path, 0, size, end=expected.size, size=expected.size)
@@ -89,13 +94,14 @@ def verify_file(
             f"{expected.path}: got {size} bytes, the store declared {expected.size}"
         )
     checksums = _worth_verifying({**expected.checksums, **(declared or {})})
-    found = file_digests(path, checksums)
+    found = file_digests(path, [*checksums, *digests])
     for algorithm, value in checksums.items():
         if algorithm in found and found[algorithm] != value.lower():
             raise IntegrityError(
                 f"{expected.path}: {algorithm} does not match what the store declared"
             )
-    return FetchedFile(path=expected.path, size=size, crc32c=found[RECORDED])
+    wanted = {algorithm: found[algorithm] for algorithm in digests if algorithm in found}
+    return FetchedFile(path=expected.path, size=size, crc32c=found[RECORDED], digests=wanted)
 
 
 def stored_size(content_range: str | None) -> int | None:
@@ -142,8 +148,10 @@ def fetch_file(
     *,
     policy: RetryPolicy,
     on_retry: Callable[[TransientStoreError], None],
+    digests: Sequence[str] = (),
 ) -> FetchedFile:
-    """Download ``file`` to ``target`` with ``download`` and verify it.
+    """Download ``file`` to ``target`` with ``download`` and verify it (computing ``digests``
+    too: see `verify_file`).
 
     A failed attempt is retried as ``policy`` allows, unless a retry layer below (its ranged
     parts') already gave up on it; bytes that do not match what the store declared are deleted.
@@ -157,7 +165,7 @@ def fetch_file(
         except ConnectionError as error:  # a backend that let a broken socket through
             raise TransientStoreError(f"{file.path}: {type(error).__name__}") from None
         try:
-            return verify_file(target, file, declared)
+            return verify_file(target, file, declared, digests)
         except (IntegrityError, VersionChangedError):
             target.unlink(missing_ok=True)
             raise

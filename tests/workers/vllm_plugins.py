@@ -2,7 +2,9 @@
 
 ``vllm_plugins.py BASE_MODEL NAME...`` prints one JSON object: the registry order, and for each
 name the resolver that answered (tried in registry order, as vLLM's ``OpenAIServingModels`` does)
-with the request it returned, and whether vLLM's own loader accepts that request's folder.
+with the request it returned, and whether vLLM's own loader accepts that request's folder; and
+the ``model_signing`` modules imported by then. ``TEST_HIDDEN_MODULES`` (a comma list) hides
+modules from the child, as if they were not installed.
 
 ``vllm_plugins.py --serve`` imports vLLM once (about 20 s here), then runs each request read
 from stdin (a JSON object: ``env``, ``args``, and ``stdout``/``stderr`` file paths) in a child it
@@ -62,7 +64,8 @@ def load_and_resolve(base_model: str, names: list[str]) -> None:
     load_general_plugins()
     order = list(LoRAResolverRegistry.get_supported_resolvers())
     answers = {name: asyncio.run(resolve(base_model, name)) for name in names}
-    print(json.dumps({"order": order, "answers": answers}), flush=True)
+    signing = sorted(name for name in sys.modules if name.split(".")[0] == "model_signing")
+    print(json.dumps({"order": order, "answers": answers, "signing": signing}), flush=True)
 
 
 def serve() -> None:
@@ -90,6 +93,10 @@ def run_child(env: dict[str, str], args: list[str], stdout: str, stderr: str) ->
             os.close(target)
         os.environ.clear()
         os.environ.update(env)
+        # As on a machine without them (the [signing] extra, say): importing one fails.
+        for module in env.get("TEST_HIDDEN_MODULES", "").split(","):
+            if module:
+                sys.modules[module] = None  # type: ignore[assignment]
         load_and_resolve(args[0], args[1:])
         code = 0
     except BaseException:  # the parent reports the exit code; the traceback goes to stderr

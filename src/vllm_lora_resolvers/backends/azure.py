@@ -37,7 +37,7 @@ from azure.core.pipeline import PipelineResponse
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES
+from vllm_lora_resolvers.adapter import ADAPTER_FILES, SIGNATURE_FILE
 from vllm_lora_resolvers.backends.bucket import BucketStore, StoredObject, folder_key
 from vllm_lora_resolvers.config import AZURE_URI, ConfigurationError
 from vllm_lora_resolvers.errors import (
@@ -143,17 +143,26 @@ class AzureBlobStore(BucketStore):
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """One listing of the blobs of ``folder`` named ``adapter_*``, in name order, stopped past
-        the last adapter file name, so whatever else the folder holds is never listed."""
+        the last adapter file name, so whatever else the folder holds is never listed. A listing
+        cannot start at a name, so ``model.sig``, when signatures are checked, is a second one
+        (of blobs named ``model.sig*``)."""
+        listed = self._list_from(name, folder, _STEM, _LAST_ADAPTER_FILE)
+        if self.lists_signatures:
+            listed.update(self._list_from(name, folder, SIGNATURE_FILE, SIGNATURE_FILE))
+        return listed
+
+    def _list_from(self, name: str, folder: str, stem: str, last: str) -> dict[str, RemoteFile]:
+        """The blobs of ``folder`` named ``stem*`` up to ``last``, by name (one listing)."""
         listed = {}
-        blobs = self.lookup_client.list_blobs(name_starts_with=folder + _STEM)
+        blobs = self.lookup_client.list_blobs(name_starts_with=folder + stem)
         with store_errors(f"listing {self.location(folder)}"):
             for number, blob in enumerate(blobs, start=1):
-                if blob.name > folder + _LAST_ADAPTER_FILE:
+                if blob.name > folder + last:
                     break
                 if number == _MAX_LOOKUP_ENTRIES:
                     raise InvalidAdapterError(
                         f"adapter {name!r}: over {number} other entries of its folder sort among "
-                        f"{', '.join(ADAPTER_FILES)}; move those elsewhere"
+                        f"{', '.join(self.file_names)}; move those elsewhere"
                     )
                 path = blob.name[len(folder) :]
                 if "/" not in path:

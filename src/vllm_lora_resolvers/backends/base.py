@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from vllm_lora_resolvers import metrics
+from vllm_lora_resolvers.adapter import adapter_file_names
 from vllm_lora_resolvers.cache import NodeCache, snapshot_key
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import TransientStoreError
@@ -53,6 +54,12 @@ class Store(ABC):
         self.settings = settings
         self.cache = cache
         self.transfer = transfer
+        #: Whether `locate` looks for the adapter's signature (``model.sig``) beside its files:
+        #: when this server checks signatures (``VLLM_LORA_RESOLVER_TRUST``), or a command shows
+        #: them (`Settings.read_signatures`).
+        self.lists_signatures = settings.lists_signatures
+        #: The file names `locate` looks for in an adapter's folder.
+        self.file_names = adapter_file_names(signature=self.lists_signatures)
 
     @abstractmethod
     def locate(self, name: str) -> RemoteAdapter | None:
@@ -94,9 +101,16 @@ class Store(ABC):
         ``@revision``), which then share snapshots."""
         return name
 
+    def snapshot_version(self, version: str) -> str:
+        """The version a snapshot of ``version`` records: ``version + "+signed"`` when this
+        server checks signatures, so that its snapshots (which hold the signature) are never
+        those of a server that does not (which do not), even where the store's version is the
+        same for both (the Hub's commit)."""
+        return f"{version}+signed" if self.settings.trust else version
+
     def snapshot_key_for(self, name: str, version: str) -> str:
         """The node cache's key of version ``version`` of adapter ``name`` of this store."""
-        return snapshot_key(self.source, self.snapshot_name(name), version)
+        return snapshot_key(self.source, self.snapshot_name(name), self.snapshot_version(version))
 
     def snapshot_key_of(self, remote: RemoteAdapter) -> str:
         """The node cache's key of what `locate` found: the snapshot it pointed at, if any."""

@@ -163,8 +163,8 @@ class BucketStore(Store):
     @abstractmethod
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """The objects of folder ``folder`` (a key prefix) whose names sort among the adapter's
-        files (the pointer among them), by name, in one cheap listing for lookups; ``name`` is
-        the adapter's, for messages."""
+        files (`Store.file_names`; the pointer among them), by name, in one cheap listing for
+        lookups; ``name`` is the adapter's, for messages."""
 
     @abstractmethod
     def read_object(self, key: str, max_bytes: int) -> StoredObject | None:
@@ -261,14 +261,23 @@ class BucketStore(Store):
         if version is not None:
             found = version_folder(folder, version)
             listed = self.list_adapter_files(name, found)
-            return published_adapter(name, self.location(found), version, listed)
+            return published_adapter(
+                name, self.location(found), version, listed, signature=self.lists_signatures
+            )
         listed = self.list_adapter_files(name, folder)
         pointer_file = listed.get(POINTER_FILE)
         if pointer_file is None:
-            return adapter_from_listing(name, self.location(folder), listed)
+            location = self.location(folder)
+            return adapter_from_listing(name, location, listed, signature=self.lists_signatures)
         pointer = self._pointer_at(name, pointer_file.etag)
         found = version_folder(folder, pointer.version)
-        return published_adapter(name, self.location(found), pointer.version, pointer.listing())
+        return published_adapter(
+            name,
+            self.location(found),
+            pointer.version,
+            pointer.listing(),
+            signature=self.lists_signatures,
+        )
 
     def _pointer_at(self, name: str, etag: str) -> Pointer:
         """The pointer of adapter ``name``, which a listing just showed at ``etag``."""

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
+from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings
@@ -121,16 +121,17 @@ class FilesystemStore(Store):
         identities no single folder holds, which `download` (reading through one handle on the
         folder) finds out, so the pipeline looks again.
         """
-        files, fingerprint = [], hashlib.sha256()
-        for file_name in ADAPTER_FILES:
+        files, fingerprint, weights = [], hashlib.sha256(), False
+        for file_name in self.file_names:
+            if weights and file_name in WEIGHTS_FILES:
+                continue  # vLLM loads the first weights file present; the others do not matter
             status = self._stat_file(name, folder, file_name)
             if status is None:
                 continue
             identity = _identity(status)
             files.append(RemoteFile(file_name, status.st_size, etag=identity))
             fingerprint.update(f"{file_name}\0{identity}\n".encode())
-            if file_name != CONFIG_FILE:
-                break  # vLLM loads the first weights file present; the others do not matter
+            weights = weights or file_name in WEIGHTS_FILES
         return tuple(files), fingerprint.hexdigest()[:32]
 
     @staticmethod

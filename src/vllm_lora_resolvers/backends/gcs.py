@@ -30,7 +30,7 @@ from google.api_core import exceptions as google_errors
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES
+from vllm_lora_resolvers.adapter import ADAPTER_FILES, SIGNATURE_FILE
 from vllm_lora_resolvers.backends.bucket import (
     BucketStore,
     StoredObject,
@@ -48,11 +48,13 @@ from vllm_lora_resolvers.errors import (
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.transfer import TransferConfig, check_stored_size, stored_size
 
+#: A key after every adapter file name (``adapter_model.*`` < ``adapter_n``), and one after the
+#: signature's too.
+_PAST_ADAPTER_FILES, _PAST_SIGNATURE = "adapter_n", "model.sih"
+assert all(name < _PAST_ADAPTER_FILES for name in ADAPTER_FILES)
+assert _PAST_ADAPTER_FILES < SIGNATURE_FILE < _PAST_SIGNATURE
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _CHUNK = 1 << 20
-#: A key after every adapter file name (``adapter_model.*`` < ``adapter_n``).
-_PAST_ADAPTER_FILES = "adapter_n"
-assert all(name < _PAST_ADAPTER_FILES for name in ADAPTER_FILES)
 #: Entries read at most to find one adapter's files (ten listing pages).
 _MAX_LOOKUP_ENTRIES = 10_000
 
@@ -98,15 +100,16 @@ class GcsStore(BucketStore):
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
         """One listing of the key range of ``folder`` from the adapter's config to its last
-        weights name (``start_offset``/``end_offset``), so whatever else the folder holds
-        (checkpoints, logs) is never listed."""
+        weights name (to ``model.sig`` when signatures are checked; ``start_offset`` and
+        ``end_offset``), so whatever else the folder holds (checkpoints, logs) is never listed."""
+        end = _PAST_SIGNATURE if self.lists_signatures else _PAST_ADAPTER_FILES
         with store_errors(f"listing {self.location(folder)}"):
             blobs = list(
                 self.bucket.list_blobs(
                     prefix=folder,
                     delimiter="/",
-                    start_offset=folder + min(ADAPTER_FILES),
-                    end_offset=folder + _PAST_ADAPTER_FILES,
+                    start_offset=folder + min(self.file_names),
+                    end_offset=folder + end,
                     max_results=_MAX_LOOKUP_ENTRIES,
                     retry=None,  # the pipeline's lookup retry is the only one
                     timeout=self.transfer.lookup_timeout,
@@ -115,7 +118,7 @@ class GcsStore(BucketStore):
         if len(blobs) == _MAX_LOOKUP_ENTRIES:
             raise InvalidAdapterError(
                 f"adapter {name!r}: over {_MAX_LOOKUP_ENTRIES} other entries of its folder sort "
-                f"among {', '.join(ADAPTER_FILES)}; move those elsewhere"
+                f"among {', '.join(self.file_names)}; move those elsewhere"
             )
         return {
             blob.name[len(folder) :]: RemoteFile(

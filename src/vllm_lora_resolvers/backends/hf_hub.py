@@ -48,7 +48,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazy export
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES, CONFIG_FILE
+from vllm_lora_resolvers.adapter import CONFIG_FILE, WEIGHTS_FILES
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.endpoints import public_endpoint
 from vllm_lora_resolvers.cache import NodeCache
@@ -204,27 +204,28 @@ class HfHubStore(Store):
         return commit
 
     def _adapter_files_at(self, target: HubAdapter, commit: str) -> tuple[RemoteFile, ...]:
-        """The config and the first weights file (vLLM's order) at ``commit``: one request."""
+        """The config and the first weights file (vLLM's order) at ``commit``, and ``model.sig``
+        when signatures are checked: one request."""
         # HfApi.get_paths_info takes no timeout: a stalled Hub would hold a resolver thread.
         response = get_session().post(
             f"{self.endpoint}/api/models/{target.repo_id}/paths-info/{commit}",
-            data={"paths": [target.path(name) for name in ADAPTER_FILES], "expand": False},
+            data={"paths": [target.path(name) for name in self.file_names], "expand": False},
             headers=build_hf_headers(library_name=_LIBRARY),
             timeout=self.transfer.lookup_timeout[1],
         )
         hf_raise_for_status(response)
         listed = {entry["path"]: entry for entry in response.json() if entry["type"] == "file"}
-        files = []
-        for file_name in ADAPTER_FILES:
+        files = {}
+        for file_name in self.file_names:
             entry = listed.get(target.path(file_name))
             if entry is None:
                 continue
             lfs = entry.get("lfs")
             checksums = {"sha256": str(lfs["oid"])} if lfs else {}
-            files.append(RemoteFile(file_name, int(entry["size"]), checksums, str(entry["oid"])))
-            if file_name != CONFIG_FILE:
-                break  # vLLM loads the first weights file present; the others do not matter
-        return tuple(files)
+            files[file_name] = RemoteFile(
+                file_name, int(entry["size"]), checksums, str(entry["oid"])
+            )
+        return tuple(_first_weights_only(files))
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
@@ -249,6 +250,13 @@ class HfHubStore(Store):
         if not file.checksums and file.etag and git_blob_id(destination) != file.etag:
             raise IntegrityError(f"{file.path}: git blob id does not match what the Hub declared")
         return {}
+
+
+def _first_weights_only(files: Mapping[str, RemoteFile]) -> list[RemoteFile]:
+    """``files`` without the weights files after the first (vLLM's order): vLLM loads the first
+    one present; the others do not matter."""
+    weights = [name for name in WEIGHTS_FILES if name in files]
+    return [file for name, file in files.items() if name not in weights[1:]]
 
 
 def _fetch_range(

@@ -4,13 +4,16 @@
 
     PREFIX/NAME/_versions/VERSION/adapter_config.json    one folder per version, never rewritten
     PREFIX/NAME/_versions/VERSION/adapter_model.safetensors
+    PREFIX/NAME/_versions/VERSION/model.sig              its signature, if signed
     PREFIX/NAME/adapter_current.json                      the pointer: which version NAME is
     PREFIX/NAME/_vllm-lora-conditional-write-probe        publish's check of the store
 
 The pointer is written last, in one conditional write, so a lookup sees one version whole or the
 other, never a mix. Its key sorts between ``adapter_config.json`` and ``adapter_model.*``, so the
 one listing a lookup makes of the plain layout's files sees it too, with its ETag or generation:
-an unchanged pointer costs no extra request. ``NAME@VERSION`` names one version folder directly.
+an unchanged pointer costs no extra request. The pointer lists the version's files, its signature
+among them, so a server that checks signatures finds it without listing the version folder.
+``NAME@VERSION`` names one version folder directly.
 The ``_`` of ``_versions`` keeps that folder out of reach of plain names (segments start with a
 letter or digit).
 """
@@ -27,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from vllm_lora_resolvers.adapter import (
     ADAPTER_FILES,
     CONFIG_FILE,
+    SIGNATURE_FILE,
     WEIGHTS_FILES,
     adapter_from_listing,
 )
@@ -64,8 +68,8 @@ Version = Annotated[str, AfterValidator(_checked_version)]
 
 
 def _checked_adapter_file(text: str) -> str:
-    if text not in ADAPTER_FILES:
-        raise ValueError(f"not one of {', '.join(ADAPTER_FILES)}")
+    if text not in (*ADAPTER_FILES, SIGNATURE_FILE):
+        raise ValueError(f"not one of {', '.join((*ADAPTER_FILES, SIGNATURE_FILE))}")
     return text
 
 
@@ -133,7 +137,7 @@ class Pointer(BaseModel):
 
     format: Literal[1]
     version: Version
-    files: tuple[PublishedFile, ...] = Field(min_length=2, max_length=2)
+    files: tuple[PublishedFile, ...] = Field(min_length=2, max_length=3)
     #: The versions that were current before this one, newest first.
     history: tuple[Version, ...] = Field(max_length=MAX_HISTORY)
     updated_at: float
@@ -142,8 +146,11 @@ class Pointer(BaseModel):
     def _one_config_and_one_weights_file(self) -> Pointer:
         paths = [file.path for file in self.files]
         weights = [path for path in paths if path in WEIGHTS_FILES]
-        if paths.count(CONFIG_FILE) != 1 or len(weights) != 1:
-            raise ValueError(f"files must be {CONFIG_FILE} and one of {', '.join(WEIGHTS_FILES)}")
+        if paths.count(CONFIG_FILE) != 1 or len(weights) != 1 or paths.count(SIGNATURE_FILE) > 1:
+            raise ValueError(
+                f"files must be {CONFIG_FILE} and one of {', '.join(WEIGHTS_FILES)}, and "
+                f"{SIGNATURE_FILE} if signed"
+            )
         return self
 
     def listing(self) -> dict[str, RemoteFile]:
@@ -170,12 +177,18 @@ def parse_pointer(name: str, where: str, raw: bytes) -> Pointer:
 
 
 def published_adapter(
-    name: str, location: str, version: str, listed: Mapping[str, RemoteFile]
+    name: str,
+    location: str,
+    version: str,
+    listed: Mapping[str, RemoteFile],
+    *,
+    signature: bool = False,
 ) -> RemoteAdapter | None:
-    """Version ``version`` of an adapter, from its version folder's files (``listed``, by name):
-    its pointer's file list and a listing of the folder give one version string, so ``NAME`` and
-    ``NAME@VERSION`` share one snapshot. ``None`` if the folder holds no config."""
-    adapter = adapter_from_listing(name, location, listed)
+    """Version ``version`` of an adapter, from its version folder's files (``listed``, by name;
+    its signature among them if ``signature``): its pointer's file list and a listing of the
+    folder give one version string, so ``NAME`` and ``NAME@VERSION`` share one snapshot. ``None``
+    if the folder holds no config."""
+    adapter = adapter_from_listing(name, location, listed, signature=signature)
     if adapter is None:
         return None
     return dataclasses.replace(adapter, version=f"{version}:{adapter.version}")

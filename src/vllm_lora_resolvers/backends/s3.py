@@ -23,7 +23,6 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from vllm_lora_resolvers.adapter import ADAPTER_FILES
 from vllm_lora_resolvers.backends.bucket import (
     BucketStore,
     StoredObject,
@@ -46,9 +45,6 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import ListObjectsV2OutputTypeDef
 
 _CHUNK = 1 << 20
-#: The adapter's file names all start with this stem and sort between the first and the last.
-_ADAPTER_FILES_STEM = os.path.commonprefix(ADAPTER_FILES)  # noqa: RUF071 - a key prefix, not a path
-_FIRST_ADAPTER_FILE, _LAST_ADAPTER_FILE = min(ADAPTER_FILES), max(ADAPTER_FILES)
 #: Listing pages (1,000 entries each) read at most to find one adapter's files.
 _MAX_LOOKUP_PAGES = 10
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -112,16 +108,22 @@ class S3Store(BucketStore):
         return f"s3://{self.bucket}", prefix, None if _AWS_ENDPOINT.match(endpoint) else endpoint
 
     def list_adapter_files(self, name: str, folder: str) -> dict[str, RemoteFile]:
-        """``ListObjectsV2`` of ``folder`` from the adapter's config to its last weights name.
+        """``ListObjectsV2`` of ``folder`` from the adapter's config to its last weights name
+        (to ``model.sig`` when signatures are checked).
 
         Keys sort byte-wise, so listing only keys that start with ``adapter_`` and come after
         ``adapter_config.jso`` skips whatever else the folder holds (checkpoints, logs): one
-        request, and one more per 1,000 entries sorting among the adapter's own files.
+        request, and one more per 1,000 entries sorting among the adapter's own files. With the
+        signature the range is wider (``adapter_config.json`` to ``model.sig``): still one
+        request, subfolders counting one entry each.
         """
-        pages = self.lookup_client.get_paginator("list_objects_v2").paginate(
+        first, last = min(self.file_names), max(self.file_names)
+        pages = self.lookup_client.get_paginator(
+            "list_objects_v2"
+        ).paginate(
             Bucket=self.bucket,
-            Prefix=folder + _ADAPTER_FILES_STEM,
-            StartAfter=folder + _FIRST_ADAPTER_FILE[:-1],
+            Prefix=folder + os.path.commonprefix(self.file_names),  # noqa: RUF071 - a key prefix
+            StartAfter=folder + first[:-1],
             Delimiter="/",
         )
         listed = {}
@@ -130,12 +132,12 @@ class S3Store(BucketStore):
                 for item in page.get("Contents", []):
                     path = item["Key"][len(folder) :]
                     listed[path] = RemoteFile(path, item.get("Size", 0), etag=item.get("ETag", ""))
-                if not page.get("IsTruncated") or _listed_past(page, folder + _LAST_ADAPTER_FILE):
+                if not page.get("IsTruncated") or _listed_past(page, folder + last):
                     break
                 if number == _MAX_LOOKUP_PAGES:
                     raise InvalidAdapterError(
                         f"adapter {name!r}: {number} listing pages did not reach all of "
-                        f"{', '.join(ADAPTER_FILES)}: too many other entries of its folder sort "
+                        f"{', '.join(self.file_names)}: too many other entries of its folder sort "
                         "among them; move those elsewhere"
                     )
         return listed

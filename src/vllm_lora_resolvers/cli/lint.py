@@ -32,6 +32,7 @@ COMPATIBILITY_CHECK = "compatibility"
 WEIGHTS_CHECK = "weights"
 DOWNLOAD_CHECK = "download"
 FILES_CHECK = "files"
+SIGNATURE_CHECK = "signature"
 
 _NAME_FIX = (
     f"rename the folder: 1 to {MAX_SEGMENTS} segments of [A-Za-z0-9][A-Za-z0-9._-]* joined by '/', "

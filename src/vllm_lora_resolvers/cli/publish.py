@@ -10,10 +10,13 @@ checks that the store refuses writes whose condition does not hold
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import filecmp
 import functools
 import hashlib
+import json
 import re
 import tempfile
 import time
@@ -26,9 +29,12 @@ from typing import TypeVar
 import click
 from rich.console import Console
 
+from vllm_lora_resolvers import signing
 from vllm_lora_resolvers.adapter import (
     ADAPTER_FILES,
     CONFIG_FILE,
+    SIGNATURE_FILE,
+    WEIGHTS_FILES,
     adapter_from_listing,
     weights_file,
 )
@@ -53,8 +59,8 @@ from vllm_lora_resolvers.cli.stores import (
     split_adapter_uri,
 )
 from vllm_lora_resolvers.cli.validate import print_report, validate_folder
-from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.errors import InvalidAdapterError
+from vllm_lora_resolvers.config import TRUST, Settings
+from vllm_lora_resolvers.errors import InvalidAdapterError, SignatureError
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.retry import call_with_retries
@@ -87,6 +93,8 @@ class PointerMove:
     uploaded: tuple[str, ...] = ()
     #: ``False``: the pointer already named ``version``, so it was left as it was.
     moved: bool = True
+    #: Who signed the version (`signing.describe`), ``None`` if it is not signed.
+    signed_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,32 @@ class _Current:
     is_flag=True,
     help="Publish to a store that ignores conditional writes (publishers must take turns).",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sign the version with this PEM elliptic-curve private key (unencrypted).",
+)
+@click.option(
+    "--sign-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --sign-key: its signing certificate (PEM), for a certificate signature.",
+)
+@click.option(
+    "--sign-chain",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="With --sign-cert: the certificates up to the CA (PEM), carried in the signature.",
+)
+@click.option(
+    "--sign-sigstore",
+    is_flag=True,
+    help="Sign keyless with Sigstore, as the CI job's OIDC identity (needs Sigstore's services).",
+)
+@click.option(
+    "--sigstore-trust-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --sign-sigstore: a private Sigstore deployment's client trust configuration.",
+)
 def publish(
     arguments: tuple[str, ...],
     *,
@@ -119,6 +153,11 @@ def publish(
     base_model: str | None,
     max_rank: int | None,
     allow_unconditional_store: bool,
+    sign_key: Path | None,
+    sign_cert: Path | None,
+    sign_chain: tuple[Path, ...],
+    sign_sigstore: bool,
+    sigstore_trust_config: Path | None,
 ) -> None:
     """Publish the adapter folder DIR as a new version of URI, atomically: clients asking for NAME
     get the old version or the new one, never a mix of both.
@@ -135,11 +174,20 @@ def publish(
     that the store refuses writes whose condition does not hold; a store that ignores them
     cannot tell it of a publisher racing it, and is refused unless --allow-unconditional-store.
 
+    --sign-key KEY (with --sign-cert CERT [--sign-chain CA...] for a certificate signature, or
+    --sign-sigstore for keyless) signs the files uploaded, as model-signing signs a folder named
+    as NAME's last segment, and uploads the signature (model.sig) with them: NAME, NAME@VERSION
+    and rollbacks to VERSION all carry it. Without, a model.sig in DIR is uploaded as it is.
+    Under VLLM_LORA_RESOLVER_TRUST, a signature servers would refuse is not published.
+
     --rollback URI points NAME back at the version before (or --to VERSION). Exit 0 when done,
     1 when refused, 2 when it cannot be done (usage, configuration, an unreadable store).
     """
     if len(arguments) != (1 if rollback else 2):
         raise click.UsageError("expected DIR URI, or --rollback URI")
+    signer = _signer(sign_key, sign_cert, sign_chain, sign_sigstore, sigstore_trust_config)
+    if signer is not None and rollback:
+        raise click.UsageError("a rollback uploads nothing to sign: the version keeps its own")
     if to_version is not None and not rollback:
         raise click.UsageError("--to goes with --rollback")
     if version is not None and rollback:
@@ -148,7 +196,8 @@ def publish(
         if value is not None and not is_version(value):
             raise click.BadParameter(f"{value!r} is not {_VERSION_HELP}", param_hint=option)
     with cannot_check(), _refusals():
-        settings = Settings.from_environ(argv=[])
+        # The version folders' signatures are listed (and carried by the pointer) in any case.
+        settings = dataclasses.replace(Settings.from_environ(argv=[]), read_signatures=True)
         with scratch_cache(arguments[-1]) as (cache, _):
             publisher = _publisher(arguments[-1], settings, cache, allow_unconditional_store)
             if rollback:
@@ -158,12 +207,37 @@ def publish(
                 lint_policy = LintPolicy(
                     base_model, max_rank or settings.max_rank, settings.base_model_aliases
                 )
-                report = validate_folder(folder, lint_policy, settings, name=publisher.name)
+                report = validate_folder(
+                    folder, lint_policy, settings, name=publisher.name, signature=signer is None
+                )
                 if not report.valid:
                     print_report(console(stderr=True), report)
                     raise RefusedError(f"{folder} is not a valid adapter; nothing was uploaded")
-                move = publisher.publish(folder, version)
+                move = publisher.publish(folder, version, signer)
     _print_move(console(), move, "rolled back" if rollback else "published")
+
+
+def _signer(
+    key: Path | None,
+    certificate: Path | None,
+    chain: tuple[Path, ...],
+    sigstore: bool,
+    trust_config: Path | None,
+) -> signing.Signer | None:
+    """How the options say to sign (``None``: not at all); `click.UsageError` if they clash."""
+    if sigstore and (key or certificate or chain):
+        raise click.UsageError("--sign-sigstore signs keyless: no --sign-key, --sign-cert or chain")
+    if trust_config is not None and not sigstore:
+        raise click.UsageError("--sigstore-trust-config goes with --sign-sigstore")
+    if certificate is not None and key is None:
+        raise click.UsageError("--sign-cert needs --sign-key, the certificate's private key")
+    if chain and certificate is None:
+        raise click.UsageError("--sign-chain goes with --sign-cert")
+    if sigstore:
+        return signing.Signer(sigstore=True, sigstore_trust_config=trust_config)
+    if key is None:
+        return None
+    return signing.Signer(private_key=key, certificate=certificate, chain=chain)
 
 
 @contextmanager
@@ -213,14 +287,44 @@ class Publisher:
         """The key prefix of the folder of version ``version``."""
         return version_folder(self.store.folder_prefix(self.name), version)
 
-    def publish(self, folder: Path, version: str | None = None) -> PointerMove:
+    def publish(
+        self, folder: Path, version: str | None = None, signer: signing.Signer | None = None
+    ) -> PointerMove:
         """Upload the adapter in ``folder`` (checked already) as version ``version`` (default: a
-        hash of its files) and point the name at it; `RefusedError` if that version exists with
+        hash of its files), signed by ``signer`` if given (else with ``folder``'s own signature,
+        if it has one), and point the name at it; `RefusedError` if that version exists with
         other files or someone else moved the pointer meanwhile."""
         weights = weights_file(folder)
         assert weights is not None  # the folder was checked
-        files = (folder / CONFIG_FILE, weights)
-        version = version or content_version(files)
+        adapter_files = (folder / CONFIG_FILE, weights)
+        version = version or content_version(adapter_files)
+        with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
+            signature = (
+                folder / SIGNATURE_FILE
+                if signer is None
+                else self._sign(adapter_files, signer, Path(scratch))
+            )
+            files = (*adapter_files, signature) if signature.is_file() else adapter_files
+            return self._upload_and_point(version, files)
+
+    def _sign(self, files: Sequence[Path], signer: signing.Signer, scratch: Path) -> Path:
+        """Sign ``files`` for this adapter's name; `RefusedError` if this environment's
+        ``VLLM_LORA_RESOLVER_TRUST`` would refuse the signature."""
+        signature = signing.sign_files(files, self.name.rsplit("/", 1)[-1], signer, scratch)
+        trust = signing.load_trust(self.resolver.settings)
+        if trust is not None:
+            try:
+                trust.check_folder(self.name, signature.parent, self.name)
+            except SignatureError as error:
+                raise RefusedError(
+                    f"servers with this {TRUST.name} would refuse the signature made ({error}); "
+                    "nothing was uploaded"
+                ) from None
+        return signature
+
+    def _upload_and_point(self, version: str, files: Sequence[Path]) -> PointerMove:
+        """Upload ``files`` to version folder ``version`` (those not there already) and point
+        the name at it."""
         target = self.version_key(version)
         current = self._read_current()
         existing = self.store.list_adapter_files(self.name, target)
@@ -245,7 +349,9 @@ class Publisher:
                 f"{self.store.location(target)} does not list the files just uploaded; "
                 "run publish again"
             )
-        published = tuple(PublishedFile.listed(listed[path]) for path in sizes)
+        # The version's signature travels in the pointer, ours or one uploaded before.
+        carried = (*sizes, SIGNATURE_FILE) if SIGNATURE_FILE not in sizes else tuple(sizes)
+        published = tuple(PublishedFile.listed(listed[path]) for path in carried if path in listed)
         history = _pushed(current.pointer, version)
         return self._point(current, version, published, history, uploaded=tuple(uploaded))
 
@@ -275,8 +381,8 @@ class Publisher:
         target = self.version_key(to_version)
         location = self.store.location(target)
         listed = self.store.list_adapter_files(self.name, target)
-        found = adapter_from_listing(self.name, location, listed)
-        if found is None or len(found.files) != 2:
+        found = adapter_from_listing(self.name, location, listed, signature=True)
+        if found is None or not {file.path for file in found.files} & set(WEIGHTS_FILES):
             raise RefusedError(
                 f"version {to_version!r} of {self.name!r} does not exist: {location} holds no "
                 "adapter"
@@ -303,6 +409,7 @@ class Publisher:
             self.store.location(self.version_key(version)),
             self.store.location(self.pointer_key),
             uploaded,
+            signed_by=self._signer_of(version, files),
         )
         if before is not None and before.version == version and before.files == files:
             return dataclasses.replace(move, previous=None, moved=False)
@@ -324,6 +431,21 @@ class Publisher:
                 f"moved to version {version!r}: run the command again"
             )
         return move
+
+    def _signer_of(self, version: str, files: Sequence[PublishedFile]) -> str | None:
+        """Who signed version ``version`` (made of ``files``), as its ``model.sig`` says."""
+        signature = next((file for file in files if file.path == SIGNATURE_FILE), None)
+        if signature is None:
+            return None
+        stored = signature.remote_file()
+        location = self.store.location(self.version_key(version))
+        remote = RemoteAdapter(self.name, "-", location, (stored,))
+        with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
+            self.resolver.fetch_to(remote, (stored,), Path(scratch))
+            try:
+                return signing.describe(self.name, Path(scratch, SIGNATURE_FILE))
+            except SignatureError as error:
+                return f"unreadable: {error}"
 
     def _check_conditional_writes(self) -> None:
         """Before the first write: `RefusedError` if the store ignores conditional writes, unless
@@ -382,11 +504,21 @@ class Publisher:
                     f"{location} holds {stored_name}, which {files[0].parent} has not: versions "
                     "are never overwritten; publish with another --version"
                 )
-            if path is not None and not self._same_content(location, path, stored):
+            same = self._same_signature if stored_name == SIGNATURE_FILE else self._same_content
+            if path is not None and not same(location, path, stored):
                 raise RefusedError(
                     f"{location} holds another {stored_name}: versions are never overwritten; "
                     "publish with another --version"
                 )
+
+    def _same_signature(self, location: str, path: Path, stored: RemoteFile) -> bool:
+        """Whether the signature ``stored`` signs what ``path`` signs, by the same signer: the
+        same statement and verification material (a signature's own bytes differ each time it is
+        made), so that publishing a version again with the same key uploads nothing."""
+        remote = RemoteAdapter(self.name, "-", location, (stored,))
+        with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
+            self.resolver.fetch_to(remote, (stored,), Path(scratch))
+            return _signed_content(Path(scratch, stored.path)) == _signed_content(path)
 
     def _same_content(self, location: str, path: Path, stored: RemoteFile) -> bool:
         """Whether ``stored`` (in folder ``location``) holds the bytes of ``path``: by the MD5
@@ -401,6 +533,21 @@ class Publisher:
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
             self.resolver.fetch_to(remote, (stored,), Path(scratch))
             return filecmp.cmp(path, Path(scratch, stored.path), shallow=False)
+
+
+def _signed_content(path: Path) -> tuple[object, ...]:
+    """What a signature bundle signs and who by: the name and the files with their digests of
+    its statement, and its verification material (the statement's other fields are written in
+    an order that changes from one process to the next)."""
+    try:
+        bundle = json.loads(path.read_bytes())
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        resources = sorted(
+            json.dumps(item, sort_keys=True) for item in statement["predicate"]["resources"]
+        )
+        return statement["subject"], resources, bundle["verificationMaterial"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return (path.read_bytes(),)
 
 
 def _pushed(pointer: Pointer | None, version: str) -> tuple[str, ...]:
@@ -431,6 +578,7 @@ def _print_move(out: Console, move: PointerMove, done: str) -> None:
         out.print(line(f"{move.name} is at version {move.version} already: nothing to move"))
     if move.uploaded:
         out.print(line(f"  uploaded: {', '.join(move.uploaded)}"))
+    out.print(line(f"  signed by: {move.signed_by}" if move.signed_by else "  unsigned"))
     out.print(line(f"  version folder: {move.version_location}"))
     out.print(line(f"  pointer: {move.pointer_location}"))
     out.print(line(f"  pinned name: {move.name}@{move.version}"))

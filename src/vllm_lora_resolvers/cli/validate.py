@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -11,7 +12,8 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from vllm_lora_resolvers.adapter import CONFIG_FILE
+from vllm_lora_resolvers import signing
+from vllm_lora_resolvers.adapter import CONFIG_FILE, SIGNATURE_FILE
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.lint import (
     CONFIG_CHECK,
@@ -19,6 +21,7 @@ from vllm_lora_resolvers.cli.lint import (
     FILES_CHECK,
     FILES_FIX,
     NAME_CHECK,
+    SIGNATURE_CHECK,
     Check,
     LintPolicy,
     LintReport,
@@ -42,10 +45,15 @@ from vllm_lora_resolvers.cli.stores import (
     scratch_cache,
     split_adapter_uri,
 )
-from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.errors import IntegrityError, InvalidAdapterError
+from vllm_lora_resolvers.config import TRUST, Settings
+from vllm_lora_resolvers.errors import IntegrityError, InvalidAdapterError, SignatureError
 
 _NOT_FOUND_FIX = "upload the adapter folder (adapter_config.json and its weights) there"
+_SIGNATURE_FIX = (
+    f"sign the adapter's folder, named as the adapter, with a key or certificate {TRUST.name} "
+    "trusts (vllm-lora publish --sign-key, or model_signing sign), and upload it with its "
+    f"{SIGNATURE_FILE}"
+)
 
 
 @click.command()
@@ -59,11 +67,14 @@ def validate(target: str, base_model: str | None, max_rank: int | None, as_json:
     DIR is a local adapter folder. URI is s3://BUCKET/PREFIX/NAME, gs://BUCKET/PREFIX/NAME or
     hf://ORG/REPO[/FOLDER][@REVISION]: it is fetched (and its checksums verified) into a
     temporary folder first. NAME is the path below VLLM_LORA_RESOLVER_S3_URI (or _GCS_URI) when
-    the URI is under it, else its last segment (with a warning). Exit 0 when valid, 1 when not,
-    2 when it cannot be checked.
+    the URI is under it, else its last segment (with a warning). Who signed it (model.sig) is
+    shown, and checked against VLLM_LORA_RESOLVER_TRUST when set: then an adapter the server would
+    refuse for its signature is invalid. Exit 0 when valid, 1 when not, 2 when it cannot be
+    checked.
     """
     with cannot_check():
-        settings = Settings.from_environ(argv=[])
+        # Stores list model.sig, so that who signed is shown even when TRUST is unset.
+        settings = dataclasses.replace(Settings.from_environ(argv=[]), read_signatures=True)
         lint_policy = LintPolicy(
             base_model, max_rank or settings.max_rank, settings.base_model_aliases
         )
@@ -80,10 +91,16 @@ def validate(target: str, base_model: str | None, max_rank: int | None, as_json:
 
 
 def validate_folder(
-    folder: Path, lint_policy: LintPolicy, settings: Settings, name: str | None = None
+    folder: Path,
+    lint_policy: LintPolicy,
+    settings: Settings,
+    name: str | None = None,
+    *,
+    signature: bool = True,
 ) -> LintReport:
     """Every check ``validate DIR`` makes of the local adapter folder ``folder``; ``name`` is
-    the name clients will ask for (default: the folder's own)."""
+    the name clients will ask for (default: the folder's own); its signature is not checked
+    unless ``signature`` (``publish --sign-key`` signs it afterwards)."""
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is not a directory", param_hint="DIR|URI")
     real = folder.resolve()
@@ -95,7 +112,11 @@ def validate_folder(
             resolver.lookup(real.name)  # the filesystem resolver's rules for the folder's files
         except InvalidAdapterError as error:
             return _refused(adapter, str(folder), lint_policy, name_check, error)
-    return lint_folder(adapter, folder, str(folder), name_check, lint_policy)
+        served_as = resolver.store.snapshot_name(adapter)
+    report = lint_folder(adapter, folder, str(folder), name_check, lint_policy)
+    if not signature:
+        return report
+    return _with_signature(report, folder, served_as, settings)
 
 
 def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> LintReport:
@@ -119,7 +140,45 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
         except IntegrityError as error:
             damaged = Check(DOWNLOAD_CHECK, Level.FAIL, str(error), "upload the adapter again")
             return LintReport(name, remote.location, lint_policy, None, (damaged,))
-        return lint_folder(name, folder, remote.location, name_check, lint_policy)
+        report = lint_folder(name, folder, remote.location, name_check, lint_policy)
+        return _with_signature(report, folder, resolver.store.snapshot_name(name), settings)
+
+
+def _with_signature(
+    report: LintReport, folder: Path, served_as: str, settings: Settings
+) -> LintReport:
+    """``report`` and the signature check of ``folder``, the adapter served as ``served_as``."""
+    check = check_signature(report.adapter, folder, served_as, settings)
+    return dataclasses.replace(report, checks=(*report.checks, check))
+
+
+def check_signature(adapter: str, folder: Path, served_as: str, settings: Settings) -> Check:
+    """Who signed the adapter in ``folder`` (its ``model.sig``) and, when ``settings`` trust
+    signers, whether a server would serve it as ``served_as``: `SignatureError`'s reason if not.
+    """
+    trust = signing.load_trust(settings)
+    path = folder / SIGNATURE_FILE
+    if trust is not None:
+        try:
+            checked = trust.check_folder(adapter, folder, served_as)
+        except SignatureError as error:
+            return Check(SIGNATURE_CHECK, Level.FAIL, str(error), _SIGNATURE_FIX)
+        return Check(
+            SIGNATURE_CHECK,
+            Level.PASS,
+            f"signed by {checked.signer}, as {checked.model_name!r} ({TRUST.name} trusts it)",
+        )
+    if not path.is_file():
+        return Check(
+            SIGNATURE_CHECK, Level.SKIP, f"unsigned (no {SIGNATURE_FILE}); {TRUST.name} is unset"
+        )
+    try:
+        who = signing.describe(adapter, path)
+    except SignatureError as error:
+        return Check(SIGNATURE_CHECK, Level.WARN, str(error), _SIGNATURE_FIX)
+    return Check(
+        SIGNATURE_CHECK, Level.SKIP, f"signed by {who}; not checked: {TRUST.name} is unset"
+    )
 
 
 def _remote_name_check(adapter: AdapterUri, accepted: bool) -> Check:

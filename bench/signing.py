@@ -1,0 +1,119 @@
+"""The cost of ``VLLM_LORA_RESOLVER_TRUST``: cold resolves of a 400 MB signed adapter from S3
+(SeaweedFS on loopback), with the signature checked against without (same run, alternated so
+that a shared machine's drift hits both alike); target: under 10% more.
+
+The check reads no byte again: the SHA-256 the signature holds for each file is computed in the
+read that already verifies the download's size and CRC32C (`transfer.verify_file`). What it adds
+is the SHA-256 itself, the signature's download and its check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+from bench.common import report
+from devtools.models import write_large_adapter
+from devtools.stores import SeaweedS3, upload_folder
+from vllm_lora_resolvers.backends.s3 import S3Store
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
+
+BASE_MODEL = "/models/tiny-llama"
+RUNS = 8
+MB = 10**6
+SIZE = 400 * MB
+
+
+def _sign(folder: Path, work: Path) -> Path:
+    """Sign ``folder`` with a new key as a release pipeline would; the public key's path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from model_signing import hashing, signing
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = work / "release.pem", work / "release.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    signing.Config().set_hashing_config(
+        hashing.Config().set_ignored_paths(paths=["model.sig"])
+    ).use_elliptic_key_signer(private_key=private).sign(folder, folder / "model.sig")
+    return public
+
+
+def cold_resolves(work: Path) -> list[tuple[str, str]]:
+    source = write_large_adapter(work / "big", base_model=BASE_MODEL, size_bytes=SIZE)
+    public = _sign(source, work)
+    with SeaweedS3(work / "seaweed") as server:
+        client = server.endpoint.client()
+        client.create_bucket(Bucket="bench-signing")
+        upload_folder(client, "bench-signing", "adapters/big", source)
+        environment = server.endpoint.env()
+        runs = iter(range(10_000))
+
+        def resolve(trust: str | None) -> float:
+            cache = work / f"cache-{next(runs)}"
+            variables = {
+                "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
+                "VLLM_LORA_RESOLVER_MAX_RANK": "100000000",
+                **({"VLLM_LORA_RESOLVER_TRUST": trust} if trust else {}),
+            }
+            settings = Settings.from_environ(variables, argv=[])
+            with mock.patch.dict(os.environ, environment):
+                resolver = Resolver(
+                    S3Store("s3://bench-signing/adapters", settings, NodeCache(cache))
+                )
+                started = time.perf_counter()
+                resolved = resolver.resolve(BASE_MODEL, "big")
+                seconds = time.perf_counter() - started
+            assert resolved is not None
+            shutil.rmtree(cache, ignore_errors=True)
+            return seconds
+
+        resolve(None)  # warm-up: the server's and the page cache's
+        resolve(f"key:{public}")
+        plain: list[float] = []
+        checked: list[float] = []
+        for run in range(RUNS):  # in turns, each first every other run
+            order = ((plain, None), (checked, f"key:{public}"))
+            for samples, trust in order if run % 2 == 0 else reversed(order):
+                samples.append(resolve(trust))
+    started = time.perf_counter()
+    with (source / "adapter_model.safetensors").open("rb") as stream:
+        hashlib.file_digest(stream, "sha256")
+    hashing = time.perf_counter() - started
+    unverified, verified = statistics.median(plain), statistics.median(checked)
+    ratio = verified / unverified
+    return [
+        (f"cold resolve of {SIZE // MB} MB, unverified (median of {RUNS})", f"{unverified:.2f} s"),
+        (f"cold resolve of {SIZE // MB} MB, signature checked (median)", f"{verified:.2f} s"),
+        ("verified / unverified (target < 1.10)", f"{ratio:.3f}x ({(ratio - 1) * 100:+.1f}%)"),
+        ("SHA-256 of the weights alone, what the check adds", f"{hashing:.2f} s"),
+    ]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-signing-") as directory:
+        rows = cold_resolves(Path(directory))
+    report("signed adapters (VLLM_LORA_RESOLVER_TRUST), S3 on SeaweedFS", rows)
+
+
+if __name__ == "__main__":
+    main()
