@@ -31,6 +31,7 @@ from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     TransientStoreError,
 )
+from vllm_lora_resolvers.resolver import SMALL_WEIGHTS_BYTES
 
 #: What "seconds, never minutes" means: several times the ~3 s a dead store's lookup may cost.
 BOUND_SECONDS = 10.0
@@ -127,15 +128,20 @@ def test_lists_its_adapters(store: StoreUnderTest, tmp_path: Path, cache_dir: Pa
     assert {store.name("sql"), store.name("chat")} <= listed
 
 
-def test_invalid_adapter_is_refused_before_its_weights_are_read(
+def test_invalid_adapter_is_refused_before_the_body_of_its_weights_is_read(
     store: StoreUnderTest, tmp_path: Path, cache_dir: Path
 ) -> None:
-    put_adapter(store, tmp_path, "wide", rank=64)
+    source = put_adapter(store, tmp_path, "wide", rank=512)
+    # Weights this large wait for the config's checks (smaller ones are fetched beside it).
+    assert (source / "adapter_model.safetensors").stat().st_size > SMALL_WEIGHTS_BYTES
     resolver = store.resolver(cache_dir)
-    for _ in range(2):  # and again: remembered, not fetched again
-        with pytest.raises(InvalidAdapterError, match="rank 64 is above this server's limit"):
-            resolver.resolve(BASE_MODEL, store.name("wide"))
-    assert store.weights_reads() == []
+    with pytest.raises(InvalidAdapterError, match="rank 512 is above this server's limit"):
+        resolver.resolve(BASE_MODEL, store.name("wide"))
+    read = store.weights_reads()
+    assert len(read) <= 1  # at most the head of the weights, read beside the config: no body
+    with pytest.raises(InvalidAdapterError, match="rank 512 is above this server's limit"):
+        resolver.resolve(BASE_MODEL, store.name("wide"))
+    assert store.weights_reads() == read  # remembered: nothing read again
     assert_nothing_published(cache_dir, store.name("wide"))
 
 

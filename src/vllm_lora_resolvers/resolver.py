@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.adapter import (
@@ -51,10 +53,7 @@ from vllm_lora_resolvers.names import is_safe_name
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import call_with_retries, time_budget
 from vllm_lora_resolvers.signing import CheckedSignature, load_trust, unsigned
-from vllm_lora_resolvers.transfer import (
-    FetchedFile,
-    fetch_file,
-)
+from vllm_lora_resolvers.transfer import FetchedFile, beside, fetch_file
 
 logger = logging.getLogger("vllm.lora_resolvers")
 
@@ -67,6 +66,9 @@ OUTAGE_MEMORY_SECONDS = 5.0
 LOOKUPS_PER_RESOLUTION = 2
 #: The first read of a safetensors header; a larger header costs a second, exact read.
 _HEAD_PROBE_BYTES = 64 << 10
+#: Weights up to this size are fetched at once with the config, not after its checks: an adapter
+#: refused by them wastes at most this much, and a new small adapter costs one round trip less.
+SMALL_WEIGHTS_BYTES = 1 << 20
 #: Free space asked for beyond an adapter's bytes when a full disk is cleared (manifest, inodes).
 _DISK_SLACK_BYTES = 1 << 20
 
@@ -376,13 +378,22 @@ class Resolver:
                     remote.name, folder / SIGNATURE_FILE, self.store.snapshot_name(remote.name)
                 )
                 signature.check_covers(remote.name, config_file.path, weights.path)
-            fetched += self._download(remote, (config_file,), staging, signature)
-            config = parse_adapter_config(remote.name, (folder / CONFIG_FILE).read_bytes())
-            # Refuse a wrong base model or rank, or a weights file whose header does not add up,
-            # before fetching the (large) weights.
-            check_adapter_config(remote.name, config, policy)
-            self._check_weights_head(remote, weights, config)
-            fetched += self._download(remote, (weights,), staging, signature)
+            if weights.size <= SMALL_WEIGHTS_BYTES:  # fetched beside the config, checked after
+                weights_fetched = beside(
+                    lambda: self._download(remote, (weights,), staging, signature)
+                )
+                fetched += self._fetch_config(
+                    remote, config_file, staging, policy, signature, beside_it=weights_fetched
+                )[0]
+                fetched += weights_fetched.result()
+            else:  # its head read beside the config; its body only once both are checked
+                head = beside(lambda: self._weights_head(remote, weights))
+                config_fetched, config = self._fetch_config(
+                    remote, config_file, staging, policy, signature, beside_it=head
+                )
+                self._check_weights_head(remote, weights, config, head.result())
+                fetched += config_fetched
+                fetched += self._download(remote, (weights,), staging, signature)
             check_adapter_folder(remote.name, folder, policy)
             manifest = SnapshotManifest(
                 source=self.source,
@@ -398,6 +409,28 @@ class Resolver:
         finally:
             if staging.exists():
                 self.cache.discard_staging(staging)
+
+    def _fetch_config(
+        self,
+        remote: RemoteAdapter,
+        config_file: RemoteFile,
+        staging: Path,
+        policy: AdapterPolicy,
+        signature: CheckedSignature | None,
+        *,
+        beside_it: Future[Any],
+    ) -> tuple[list[FetchedFile], LoraAdapterConfig]:
+        """Fetch, parse and check the config while ``beside_it`` runs (a wrong base model or
+        rank is refused before a large weights body is fetched); return (or raise) once
+        ``beside_it`` ended, so that nothing writes into the staging folder after a refusal."""
+        try:
+            fetched = self._download(remote, (config_file,), staging, signature)
+            raw = (staging / "adapter" / CONFIG_FILE).read_bytes()
+            config = parse_adapter_config(remote.name, raw)
+            check_adapter_config(remote.name, config, policy)
+        finally:
+            wait([beside_it])
+        return fetched, config
 
     def fetch_to(
         self,
@@ -449,26 +482,38 @@ class Resolver:
                 signature.check_file(remote.name, staging / "adapter", file.path, file.digests)
         return fetched
 
-    def _check_weights_head(
-        self, remote: RemoteAdapter, weights: RemoteFile, config: LoraAdapterConfig
-    ) -> None:
-        """Refuse a safetensors file whose header is malformed, does not account for its exact
-        size (a sparse terabyte behind a small header, say) or holds tensors vLLM would refuse,
-        from its first bytes, before its body is fetched. A read of the head that fails but may
-        not next time is not retried: the weights are checked once fetched, with the download's
-        retries."""
+    def _weights_head(
+        self, remote: RemoteAdapter, weights: RemoteFile, length: int = _HEAD_PROBE_BYTES
+    ) -> bytes | None:
+        """The first ``length`` bytes of a safetensors weights file, to check before its body is
+        fetched; ``None`` when the store cannot read a range cheaply, or the read failed but may
+        not next time (not retried: the weights are checked once fetched, with the download's
+        retries)."""
         if not weights.path.endswith(".safetensors"):
-            return
+            return None
         try:
-            head = self.store.read_head(remote, weights, min(_HEAD_PROBE_BYTES, weights.size))
-            if head is None:
-                return
-            needed = check_weights_header(remote.name, config, head, weights.size)
-            if needed > len(head):
-                whole = self.store.read_head(remote, weights, needed) or b""
-                check_weights_header(remote.name, config, whole, weights.size)
+            return self.store.read_head(remote, weights, min(length, weights.size))
         except TransientStoreError as error:
             logger.info("the weights of %r will be checked once fetched: %s", remote.name, error)
+            return None
+
+    def _check_weights_head(
+        self,
+        remote: RemoteAdapter,
+        weights: RemoteFile,
+        config: LoraAdapterConfig,
+        head: bytes | None,
+    ) -> None:
+        """Refuse a safetensors file whose header (``head``, its first bytes) is malformed, does
+        not account for its exact size (a sparse terabyte behind a small header, say) or holds
+        tensors vLLM would refuse, before its body is fetched."""
+        if head is None:
+            return
+        needed = check_weights_header(remote.name, config, head, weights.size)
+        if needed > len(head):
+            whole = self._weights_head(remote, weights, needed)
+            if whole is not None:
+                check_weights_header(remote.name, config, whole, weights.size)
 
     def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, ...]:
         """The config and the one weights file vLLM would load, in vLLM's order of preference,

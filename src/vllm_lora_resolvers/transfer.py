@@ -14,18 +14,24 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from vllm_lora_resolvers.checksums import RECORDED, file_digests
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError, VersionChangedError
 from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
 
+_T = TypeVar("_T")
+
 #: Ranged reads in flight in this process, all stores and files together.
 PARALLEL_READS = 32
 _READS = ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="lora-read")
+#: Calls a resolution makes beside its own thread (`beside`); they may use `_READS`, never this
+#: pool, so they never wait for one another.
+_BESIDE = ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="lora-beside")
 #: Lookups: up to 3 tries, a retry only within 2 s, so quick failures (503, resets) get three
 #: while a store that accepts connections and never answers costs two time limits (about 3 s).
 LOOKUP_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, budget_seconds=2.0)
@@ -224,6 +230,12 @@ def download_in_parts(
         _run_in_lanes(fetch_part, parts, config.parts_in_flight)
     finally:
         os.close(descriptor)
+
+
+def beside(call: Callable[[], _T]) -> Future[_T]:
+    """Start ``call`` on another thread, in the caller's context (its time budget), so that a
+    resolution makes two store requests at once; the caller waits for its result."""
+    return _BESIDE.submit(contextvars.copy_context().run, call)
 
 
 def _run_in_lanes(
