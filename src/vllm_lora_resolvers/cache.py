@@ -175,6 +175,9 @@ class NodeCache:
         self._served_sources: set[str] = set()
         self._withheld_sources: dict[str, str] = {}
         self._reported_damage: set[str] = set()
+        #: key -> (its folder's inode, its manifest), as read: a snapshot published again (after
+        #: an eviction) is a new folder, read again.
+        self._manifests: dict[str, tuple[int, SnapshotManifest]] = {}
         try:
             self._make_layout()
         except OSError as error:
@@ -207,6 +210,14 @@ class NodeCache:
             return None
         path = self.snapshots / key
         try:
+            folder = path.stat().st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            self._manifests.pop(key, None)
+            return None
+        known = self._manifests.get(key)
+        if known is not None and known[0] == folder:
+            return Snapshot(key, path, known[1])  # a snapshot is immutable: read it once
+        try:
             raw = (path / MANIFEST).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
@@ -221,6 +232,7 @@ class NodeCache:
         if snapshot_key(manifest.source, manifest.name, manifest.version) != key:
             self._quarantine(key, "its manifest describes another snapshot")
             return None
+        self._manifests[key] = (folder, manifest)
         return Snapshot(key, path, manifest)
 
     def _quarantine(self, key: str, reason: str) -> None:
@@ -390,8 +402,11 @@ class NodeCache:
         """
         with self._key_guards.hold(key):
             try:
-                self._make_layout()  # again, if someone removed the cache folder under us
-                descriptor = _lock_file(self.locks / f"{key}.lock", wait=True)
+                try:
+                    descriptor = _lock_file(self.locks / f"{key}.lock", wait=True)
+                except FileNotFoundError:  # someone removed the cache folder under us
+                    self._make_layout()
+                    descriptor = _lock_file(self.locks / f"{key}.lock", wait=True)
             except OSError as error:
                 raise cache_write_error(error) from None
             assert descriptor is not None
@@ -457,7 +472,6 @@ class NodeCache:
             if existing is not None:
                 return existing
             raise cache_write_error(error) from None
-        _fsync_directory(self.snapshots)
         snapshot = Snapshot(key, self.snapshots / key, manifest)
         with self._leases_guard:
             self._leases[key] = (descriptor, snapshot)
@@ -607,6 +621,9 @@ class NodeCache:
     def _evict_locked(
         self, max_bytes: int | None, incoming_bytes: int, *, disk_only: bool = False
     ) -> list[Snapshot]:
+        no_cap = max_bytes is None or disk_only
+        if no_cap and shutil.disk_usage(self.root).free >= incoming_bytes:
+            return []  # nothing to make room for: no need to list the snapshots
         snapshots = self.all_snapshots()
         total = sum(s.manifest.total_bytes for s in snapshots)
 
@@ -832,11 +849,16 @@ def _same_file(descriptor: int, path: Path) -> bool:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Make a staging folder's content durable before it is renamed into place: the bytes of each
+    file that has any (an empty file, the lease, is durable with its folder's entry) and each
+    folder's entries. A crash after the rename but before it is durable loses the publish, not the
+    content: the folder comes back as staging debris, removed, and the adapter fetched again."""
     for directory, _, files in os.walk(root):
         for name in files:
             descriptor = os.open(Path(directory) / name, os.O_RDONLY)
             try:
-                os.fsync(descriptor)
+                if os.fstat(descriptor).st_size:
+                    os.fsync(descriptor)
             finally:
                 os.close(descriptor)
         _fsync_directory(Path(directory))
