@@ -38,6 +38,10 @@ SECRET_KEY = "testingsecret"  # noqa: S105 - fake credential of the local test s
 # so every HTTP port is picked with that companion port free as well, and passed explicitly.
 _GRPC_OFFSET = 10000
 _SERVICES = ("s3", "master", "volume", "filer", "admin")
+#: Volumes (of at most `_VOLUME_SIZE_MB`) one ``weed mini`` may create: room for a few hundred
+#: buckets (one volume each), whatever the disk's free space.
+_MAX_VOLUMES = 1000
+_VOLUME_SIZE_MB = 64
 _GRPC_SOCKET = "/tmp/seaweedfs-{}-grpc-{}.sock"  # noqa: S108 - hard-wired in weed
 
 
@@ -184,6 +188,9 @@ class SeaweedS3:
             f"-s3.localSocket={self.directory / 's3.sock'}",
             f"-filer.localSocket={self.directory / 'filer.sock'}",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # A test session makes hundreds of buckets, each a collection of its own volumes: the
+            # default cap (free disk / volume size) ran out at a disk-dependent bucket count.
+            f"-volume.max={_MAX_VOLUMES}", f"-master.volumeSizeLimitMB={_VOLUME_SIZE_MB}",
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
