@@ -20,6 +20,7 @@ from unittest import mock
 
 from bench.common import report
 from devtools.models import write_large_adapter
+from devtools.signing_keys import key_pair, sign_with_key
 from devtools.stores import SeaweedS3, upload_folder
 from vllm_lora_resolvers.backends.s3 import S3Store
 from vllm_lora_resolvers.cache import NodeCache
@@ -32,35 +33,11 @@ MB = 10**6
 SIZE = 400 * MB
 
 
-def _sign(folder: Path, work: Path) -> Path:
-    """Sign ``folder`` with a new key as a release pipeline would; the public key's path."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from model_signing import hashing, signing
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = work / "release.pem", work / "release.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    signing.Config().set_hashing_config(
-        hashing.Config().set_ignored_paths(paths=["model.sig"])
-    ).use_elliptic_key_signer(private_key=private).sign(folder, folder / "model.sig")
-    return public
-
-
 def cold_resolves(work: Path) -> list[tuple[str, str]]:
     source = write_large_adapter(work / "big", base_model=BASE_MODEL, size_bytes=SIZE)
-    public = _sign(source, work)
+    keys = key_pair(work / "keys")  # as a release pipeline would sign it
+    sign_with_key(source, keys)
+    public = keys.public
     with SeaweedS3(work / "seaweed") as server:
         client = server.endpoint.client()
         client.create_bucket(Bucket="bench-signing")

@@ -15,41 +15,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from model_signing import hashing, signing
 
-SIGNATURE = "model.sig"
+from devtools.signing_keys import SIGNATURE, KeyPair, key_pair, sign_with_key, signing_config
+
+__all__ = [
+    "SIGNATURE",
+    "Authority",
+    "KeyPair",
+    "SigningCertificate",
+    "authority",
+    "issue",
+    "key_pair",
+    "sign_with_certificate",
+    "sign_with_key",
+    "sign_with_key_cli",
+]
+
 _DAY = datetime.timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    private: Path
-    public: Path
-
-    @property
-    def trust(self) -> str:
-        """The ``VLLM_LORA_RESOLVER_TRUST`` entry that trusts it."""
-        return f"key:{self.public}"
-
-
-def key_pair(directory: Path, name: str = "release") -> KeyPair:
-    """A new P-256 key pair in ``directory`` (``NAME.pem``, ``NAME.pub``)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return KeyPair(private, public)
 
 
 @dataclass(frozen=True)
@@ -165,20 +147,6 @@ def issue(
     return SigningCertificate(key_path, certificate_path, ca.path)
 
 
-def _config() -> signing.Config:
-    """model-signing's signer as its command line sets it up: the library's default hashing,
-    the signature file (inside the folder) excluded."""
-    return signing.Config().set_hashing_config(
-        hashing.Config().set_ignored_paths(paths=[SIGNATURE])
-    )
-
-
-def sign_with_key(folder: Path, keys: KeyPair) -> Path:
-    """Sign ``folder`` in place with model-signing's library, as a release pipeline does."""
-    _config().use_elliptic_key_signer(private_key=keys.private).sign(folder, folder / SIGNATURE)
-    return folder / SIGNATURE
-
-
 def sign_with_key_cli(folder: Path, keys: KeyPair) -> Path:
     """Sign ``folder`` in place with model-signing's own command line (``model_signing sign
     key``), as a pipeline that never heard of this project does."""
@@ -200,7 +168,7 @@ def sign_with_key_cli(folder: Path, keys: KeyPair) -> Path:
 def sign_with_certificate(folder: Path, signer: SigningCertificate) -> Path:
     """Sign ``folder`` in place with a signing certificate (model-signing's certificate
     signer), the CA's certificate carried in the bundle as its chain."""
-    _config().use_certificate_signer(
+    signing_config().use_certificate_signer(
         private_key=signer.key,
         signing_certificate=signer.certificate,
         certificate_chain=[signer.chain],
