@@ -289,6 +289,7 @@ def test_a_reset_connection_is_resumed(
     store: StoreUnderTest, tmp_path: Path, cache_dir: Path
 ) -> None:
     store.require(Capability.FAULTS)
+    store.require(Capability.RANGES)
     source = put_large_adapter(store, tmp_path, "big", 1 << 20)
     weights = (source / WEIGHTS).stat().st_size
     after = 100_000
