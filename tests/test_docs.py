@@ -1,7 +1,7 @@
-"""The documentation: its example backend works, and what it states matches the code.
+"""The documentation: the store it shows works, and what it states matches the code.
 
-The example backend of ``docs/writing-a-resolver.md`` is resolved against a real HTTP server on
-127.0.0.1 into a real node cache, and its testing script runs as the page prints it; the
+The resolver page shows the HTTP store (which tests/test_http_store.py and the store contract
+run) and says what a new store touches, and its testing script runs as the page prints it; the
 configuration, metrics and troubleshooting pages (and the README's list of plugins) are checked
 against the variables, stores, metrics, error messages and log lines the package really has; the
 Kubernetes page shows every manifest of deploy/kubernetes and the Dockerfile (what the manifests
@@ -42,7 +42,7 @@ from image_recipe import image_recipe
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics, plugin, resolver, stores, sync
+from vllm_lora_resolvers import config, metrics, plugin, recording, stores, sync
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -352,7 +352,7 @@ def outcomes_named(listed: str) -> set[str]:
 
 
 def test_the_pages_state_the_level_each_resolution_is_logged_at() -> None:
-    at_info = set(resolver.LOGGED_AT_INFO)
+    at_info = set(recording.LOGGED_AT_INFO)
     at_debug = set(metrics.OUTCOMES) - at_info
     metrics_page = " ".join(page("metrics.md").split())
     ((info, debug),) = re.findall(r"- ([^.;]*) are logged at INFO; ([^.;]*) at DEBUG", metrics_page)
@@ -389,7 +389,7 @@ def test_a_refused_resolution_is_logged_at_info_and_a_hit_at_debug(
     }
     assert levels == {"fetched": logging.INFO, "hit": logging.DEBUG, "refused": logging.INFO}
     for outcome, level in levels.items():
-        assert (level == logging.INFO) == (outcome in resolver.LOGGED_AT_INFO), outcome
+        assert (level == logging.INFO) == (outcome in recording.LOGGED_AT_INFO), outcome
 
 
 def test_the_log_samples_name_the_resolver_classes_vllm_would_print() -> None:

@@ -31,7 +31,7 @@ from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.resolver import SMALL_WEIGHTS_BYTES
+from vllm_lora_resolvers.fetch import SMALL_WEIGHTS_BYTES
 
 #: What "seconds, never minutes" means: several times the ~3 s a dead store's lookup may cost.
 BOUND_SECONDS = 10.0

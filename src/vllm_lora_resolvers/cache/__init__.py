@@ -104,7 +104,7 @@ class NodeCache:
         self._snapshots = Snapshots(self.layout)
         self._leases = Leases(self.layout, self._snapshots)
         self._staging = Staging(self.layout, self._leases)
-        self._links = NameLinks(self.root, self._staging)
+        self._links = NameLinks(self.root, self._snapshots, self._staging)
         self._answers = NodeAnswers(self.layout, self._staging)
         self._eviction = Eviction(
             self.layout, max_bytes, self._snapshots, self._links, self._staging
@@ -238,6 +238,14 @@ class NodeCache:
     def unpoint_name(self, name: str, only_if_key: str | None = None) -> None:
         """Remove the ``ROOT/NAME`` symlink (only if it points at ``only_if_key``, when given)."""
         self._links.unpoint(name, only_if_key)
+
+    def linked_snapshot(self, name: str, source: str) -> Snapshot | None:
+        """The snapshot of ``source`` the ``ROOT/NAME`` link points at, if any."""
+        return self._links.linked(name, source)
+
+    def unpoint_name_of(self, name: str, source: str) -> None:
+        """Remove the ``ROOT/NAME`` link if it points at a snapshot of ``source``."""
+        self._links.unpoint_of(name, source)
 
     # -- answers shared by the node's processes: `NodeAnswers` -------------------------------
 

@@ -9,7 +9,7 @@ import os
 import secrets
 from pathlib import Path
 
-from vllm_lora_resolvers.cache.snapshots import Snapshot
+from vllm_lora_resolvers.cache.snapshots import Snapshot, Snapshots
 from vllm_lora_resolvers.cache.staging import Staging
 
 logger = logging.getLogger("vllm.lora_resolvers.cache")
@@ -18,8 +18,9 @@ logger = logging.getLogger("vllm.lora_resolvers.cache")
 class NameLinks:
     """The ``NAME`` links in the cache root."""
 
-    def __init__(self, root: Path, staging: Staging) -> None:
+    def __init__(self, root: Path, snapshots: Snapshots, staging: Staging) -> None:
         self._root = root
+        self._snapshots = snapshots
         self._staging = staging
 
     def point(self, name: str, snapshot: Snapshot) -> None:
@@ -58,3 +59,19 @@ class NameLinks:
             return
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
+
+    def linked(self, name: str, source: str) -> Snapshot | None:
+        """The snapshot of ``source`` the ``ROOT/NAME`` link points at, if any."""
+        link = self._root / name
+        if not link.is_symlink():
+            return None
+        key = self._snapshots.containing(str(link.resolve()))
+        snapshot = self._snapshots.find(key) if key else None
+        return snapshot if snapshot is not None and snapshot.manifest.source == source else None
+
+    def unpoint_of(self, name: str, source: str) -> None:
+        """Remove the ``ROOT/NAME`` link if it points at a snapshot of ``source`` (whose store
+        no longer has ``name``: vLLM's filesystem resolver must not find it by name)."""
+        snapshot = self.linked(name, source)
+        if snapshot is not None:
+            self.unpoint(name, only_if_key=snapshot.key)
