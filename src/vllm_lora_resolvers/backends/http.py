@@ -190,8 +190,8 @@ class HttpStore(Store):
 
     def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
         """The first ``length`` bytes, by one ranged ``GET``; ``None`` from a server that
-        ignores ``Range``."""
-        if not self.ranges:
+        ignores ``Range`` (or for no byte at all)."""
+        if not self.ranges or not length:
             return None
         url = f"{adapter.location}{file.path}"
         doing = f"reading the head of {url}"
