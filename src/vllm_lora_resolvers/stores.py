@@ -232,18 +232,6 @@ HF = StoreDeclaration(
     environment=("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"),
     secrets=frozenset({"HF_TOKEN"}),
 )
-FS = StoreDeclaration(
-    backend="fs",
-    plugin="lora_fs_resolver",
-    variable=FS_DIR,
-    example="/mnt/adapters",
-    module=f"{_BACKENDS}.filesystem",
-    class_name="FilesystemStore",
-    fix=f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
-    probe=_list_one_name,
-    source_of_uri=Path,
-    source_of_value=_directory,
-)
 HTTP = StoreDeclaration(
     backend="http",
     plugin="lora_http_resolver",
@@ -256,6 +244,18 @@ HTTP = StoreDeclaration(
     other_schemes=("http://",),
     source_of_uri=http.parse_http_uri,
     source_of_value=lambda value, _: value and http.parse_http_uri(value),
+)
+FS = StoreDeclaration(
+    backend="fs",
+    plugin="lora_fs_resolver",
+    variable=FS_DIR,
+    example="/mnt/adapters",
+    module=f"{_BACKENDS}.filesystem",
+    class_name="FilesystemStore",
+    fix=f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
+    probe=_list_one_name,
+    source_of_uri=Path,
+    source_of_value=_directory,
 )
 
 #: Every store, in the order their resolvers are tried when ``VLLM_PLUGINS`` is unset: remote
