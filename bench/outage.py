@@ -26,6 +26,7 @@ from devtools.hub_server import HubServer
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault, FaultRelay
 from devtools.stores import S3Endpoint, SeaweedS3, upload_folder
+from vllm_lora_resolvers import stores
 from vllm_lora_resolvers.backends.gcs import GcsStore
 from vllm_lora_resolvers.backends.hf_hub import HfHubStore
 from vllm_lora_resolvers.backends.s3 import S3Store
@@ -98,7 +99,7 @@ def hub_store(work: Path, adapter: Path) -> Iterator[tuple[FaultRelay, NewResolv
         yield (
             relay,
             lambda: Resolver(
-                HfHubStore(settings.hf_repos, settings, NodeCache(work / "cache-hub"))
+                HfHubStore(stores.HF.source(settings), settings, NodeCache(work / "cache-hub"))
             ),
             "acme/adapters/sql",
         )

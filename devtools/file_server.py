@@ -1,7 +1,8 @@
 """A loopback HTTP file server that answers as nginx does: ``HEAD`` with ``Content-Length`` and an
 ``ETag``, ``GET`` with single ``Range`` requests (206), ``If-Match`` (412 when the file changed),
-and an HTML index of each folder. It serves the example backend of ``docs/writing-a-resolver.md``
-in the tests::
+and an HTML index of each folder; or, with ``ranges=False``, as a server that ignores ``Range``
+(200 and the whole file, as Python's own). It serves the HTTP store
+(`vllm_lora_resolvers.backends.http`) in the tests::
 
     with FileServer(root) as server:
         resolver = Resolver(HttpStore(server.url, settings, cache))
@@ -43,7 +44,7 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         wanted = self.headers.get("Range")
         self.server.requests.append(("GET", self.path, wanted))
-        match = re.fullmatch(r"bytes=(\d+)-(\d+)", wanted or "")
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", (self.server.ranges and wanted) or "")
         path = Path(self.translate_path(self.path))
         if match is None or not path.is_file():
             super().do_GET()
@@ -65,16 +66,19 @@ class _Handler(SimpleHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     requests: list[tuple[str, str, str | None]]
+    ranges: bool
 
 
 class FileServer:
     """Serve folder ``root`` on ``http://127.0.0.1:PORT``; a context manager. Every request is
-    remembered in `requests` as ``(method, path, Range header)``."""
+    remembered in `requests` as ``(method, path, Range header)``; ``ranges=False`` ignores
+    ``Range``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, ranges: bool = True) -> None:
         self.root = root
         self._server = _Server(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
         self._server.requests = []
+        self._server.ranges = ranges
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
 
     @property

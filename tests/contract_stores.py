@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib.util
 import shutil
-import sys
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
 import pytest
-from conftest import REPO
 from hf_fixtures import REPO_ID, Hub
 from resolver_setup import FAST_TRANSFER, settings_for
 from s3_fixtures import make_bucket
@@ -33,26 +30,12 @@ from s3_fixtures import make_bucket
 from devtools.file_server import FileServer
 from devtools.memory_store import MemoryBucket, MemoryStore
 from devtools.relay import Fault, FaultRelay
+from vllm_lora_resolvers.backends import http
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.remote import RemoteAdapter
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.transfer import TransferConfig
-
-EXAMPLE = REPO / "docs" / "examples" / "http_backend.py"
-
-
-def load_example() -> ModuleType:
-    """``docs/examples/http_backend.py`` as module ``http_backend`` (docs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("http_backend", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["http_backend"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-http_backend = load_example()
 
 
 class Capability(enum.Enum):
@@ -64,6 +47,8 @@ class Capability(enum.Enum):
     PROCESSES = "processes"
     #: It declares checksums of the bytes it serves, which the pipeline verifies.
     CHECKSUMS = "checksums"
+    #: It reads a range of a file: a broken read resumes at the byte where it broke.
+    RANGES = "ranges"
 
 
 def replace_folder(target: Path, folder: Path) -> None:
@@ -352,40 +337,55 @@ class HubStore(RelayedStore):
 
 
 class HttpStore(RelayedStore):
-    """The documentation's example backend (docs/examples/http_backend.py) on a loopback file
-    server that answers as nginx does (devtools/file_server.py)."""
+    """The HTTP store (`vllm_lora_resolvers.backends.http`) on a loopback file server that
+    answers as nginx does (devtools/file_server.py), each folder listed by its ``index.json``."""
 
-    label = "http-example"
+    label = "http"
     backend = "http"
-    lacks: ClassVar[Mapping[Capability, str]] = {
-        Capability.CHECKSUMS: "a plain file server declares no checksum: a flipped bit is not "
-        "seen (sizes are checked)",
-    }
+    #: Whether the server answers ``Range``.
+    ranges: ClassVar[bool] = True
 
     def __init__(self, server: FileServer, relay: FaultRelay) -> None:
         self.server, self.relay = server, relay
-        self.worker_store, self.worker_uri = f"{EXAMPLE}:HTTP", relay.url
+        self.worker_store, self.worker_uri = "http", relay.url
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
         root = tmp_path / "served"
         root.mkdir()
-        with FileServer(root) as server, FaultRelay(server.port) as relay:
+        http.write_index(root)
+        with FileServer(root, ranges=cls.ranges) as server, FaultRelay(server.port) as relay:
             yield cls(server, relay)
 
     def put(self, short: str, folder: Path) -> None:
-        replace_folder(self.server.root / short, folder)
+        with tempfile.TemporaryDirectory() as temporary:
+            indexed = Path(temporary) / "adapter"
+            shutil.copytree(folder, indexed)
+            http.write_index(indexed)  # published with the files it lists
+            replace_folder(self.server.root / short, indexed)
+        http.write_index(self.server.root)
 
     def delete(self, short: str) -> None:
         shutil.rmtree(self.server.root / short)
+        http.write_index(self.server.root)
 
     def resolver(
         self, cache_dir: Path, *, transfer: TransferConfig = FAST_TRANSFER, **variables: str
     ) -> Resolver:
         settings = settings_for(cache_dir, **variables)
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return Resolver(http_backend.HttpStore(self.relay.url, settings, cache, transfer))
+        return Resolver(http.HttpStore(self.relay.url, settings, cache, transfer))
+
+
+class HttpStoreWithoutRange(HttpStore):
+    """The HTTP store on a server that ignores ``Range`` (200 and the whole file)."""
+
+    label = "http-without-range"
+    ranges = False
+    lacks: ClassVar[Mapping[Capability, str]] = {
+        Capability.RANGES: "the server ignores Range: a broken read starts the file over",
+    }
 
 
 @dataclass(frozen=True)
@@ -405,7 +405,8 @@ STORES: tuple[StoreEntry, ...] = (
     StoreEntry("gcs", BucketStore.opened_by("gcs_bucket", "gcs")),
     StoreEntry("azure", BucketStore.opened_by("azure_container", "azure")),
     StoreEntry("hf", HubStore.open),
-    StoreEntry("http-example", HttpStore.open),
+    StoreEntry("http", HttpStore.open),
+    StoreEntry("http-without-range", HttpStoreWithoutRange.open),
 )
 
 

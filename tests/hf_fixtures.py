@@ -16,6 +16,7 @@ from resolver_setup import FAST_TRANSFER, Relayed
 
 from devtools.hub_server import HubServer
 from devtools.relay import FaultRelay
+from vllm_lora_resolvers import stores
 from vllm_lora_resolvers.backends.hf_hub import HfHubStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
@@ -47,7 +48,7 @@ class Hub(Relayed):
         }
         settings = Settings.from_environ(environ, argv=[])
         cache = NodeCache(cache_dir, settings.cache_max_bytes)
-        return Resolver(HfHubStore(settings.hf_repos, settings, cache, transfer))
+        return Resolver(HfHubStore(stores.HF.source(settings), settings, cache, transfer))
 
 
 @pytest.fixture(name="hub")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, w
 from prometheus_client import REGISTRY
 
 from devtools.models import write_large_adapter, write_lora_adapter
+from vllm_lora_resolvers import cache as cache_package
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.adapter import CONFIG_FILE
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
@@ -155,7 +157,7 @@ def test_a_damaged_eviction_count_reads_as_zero_and_is_rewritten(
 ) -> None:
     cache = NodeCache(cache_dir)
     for damaged in (b"nan", b"-3", b"1e300", b"", b"9" * 40, b"\xff"):
-        (cache.state / EVICTIONS).write_bytes(damaged)
+        (cache.layout.state / EVICTIONS).write_bytes(damaged)
         assert cache.evictions() == 0
     write_lora_adapter(adapters_dir / "a", base_model=BASE_MODEL)
     _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a")
@@ -474,3 +476,23 @@ def test_a_string_that_is_not_a_snapshot_key_leases_and_finds_nothing(cache_dir:
         assert cache.find(hostile) is None
     assert cache.leased_keys() == set()
     assert (outside / "manifest.json").exists()  # never taken for a damaged snapshot and moved
+
+
+def test_each_part_of_the_cache_keeps_its_private_names_to_itself() -> None:
+    """No module of the cache package imports another's private names or reaches into another
+    object's private attributes: `NodeCache` is a facade over parts that share only their public
+    methods."""
+    package = Path(cache_package.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert len(modules) >= 8
+    for module in modules:
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{module.name} imports {private}"
+            dunder = node.attr.endswith("__") if isinstance(node, ast.Attribute) else False
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not dunder:
+                owner = node.value
+                assert isinstance(owner, ast.Name) and owner.id in ("self", "cls"), (
+                    f"{module.name}:{node.lineno} reaches {ast.unparse(node)}"
+                )

@@ -28,7 +28,7 @@ from conftest import BASE_MODEL, REPO
 from image_recipe import image_recipe
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers.stores import STORES
+from vllm_lora_resolvers.stores import FS, STORES
 
 VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 STEM = f"vllm_lora_resolvers-{VERSION}"
@@ -219,13 +219,10 @@ def test_vllm_loads_all_our_plugins_from_the_wheel_installed_as_the_image_does(
     cache, adapters = tmp_path / "cache", tmp_path / "adapters"
     write_lora_adapter(adapters / "hello", base_model=BASE_MODEL, seed=1)
     environment = {
+        **{store.variable.name: store.example for store in STORES},  # every store on
         "VLLM_PLUGINS": ",".join(OUR_PLUGINS),
         "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
-        "VLLM_LORA_RESOLVER_FS_DIR": str(adapters),
-        "VLLM_LORA_RESOLVER_S3_URI": "s3://adapters/prod",
-        "VLLM_LORA_RESOLVER_GCS_URI": "gs://adapters/prod",
-        "VLLM_LORA_RESOLVER_AZURE_URI": "abfss://adapters@acct.dfs.core.windows.net/prod",
-        "VLLM_LORA_RESOLVER_HF_REPO_LIST": "org/adapters",
+        FS.variable.name: str(adapters),
     }
     worker = str(REPO / "tests/workers/vllm_plugins.py")
     loaded = last_json(run_in(root, [python, worker, BASE_MODEL, "hello"], environment))

@@ -25,16 +25,6 @@ def keys(tmp_path: Path) -> KeyPair:
     return key_pair(tmp_path / "keys")
 
 
-@pytest.fixture
-def signing_store(store: StoreUnderTest) -> StoreUnderTest:
-    if store.label == "http-example":
-        pytest.skip(
-            "the documentation's example backend looks up no model.sig: under "
-            "VLLM_LORA_RESOLVER_TRUST its adapters are refused as unsigned"
-        )
-    return store
-
-
 def put_signed(store: StoreUnderTest, tmp_path: Path, short: str, keys: KeyPair) -> Path:
     folder = write_lora_adapter(tmp_path / "sources" / short, base_model=BASE_MODEL)
     sign_with_key(folder, keys)
@@ -43,9 +33,8 @@ def put_signed(store: StoreUnderTest, tmp_path: Path, short: str, keys: KeyPair)
 
 
 def test_a_signed_adapter_is_served_with_its_signature(
-    signing_store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
 ) -> None:
-    store = signing_store
     source = put_signed(store, tmp_path, "sql", keys)
     resolver = store.resolver(cache_dir, VLLM_LORA_RESOLVER_TRUST=keys.trust)
     resolved = resolver.resolve(BASE_MODEL, store.name("sql"))
@@ -58,9 +47,8 @@ def test_a_signed_adapter_is_served_with_its_signature(
 
 
 def test_an_unsigned_adapter_is_refused_without_reading_its_weights(
-    signing_store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
 ) -> None:
-    store = signing_store
     store.put("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
     resolver = store.resolver(cache_dir, VLLM_LORA_RESOLVER_TRUST=keys.trust)
     before = metrics.RESOLUTIONS.labels(store.backend, "untrusted")._value.get()
@@ -73,9 +61,8 @@ def test_an_unsigned_adapter_is_refused_without_reading_its_weights(
 
 
 def test_a_byte_changed_in_the_store_after_signing_is_refused(
-    signing_store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
 ) -> None:
-    store = signing_store
     folder = write_lora_adapter(tmp_path / "sources" / "sql", base_model=BASE_MODEL)
     sign_with_key(folder, keys)
     weights = bytearray((folder / WEIGHTS).read_bytes())

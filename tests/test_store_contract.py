@@ -31,7 +31,7 @@ from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.resolver import SMALL_WEIGHTS_BYTES
+from vllm_lora_resolvers.fetch import SMALL_WEIGHTS_BYTES
 
 #: What "seconds, never minutes" means: several times the ~3 s a dead store's lookup may cost.
 BOUND_SECONDS = 10.0
@@ -289,6 +289,7 @@ def test_a_reset_connection_is_resumed(
     store: StoreUnderTest, tmp_path: Path, cache_dir: Path
 ) -> None:
     store.require(Capability.FAULTS)
+    store.require(Capability.RANGES)
     source = put_large_adapter(store, tmp_path, "big", 1 << 20)
     weights = (source / WEIGHTS).stat().st_size
     after = 100_000

@@ -97,7 +97,7 @@ def test_an_answer_older_than_its_max_age_is_asked_again(cache_dir: Path) -> Non
 def test_a_damaged_or_foreign_answer_record_is_asked_again(cache_dir: Path) -> None:
     cache = NodeCache(cache_dir)
     cache.node_answer("q", 60, lambda: "recorded")
-    (record,) = cache.answers.iterdir()
+    (record,) = cache.layout.answers.iterdir()
     record.write_text("{not json")
     assert cache.node_answer("q", 60, lambda: "asked again") == ("asked again", True)
     record.write_text(record.read_text().replace('"q"', '"another question"'))
@@ -465,7 +465,7 @@ DAMAGED_PHASES = ["nan", "abc", "1e300", "inf", "-1"]
 def test_a_damaged_round_phase_is_ignored_and_rewritten(node: Node, damage: str) -> None:
     sync = node.sync(interval=30)
     sync.seconds_to_next_round()
-    (record,) = sync.cache.answers.iterdir()
+    (record,) = sync.cache.layout.answers.iterdir()
     record.write_text(json.dumps(json.loads(record.read_text()) | {"answer": damage}))
     assert 0 <= sync.seconds_to_next_round() <= 30
     phase = json.loads(record.read_text())["answer"]
@@ -482,7 +482,7 @@ def test_a_damaged_store_answer_is_asked_again_and_rewritten(
     key = node.serve("sql")
     sync = node.sync(answer_max_age=3600)  # a good record would be read back all along
     assert sync.run_round() is RoundResult.IN_SYNC
-    (record,) = sync.cache.answers.iterdir()
+    (record,) = sync.cache.layout.answers.iterdir()
     record.write_text(json.dumps(json.loads(record.read_text()) | {"answer": damage}))
     assert sync.run_round() is RoundResult.IN_SYNC
     assert json.loads(record.read_text())["answer"] == f"current {key}"

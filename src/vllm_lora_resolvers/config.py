@@ -1,4 +1,9 @@
-"""Every environment variable the resolvers read, in one place.
+"""The environment variables of the pipeline and the plugins, and `Settings`, which reads them.
+
+The variable that turns a store on is its declaration's (`vllm_lora_resolvers.stores`), read by
+`StoreDeclaration.source` through `Settings.value`; those of the stores whose backends import a
+client library are defined here, so that their backends name them without importing the
+declarations. `vllm_lora_resolvers.stores.ALL_VARIABLES` lists every variable, in order.
 
 Store endpoints and credentials are deliberately absent: each client library reads its own
 ecosystem's variables (``AWS_ENDPOINT_URL_S3``, ``STORAGE_EMULATOR_HOST``, ``HF_ENDPOINT``, ...).
@@ -33,6 +38,7 @@ CACHE_DIR = Variable(
     "unset (required by every resolver of this package)",
     "Node-local cache root, shared with vLLM's built-in filesystem resolver.",
 )
+# The stores' variables (see the module's docstring).
 S3_URI = Variable(
     "VLLM_LORA_RESOLVER_S3_URI",
     "unset: S3 resolver off",
@@ -109,13 +115,9 @@ VLLM_PLUGINS = Variable(
     "vLLM's own list of plugins to load; its order is the order resolvers are tried in.",
 )
 
-ALL_VARIABLES: tuple[Variable, ...] = (
-    CACHE_DIR,
-    S3_URI,
-    GCS_URI,
-    AZURE_URI,
-    HF_REPO_LIST,
-    FS_DIR,
+#: The variables of the pipeline and the plugins, after the cache root and the stores' own
+#: (`vllm_lora_resolvers.stores.ALL_VARIABLES` lists them all).
+PIPELINE_VARIABLES: tuple[Variable, ...] = (
     MAX_RANK,
     BASE_MODEL_ALIASES,
     CACHE_MAX_BYTES,
@@ -214,7 +216,7 @@ def parse_trust(text: str) -> tuple[TrustedSigner, ...]:
     >>> parse_trust("key:/etc/keys/release.pub")
     (TrustedSigner(kind='key', path=PosixPath('/etc/keys/release.pub'), identity='', issuer=''),)
     """
-    return tuple(_trusted_signer(entry) for entry in _comma_list(text))
+    return tuple(_trusted_signer(entry) for entry in comma_list(text))
 
 
 def _trusted_signer(entry: str) -> TrustedSigner:
@@ -245,7 +247,8 @@ def _trusted_signer(entry: str) -> TrustedSigner:
     )
 
 
-def _comma_list(text: str | None) -> tuple[str, ...]:
+def comma_list(text: str | None) -> tuple[str, ...]:
+    """The stripped, non-empty items of a comma list."""
     return tuple(item.strip() for item in (text or "").split(",") if item.strip())
 
 
@@ -286,11 +289,6 @@ class Settings:
     """The resolvers' configuration, read once from the environment."""
 
     cache_dir: Path | None
-    s3_uri: str | None
-    gcs_uri: str | None
-    azure_uri: str | None
-    hf_repos: tuple[str, ...]
-    fs_dir: Path | None
     max_rank: int
     base_model_aliases: tuple[str, ...]
     cache_max_bytes: int | None
@@ -304,7 +302,8 @@ class Settings:
     #: Whether stores list adapters' signatures even when ``trust`` is empty (not a variable:
     #: ``vllm-lora validate`` sets it to show who signed).
     read_signatures: bool = False
-    #: The environment the settings were read from, for `value` (not compared, not shown).
+    #: The environment the settings were read from, for `value`: each store reads its own
+    #: variable there (`StoreDeclaration.source`). Not compared, not shown.
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -314,7 +313,6 @@ class Settings:
         """Read every variable; raise `ConfigurationError` for a value that is set but unusable."""
         env = os.environ if environ is None else environ
         cache_dir = env.get(CACHE_DIR.name, "").strip()
-        fs_dir = env.get(FS_DIR.name, "").strip()
         max_bytes = env.get(CACHE_MAX_BYTES.name, "").strip()
         max_adapter = env.get(MAX_ADAPTER_BYTES.name, "").strip()
         plugins = env.get(VLLM_PLUGINS.name)
@@ -323,13 +321,8 @@ class Settings:
         )
         return cls(
             cache_dir=Path(cache_dir) if cache_dir else None,
-            s3_uri=env.get(S3_URI.name, "").strip() or None,
-            gcs_uri=env.get(GCS_URI.name, "").strip() or None,
-            azure_uri=env.get(AZURE_URI.name, "").strip() or None,
-            hf_repos=_comma_list(env.get(HF_REPO_LIST.name)),
-            fs_dir=Path(fs_dir) if fs_dir else (Path(cache_dir) if cache_dir else None),
             max_rank=max_rank or DEFAULT_MAX_RANK,
-            base_model_aliases=_comma_list(env.get(BASE_MODEL_ALIASES.name)),
+            base_model_aliases=comma_list(env.get(BASE_MODEL_ALIASES.name)),
             cache_max_bytes=parse_byte_size(max_bytes) if max_bytes else None,
             max_adapter_bytes=(
                 parse_byte_size(max_adapter, MAX_ADAPTER_BYTES.name)
@@ -352,7 +345,8 @@ class Settings:
 
     def value(self, variable: Variable) -> str:
         """The stripped value of ``variable`` in the environment these settings were read from
-        (``""`` when unset): how another package's plugin reads a variable of its own."""
+        (``""`` when unset): how a store reads the variable that turns it on, and another
+        package's plugin a variable of its own."""
         return self.environ.get(variable.name, "").strip()
 
     def require_cache_dir(self, for_what: str) -> Path:

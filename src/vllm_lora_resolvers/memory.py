@@ -1,11 +1,12 @@
 """What the resolution pipeline remembers between requests, per process: names found missing,
-adapter versions refused, a store found unreachable, and which names are being resolved."""
+adapter versions refused, a store found unreachable, which names are being resolved, and the
+snapshot each name was last resolved to."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from vllm_lora_resolvers.errors import InvalidAdapterError, TransientStoreError
@@ -122,3 +123,25 @@ class KeyedLocks:
                     del self._locks[key]
                 else:
                     self._locks[key] = (lock, users - 1)
+
+
+class ServedNames:
+    """The snapshot this process last handed vLLM for each name: a snapshot a name no longer
+    resolves to is released (``release``) unless another name still resolves to it."""
+
+    def __init__(self, release: Callable[[str], None]) -> None:
+        self._release = release
+        #: name -> the key of the snapshot this process last handed vLLM for it.
+        self._served: dict[str, str] = {}
+        self._guard = threading.Lock()
+
+    def serve(self, name: str, key: str | None) -> None:
+        """Record that ``name`` now resolves to snapshot ``key`` (``None``: to nothing) and
+        release the snapshot it resolved to before, unless another name resolves to it."""
+        with self._guard:
+            previous = self._served.pop(name, None)
+            if key is not None:
+                self._served[name] = key
+            replaced = previous not in (None, key) and previous not in self._served.values()
+        if replaced and previous is not None:
+            self._release(previous)

@@ -243,12 +243,12 @@ class EntryPoint:
         _register(self.store)
 
 
-#: Entry points ``lora_s3_resolver`` ... ``lora_fs_resolver`` (see ``pyproject.toml``).
-register_s3_resolver = EntryPoint(stores.S3)
-register_gcs_resolver = EntryPoint(stores.GCS)
-register_azure_resolver = EntryPoint(stores.AZURE)
-register_hf_resolver = EntryPoint(stores.HF)
-register_fs_resolver = EntryPoint(stores.FS)
+def __getattr__(name: str) -> EntryPoint:
+    """The entry points of ``pyproject.toml``: ``register_BACKEND_resolver``, one per store."""
+    backend = name.removeprefix("register_").removesuffix("_resolver")
+    if name != f"register_{backend}_resolver" or backend not in stores.BY_BACKEND:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return EntryPoint(stores.BY_BACKEND[backend])
 
 
 def build_resolver(plugin: str, settings: Settings) -> Resolver | None:

@@ -3,42 +3,23 @@
 The store answers store-specific questions — `Store.locate` (does NAME exist, at what version,
 made of which files; one cheap call, no download) and `Store.download` (copy one file to a local
 path). The pipeline does the rest: name safety, the miss cache, single-flight fetching into the
-node cache, adapter checks, atomic publishing, leases, eviction, retries, metrics and logs.
+node cache, adapter checks, atomic publishing, leases, eviction, retries, metrics and logs. Beside
+it: `fetch` (downloading, checking and publishing one version), `stale` (cached snapshots served
+during an outage), `recording` (the metrics and the log line) and `memory` (what it remembers).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vllm_lora_resolvers import metrics
-from vllm_lora_resolvers.adapter import (
-    CONFIG_FILE,
-    MAX_SIGNATURE_BYTES,
-    SIGNATURE_FILE,
-    WEIGHTS_FILES,
-    AdapterPolicy,
-    LoraAdapterConfig,
-    check_adapter_config,
-    check_adapter_folder,
-    check_weights_header,
-    parse_adapter_config,
-)
+from vllm_lora_resolvers.adapter import AdapterPolicy, check_adapter_folder
 from vllm_lora_resolvers.backends.base import Store
-from vllm_lora_resolvers.cache import (
-    CACHE_DISK_ERRNOS,
-    Snapshot,
-    SnapshotFile,
-    SnapshotManifest,
-    cache_write_error,
-)
+from vllm_lora_resolvers.cache import Snapshot
 from vllm_lora_resolvers.errors import (
-    CacheError,
     CacheFullError,
     InvalidAdapterError,
     ResolverError,
@@ -48,27 +29,28 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
     VersionChangedError,
 )
-from vllm_lora_resolvers.memory import KeyedLocks, MissCache, RefusalMemory, StoreOutage
+from vllm_lora_resolvers.fetch import Fetcher
+from vllm_lora_resolvers.memory import (
+    KeyedLocks,
+    MissCache,
+    RefusalMemory,
+    ServedNames,
+    StoreOutage,
+)
 from vllm_lora_resolvers.names import is_safe_name
-from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
+from vllm_lora_resolvers.recording import Recorder
+from vllm_lora_resolvers.remote import RemoteAdapter
 from vllm_lora_resolvers.retry import call_with_retries, time_budget
-from vllm_lora_resolvers.signing import CheckedSignature, load_trust, unsigned
-from vllm_lora_resolvers.transfer import FetchedFile, beside, fetch_file
+from vllm_lora_resolvers.signing import load_trust
+from vllm_lora_resolvers.stale import StaleServing
 
 logger = logging.getLogger("vllm.lora_resolvers")
 
-#: The outcomes whose resolution line is logged at INFO; the others' at DEBUG.
-LOGGED_AT_INFO = ("fetched", "stale", "invalid", "untrusted", "refused", "error")
 #: How long an unreachable store is remembered as such (at most the miss TTL).
 OUTAGE_MEMORY_SECONDS = 5.0
 #: Lookups per resolution: a second one when the adapter changed (or its cached snapshot was
 #: evicted) between the lookup and the fetch, so the request gets the new version.
 LOOKUPS_PER_RESOLUTION = 2
-#: The first read of a safetensors header; a larger header costs a second, exact read.
-_HEAD_PROBE_BYTES = 64 << 10
-#: Weights up to this size are fetched at once with the config, not after its checks: an adapter
-#: refused by them wastes at most this much, and a new small adapter costs one round trip less.
-SMALL_WEIGHTS_BYTES = 1 << 20
 #: Free space asked for beyond an adapter's bytes when a full disk is cleared (manifest, inodes).
 _DISK_SLACK_BYTES = 1 << 20
 
@@ -112,26 +94,20 @@ class Resolver:
         self.transfer = store.transfer
         #: The signers whose adapters are served (``None``: signatures are not checked).
         self.trust = load_trust(settings)
+        #: Downloads as a resolution does (the command line's `Fetcher.fetch_to` too).
+        self.fetcher = Fetcher(store, self.trust)
+        self._stale = StaleServing(store)
+        self._recorder = Recorder(self.backend)
         self._misses = MissCache(settings.negative_ttl_seconds)
         self._refusals = RefusalMemory()
         self._outage = StoreOutage(
             self.backend, min(settings.negative_ttl_seconds, OUTAGE_MEMORY_SECONDS)
         )
         self._name_locks = KeyedLocks()
-        #: name -> the key of the snapshot this process last handed vLLM for it.
-        self._served: dict[str, str] = {}
-        self._served_guard = threading.Lock()
+        #: The snapshot this process last handed vLLM for each name.
+        self._served = ServedNames(self.cache.release)
         #: (snapshot key, base model, name): checked for this server, and ``name`` pointed at it.
         self._checked: set[tuple[str, str, str]] = set()
-        self._outcome_metrics = {
-            outcome: (
-                metrics.RESOLUTIONS.labels(self.backend, outcome),
-                metrics.RESOLVE_SECONDS.labels(self.backend, outcome),
-            )
-            for outcome in metrics.OUTCOMES
-        }
-
-    # -- the pipeline ---------------------------------------------------------------------
 
     def answer_at_once(
         self, base_model_name: str, lora_name: str
@@ -142,10 +118,10 @@ class Resolver:
         """
         started = time.perf_counter()
         if not is_safe_name(lora_name):
-            self._record(lora_name, "rejected", "-", 0, started)
+            self._recorder.record(lora_name, "rejected", "-", 0, started)
             return True, None
         if not self.store.accepts_name(lora_name) or self._misses.is_missing(lora_name):
-            self._record(lora_name, "missing", "-", 0, started)
+            self._recorder.record(lora_name, "missing", "-", 0, started)
             return True, None
         if not self.store.locate_is_local:
             return False, None
@@ -159,8 +135,8 @@ class Resolver:
         snapshot = self.cache.held(key)
         if snapshot is None or (key, base_model_name, lora_name) not in self._checked:
             return False, None
-        self._record(lora_name, "hit", remote.version, 0, started)
-        self._serve_for_name(lora_name, key)
+        self._recorder.record(lora_name, "hit", remote.version, 0, started)
+        self._served.serve(lora_name, key)
         return True, ResolvedAdapter(lora_name, _lora_int_id(key), snapshot)
 
     def resolve(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
@@ -175,7 +151,7 @@ class Resolver:
         replaced version stops counting against the cache cap once nobody else leases it.
         """
         resolved = self._resolve(base_model_name, lora_name, serve_stale=True)
-        self._serve_for_name(lora_name, None if resolved is None else resolved.snapshot.key)
+        self._served.serve(lora_name, None if resolved is None else resolved.snapshot.key)
         return resolved
 
     def current(self, base_model_name: str, lora_name: str) -> ResolvedAdapter | None:
@@ -213,12 +189,13 @@ class Resolver:
                     except StoreUnavailableError as error:
                         if not serve_stale:
                             raise
-                        resolved = self._serve_stale(lora_name, policy, error)
-                        outcome, version = "stale", resolved.snapshot.manifest.version
-                        return resolved
+                        snapshot, leased_before = self._stale.lease(lora_name, error)
+                        self._check_and_point(lora_name, snapshot, policy, leased_before)
+                        outcome, version = "stale", snapshot.manifest.version
+                        return ResolvedAdapter(lora_name, _lora_int_id(snapshot.key), snapshot)
                     if remote is None:
                         self._misses.add(lora_name)
-                        self._unpoint_if_ours(lora_name)
+                        self.cache.unpoint_name_of(lora_name, self.source)
                         outcome = "missing"
                         return None
                     version = remote.version
@@ -244,18 +221,7 @@ class Resolver:
             outcome = "refused"
             raise
         finally:
-            self._record(lora_name, outcome, version, fetched_bytes, started)
-
-    def _serve_for_name(self, name: str, key: str | None) -> None:
-        """Record that ``name`` now resolves to snapshot ``key`` (``None``: to nothing) and
-        release the snapshot it resolved to before, unless another name resolves to it."""
-        with self._served_guard:
-            previous = self._served.pop(name, None)
-            if key is not None:
-                self._served[name] = key
-            replaced = previous not in (None, key) and previous not in self._served.values()
-        if replaced and previous is not None:
-            self.cache.release(previous)
+            self._recorder.record(lora_name, outcome, version, fetched_bytes, started)
 
     def lookup(self, name: str) -> RemoteAdapter | None:
         """`locate` as a resolution asks it: with the lookups' short retry, and not at all while
@@ -330,7 +296,7 @@ class Resolver:
             snapshot = self.cache.lease(key)
             if snapshot is not None:
                 return snapshot, 0
-            files = self._adapter_files(remote)
+            files = self.fetcher.files_of(remote)
             incoming_bytes = sum(file.size for file in files)
             if incoming_bytes > self.settings.max_adapter_bytes:
                 raise InvalidAdapterError(
@@ -340,7 +306,7 @@ class Resolver:
                 )
             self.cache.evict(incoming_bytes)
             try:
-                published = self._fetch_into_cache(remote, key, policy, files)
+                published = self.fetcher.into_cache(remote, key, policy, files)
             except CacheFullError:
                 evicted = self.cache.make_room_on_disk(incoming_bytes + _DISK_SLACK_BYTES)
                 if not evicted:
@@ -351,193 +317,12 @@ class Resolver:
                     len(evicted),
                     remote.name,
                 )
-                published = self._fetch_into_cache(remote, key, policy, files)
+                published = self.fetcher.into_cache(remote, key, policy, files)
         self._checked.add((published.key, policy.base_model, remote.name))  # checked as fetched
         self.cache.point_name(remote.name, published)
         metrics.FETCHED_BYTES.labels(self.backend).inc(published.manifest.total_bytes)
         self.cache.evict()
         return published, published.manifest.total_bytes
-
-    def _fetch_into_cache(
-        self,
-        remote: RemoteAdapter,
-        key: str,
-        policy: AdapterPolicy,
-        files: tuple[RemoteFile, ...],
-    ) -> Snapshot:
-        """Download, check and publish the snapshot: the signature first (when checked), then
-        the config, then the weights, each refused as soon as it fails."""
-        config_file, weights, *signature_file = files
-        staging = self.cache.new_staging(key)
-        folder = staging / "adapter"
-        try:
-            fetched, signature = [], None
-            if self.trust is not None:
-                fetched += self._download(remote, tuple(signature_file), staging)
-                signature = self.trust.check(
-                    remote.name, folder / SIGNATURE_FILE, self.store.snapshot_name(remote.name)
-                )
-                signature.check_covers(remote.name, config_file.path, weights.path)
-            if weights.size <= SMALL_WEIGHTS_BYTES:  # fetched beside the config, checked after
-                weights_fetched = beside(
-                    lambda: self._download(remote, (weights,), staging, signature)
-                )
-                fetched += self._fetch_config(
-                    remote, config_file, staging, policy, signature, beside_it=weights_fetched
-                )[0]
-                fetched += weights_fetched.result()
-            else:  # its head read beside the config; its body only once both are checked
-                head = beside(lambda: self._weights_head(remote, weights))
-                config_fetched, config = self._fetch_config(
-                    remote, config_file, staging, policy, signature, beside_it=head
-                )
-                self._check_weights_head(remote, weights, config, head.result())
-                fetched += config_fetched
-                fetched += self._download(remote, (weights,), staging, signature)
-            check_adapter_folder(remote.name, folder, policy)
-            manifest = SnapshotManifest(
-                source=self.source,
-                name=self.store.snapshot_name(remote.name),
-                version=self.store.snapshot_version(remote.version),
-                files=tuple(
-                    SnapshotFile(path=f.path, size=f.size, crc32c=f.crc32c) for f in fetched
-                ),
-                created_at=time.time(),
-                trust=None if self.trust is None else self.trust.fingerprint,
-            )
-            return self.cache.publish(staging, key, manifest)
-        finally:
-            if staging.exists():
-                self.cache.discard_staging(staging)
-
-    def _fetch_config(
-        self,
-        remote: RemoteAdapter,
-        config_file: RemoteFile,
-        staging: Path,
-        policy: AdapterPolicy,
-        signature: CheckedSignature | None,
-        *,
-        beside_it: Future[Any],
-    ) -> tuple[list[FetchedFile], LoraAdapterConfig]:
-        """Fetch, parse and check the config while ``beside_it`` runs (a wrong base model or
-        rank is refused before a large weights body is fetched); return (or raise) once
-        ``beside_it`` ended, so that nothing writes into the staging folder after a refusal."""
-        try:
-            fetched = self._download(remote, (config_file,), staging, signature)
-            raw = (staging / "adapter" / CONFIG_FILE).read_bytes()
-            config = parse_adapter_config(remote.name, raw)
-            check_adapter_config(remote.name, config, policy)
-        finally:
-            wait([beside_it])
-        return fetched, config
-
-    def fetch_to(
-        self,
-        remote: RemoteAdapter,
-        files: tuple[RemoteFile, ...],
-        destination: Path,
-        digests: tuple[str, ...] = (),
-    ) -> list[FetchedFile]:
-        """Download ``files`` of ``remote`` into ``destination`` (created if need be) as a
-        resolution does: one after the other, each in parallel parts, retried, with its size and
-        every checksum the store declares verified (and ``digests`` computed in the same read).
-        For the command line too."""
-        destination.mkdir(parents=True, exist_ok=True)
-        return [
-            fetch_file(
-                file,
-                destination / file.path,
-                lambda file, target: self.store.download(remote, file, target),
-                policy=self.transfer.transfer_retry,
-                on_retry=self.store.count_retry,
-                digests=digests,
-            )
-            for file in files
-        ]
-
-    def _download(
-        self,
-        remote: RemoteAdapter,
-        files: tuple[RemoteFile, ...],
-        staging: Path,
-        signature: CheckedSignature | None = None,
-    ) -> list[FetchedFile]:
-        """Download ``files`` into the staging folder; with a ``signature``, refuse each file
-        whose bytes are not the signed ones (by the digests the download's read computed, when
-        the signature's method is theirs)."""
-        algorithm = None if signature is None else signature.digest_algorithm
-        try:
-            fetched = self.fetch_to(
-                remote, files, staging / "adapter", (algorithm,) if algorithm else ()
-            )
-        except OSError as error:
-            # Only errors of the cache's own disk are the cache's; a backend's read errors are
-            # its own to translate (and a broken connection was retried as transient already).
-            if isinstance(error, CacheError) or error.errno not in CACHE_DISK_ERRNOS:
-                raise
-            raise cache_write_error(error) from None
-        if signature is not None:
-            for file in fetched:
-                signature.check_file(remote.name, staging / "adapter", file.path, file.digests)
-        return fetched
-
-    def _weights_head(
-        self, remote: RemoteAdapter, weights: RemoteFile, length: int = _HEAD_PROBE_BYTES
-    ) -> bytes | None:
-        """The first ``length`` bytes of a safetensors weights file, to check before its body is
-        fetched; ``None`` when the store cannot read a range cheaply, or the read failed but may
-        not next time (not retried: the weights are checked once fetched, with the download's
-        retries)."""
-        if not weights.path.endswith(".safetensors"):
-            return None
-        try:
-            return self.store.read_head(remote, weights, min(length, weights.size))
-        except TransientStoreError as error:
-            logger.info("the weights of %r will be checked once fetched: %s", remote.name, error)
-            return None
-
-    def _check_weights_head(
-        self,
-        remote: RemoteAdapter,
-        weights: RemoteFile,
-        config: LoraAdapterConfig,
-        head: bytes | None,
-    ) -> None:
-        """Refuse a safetensors file whose header (``head``, its first bytes) is malformed, does
-        not account for its exact size (a sparse terabyte behind a small header, say) or holds
-        tensors vLLM would refuse, before its body is fetched."""
-        if head is None:
-            return
-        needed = check_weights_header(remote.name, config, head, weights.size)
-        if needed > len(head):
-            whole = self._weights_head(remote, weights, needed)
-            if whole is not None:
-                check_weights_header(remote.name, config, whole, weights.size)
-
-    def _adapter_files(self, remote: RemoteAdapter) -> tuple[RemoteFile, ...]:
-        """The config and the one weights file vLLM would load, in vLLM's order of preference,
-        and the signature when signatures are checked."""
-        config = remote.file(CONFIG_FILE)
-        if config is None:
-            raise InvalidAdapterError(f"adapter {remote.name!r} has no {CONFIG_FILE}")
-        weights = next(filter(None, map(remote.file, WEIGHTS_FILES)), None)
-        if weights is None:
-            raise InvalidAdapterError(
-                f"adapter {remote.name!r} has no weights file; expected one of "
-                f"{', '.join(WEIGHTS_FILES)} in {remote.location}"
-            )
-        if self.trust is None:
-            return config, weights
-        signature = remote.file(SIGNATURE_FILE)
-        if signature is None:
-            raise unsigned(remote.name)
-        if signature.size > MAX_SIGNATURE_BYTES:
-            raise SignatureError(
-                f"adapter {remote.name!r}: {SIGNATURE_FILE} is {signature.size} bytes, too large "
-                "for a signature"
-            )
-        return config, weights, signature
 
     def _check_and_point(
         self, name: str, snapshot: Snapshot, policy: AdapterPolicy, leased_before: bool
@@ -562,86 +347,6 @@ class Resolver:
             raise
         self._checked.add(marker)
         self.cache.point_name(name, snapshot)
-
-    def _serve_stale(
-        self, name: str, policy: AdapterPolicy, error: StoreUnavailableError
-    ) -> ResolvedAdapter:
-        """The snapshot ``name`` last resolved to on this node (its ``NAME`` link), else the
-        newest cached one of that name, when the store cannot answer, if
-        ``VLLM_LORA_RESOLVER_SERVE_STALE`` allows it for ``error``; else ``error``.
-
-        By default only a store that cannot be reached is served from the cache: one that
-        refuses (revoked credentials, a deleted bucket) has answered.
-        """
-        unreachable = isinstance(error, TransientStoreError)
-        allowed = self.settings.serve_stale == "always" or (
-            self.settings.serve_stale == "unreachable" and unreachable
-        )
-        if not allowed:
-            self.cache.withhold_source(self.source, self._withheld_because(unreachable))
-            raise error
-        cached = self._linked_snapshot(name) or self.cache.latest_for(self.source, name)
-        leased_before = cached is not None and self.cache.held(cached.key) is not None
-        snapshot = self.cache.lease(cached.key) if cached is not None else None
-        if snapshot is None:
-            raise error
-        logger.warning(
-            "%s store %s (%s); serving cached version %s of %r",
-            self.backend,
-            "unreachable" if unreachable else "refused",
-            error,
-            snapshot.manifest.version,
-            name,
-        )
-        self._check_and_point(name, snapshot, policy, leased_before)
-        return ResolvedAdapter(name, _lora_int_id(snapshot.key), snapshot)
-
-    def _withheld_because(self, unreachable: bool) -> str:
-        """What a client asking for a withheld snapshot of this store is told (no location:
-        the store's own error is in the server's log)."""
-        if unreachable:
-            return (
-                f"its {self.backend} store cannot be reached and cached copies are not served "
-                "(VLLM_LORA_RESOLVER_SERVE_STALE=never)"
-            )
-        return (
-            f"its {self.backend} store refuses this server (credentials, permissions, a missing "
-            "bucket or repo: see the server's log), and cached copies of a refusing store's "
-            f"adapters are not served (VLLM_LORA_RESOLVER_SERVE_STALE={self.settings.serve_stale})"
-        )
-
-    def _linked_snapshot(self, name: str) -> Snapshot | None:
-        """The snapshot of this store the ``CACHE_DIR/NAME`` link points at, if any."""
-        link = self.cache.root / name
-        if not link.is_symlink():
-            return None
-        key = self.cache.snapshot_containing(str(link.resolve()))
-        snapshot = self.cache.find(key) if key else None
-        return (
-            snapshot if snapshot is not None and snapshot.manifest.source == self.source else None
-        )
-
-    def _unpoint_if_ours(self, name: str) -> None:
-        """The store no longer has ``name``: stop vLLM's filesystem resolver finding it by name."""
-        snapshot = self._linked_snapshot(name)
-        if snapshot is not None:
-            self.cache.unpoint_name(name, only_if_key=snapshot.key)
-
-    def _record(self, name: str, outcome: str, version: str, fetched: int, started: float) -> None:
-        seconds = time.perf_counter() - started
-        resolutions, latency = self._outcome_metrics[outcome]
-        resolutions.inc()
-        latency.observe(seconds)
-        log = logger.info if outcome in LOGGED_AT_INFO else logger.debug
-        log(
-            "resolution backend=%s name=%r version=%s outcome=%s bytes=%d seconds=%.4f",
-            self.backend,
-            name[:300],
-            version,
-            outcome,
-            fetched,
-            seconds,
-        )
 
 
 def _lora_int_id(key: str) -> int:

@@ -1,15 +1,18 @@
 """Every store this package resolves adapters from, each declared once, in `STORES`.
 
 A `StoreDeclaration` holds all the package knows of a store besides its backend's code: the plugin
-(entry point) that registers it, the variable that turns it on, where its backend class lives, the
-URI scheme the command line reads it by, the extra that installs its client, the client's own
-environment variables (and which are secrets), and how ``vllm-lora doctor`` probes it and what it
-suggests when the store does not answer. Registration (`plugin`), the command line's URIs and
-install hints (`cli.stores`), its plugin plan (`cli.plugins`), ``doctor`` and ``pull`` all read
-this table; tests/test_stores.py checks it against ``pyproject.toml`` and the documentation.
+(entry point) that registers it, the variable that turns it on and how its value is read, where its
+backend class lives, the URI scheme the command line reads it by, the extra that installs its
+client (none for a store of the standard library), the client's own environment variables (and
+which are secrets), and how ``vllm-lora doctor`` probes it and what it suggests when the store does
+not answer. Registration and the entry points (`plugin`), the variables (`ALL_VARIABLES`: the
+settings, ``doctor``, the configuration page), the command line's URIs and install hints
+(`cli.stores`), its plugin plan (`cli.plugins`), ``doctor`` and ``pull`` all read this table;
+tests/test_stores.py checks it against ``pyproject.toml``, tests/test_docs.py against the
+documentation.
 
-Backends are imported only when a resolver is built: a store whose extra is not installed costs
-nothing until its variable is set.
+Backends that import a client library are imported only when a resolver is built: a store whose
+extra is not installed costs nothing until its variable is set.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from vllm_lora_resolvers.backends import http
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.config import (
     AZURE_URI,
@@ -28,9 +32,11 @@ from vllm_lora_resolvers.config import (
     FS_DIR,
     GCS_URI,
     HF_REPO_LIST,
+    PIPELINE_VARIABLES,
     S3_URI,
     Settings,
     Variable,
+    comma_list,
     install_hint,
 )
 from vllm_lora_resolvers.resolver import Resolver
@@ -62,6 +68,16 @@ def _list_one_name(store: Store) -> None:
     next(store.list_names(), None)
 
 
+def _text(value: str, _: Settings) -> str | None:
+    return value or None
+
+
+def _directory(value: str, settings: Settings) -> Path | None:
+    """The folder the variable names, else the cache root."""
+    folder = value or settings.value(CACHE_DIR)
+    return Path(folder) if folder else None
+
+
 @dataclass(frozen=True)
 class StoreDeclaration:
     """One store: everything the package derives for it, declared once."""
@@ -72,8 +88,8 @@ class StoreDeclaration:
     plugin: str
     #: The variable that turns it on.
     variable: Variable
-    #: The variable's parsed value, from `Settings`; a falsy one leaves the store off.
-    source: Callable[[Settings], Any]
+    #: A value of it, as the configuration page shows it.
+    example: str
     #: The module and class of its `Store`, imported lazily.
     module: str
     class_name: str
@@ -87,7 +103,9 @@ class StoreDeclaration:
     other_schemes: tuple[str, ...] = ()
     #: The store's source for a URI of that scheme.
     source_of_uri: Callable[[str], Any] = str
-    #: The pip extra that installs its client package (``None``: nothing to install).
+    #: The store's source for the variable's (stripped) value: a falsy one leaves it off.
+    source_of_value: Callable[[str, Settings], Any] = _text
+    #: The pip extra that installs its client package (``None``: the standard library's).
     extra: str | None = None
     client_package: str | None = None
     #: Its client's environment variables, which ``doctor`` shows (we never read them).
@@ -101,6 +119,10 @@ class StoreDeclaration:
     def schemes(self) -> tuple[str, ...]:
         """Every prefix of its URIs, `scheme` first."""
         return () if self.scheme is None else (self.scheme, *self.other_schemes)
+
+    def source(self, settings: Settings) -> Any:
+        """The store's source as ``settings`` set it; falsy when its variable is unset."""
+        return self.source_of_value(settings.value(self.variable), settings)
 
     @property
     def install_hint(self) -> str:
@@ -121,7 +143,7 @@ S3 = StoreDeclaration(
     backend="s3",
     plugin="lora_s3_resolver",
     variable=S3_URI,
-    source=lambda settings: settings.s3_uri,
+    example="s3://my-adapters/prod",
     module=f"{_BACKENDS}.s3",
     class_name="S3Store",
     fix=f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
@@ -145,7 +167,7 @@ GCS = StoreDeclaration(
     backend="gcs",
     plugin="lora_gcs_resolver",
     variable=GCS_URI,
-    source=lambda settings: settings.gcs_uri,
+    example="gs://my-adapters/prod",
     module=f"{_BACKENDS}.gcs",
     class_name="GcsStore",
     fix=f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
@@ -160,7 +182,7 @@ AZURE = StoreDeclaration(
     backend="azure",
     plugin="lora_azure_resolver",
     variable=AZURE_URI,
-    source=lambda settings: settings.azure_uri,
+    example="abfss://my-adapters@account.dfs.core.windows.net/prod",
     module=f"{_BACKENDS}.azure",
     class_name="AzureBlobStore",
     fix=(
@@ -197,33 +219,48 @@ HF = StoreDeclaration(
     backend="hf",
     plugin="lora_hf_resolver",
     variable=HF_REPO_LIST,
-    source=lambda settings: settings.hf_repos,
+    example="acme/adapters,acme/support-bot",
     module=f"{_BACKENDS}.hf_hub",
     class_name="HfHubStore",
     fix=f"check HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and {HF_REPO_LIST.name}",
     probe=_look_up_a_missing_name_in_a_repo,
     scheme="hf://",
     source_of_uri=lambda uri: [uri.removeprefix("hf://").strip("/")],
+    source_of_value=lambda value, _: comma_list(value),
     extra="hf",
     client_package="huggingface_hub",
     environment=("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"),
     secrets=frozenset({"HF_TOKEN"}),
 )
+HTTP = StoreDeclaration(
+    backend="http",
+    plugin="lora_http_resolver",
+    variable=http.URI,
+    example="https://adapters.internal/prod",
+    module=f"{_BACKENDS}.http",
+    class_name="HttpStore",
+    fix=f"check {http.URI.name} and that the server serves {http.INDEX} in each adapter folder",
+    scheme="https://",
+    other_schemes=("http://",),
+    source_of_uri=http.parse_http_uri,
+    source_of_value=lambda value, _: value and http.parse_http_uri(value),
+)
 FS = StoreDeclaration(
     backend="fs",
     plugin="lora_fs_resolver",
     variable=FS_DIR,
-    source=lambda settings: settings.fs_dir,
+    example="/mnt/adapters",
     module=f"{_BACKENDS}.filesystem",
     class_name="FilesystemStore",
     fix=f"make {FS_DIR.name} (or {CACHE_DIR.name}) a readable directory",
     probe=_list_one_name,
     source_of_uri=Path,
+    source_of_value=_directory,
 )
 
 #: Every store, in the order their resolvers are tried when ``VLLM_PLUGINS`` is unset: remote
 #: stores first, then the local one.
-STORES: tuple[StoreDeclaration, ...] = (S3, GCS, AZURE, HF, FS)
+STORES: tuple[StoreDeclaration, ...] = (S3, GCS, AZURE, HF, HTTP, FS)
 BY_PLUGIN: Mapping[str, StoreDeclaration] = {store.plugin: store for store in STORES}
 BY_BACKEND: Mapping[str, StoreDeclaration] = {store.backend: store for store in STORES}
 #: The remote stores, by each scheme of their URIs.
@@ -233,4 +270,11 @@ BY_SCHEME: Mapping[str, StoreDeclaration] = {
 #: The schemes of the stores ``vllm-lora publish`` writes to.
 BUCKET_SCHEMES: tuple[str, ...] = tuple(
     scheme for store in STORES if store.bucket for scheme in store.schemes
+)
+#: Every variable of this package, in the order the configuration page lists them: the cache
+#: root, each store's, then the pipeline's and the plugins'.
+ALL_VARIABLES: tuple[Variable, ...] = (
+    CACHE_DIR,
+    *(store.variable for store in STORES),
+    *PIPELINE_VARIABLES,
 )

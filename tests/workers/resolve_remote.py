@@ -1,8 +1,7 @@
 """Resolve one adapter through any store's resolver in a process of its own; print one JSON line.
 
-The store is named by its declaration: a backend of `vllm_lora_resolvers.stores` (``s3``,
-``gcs``, ``hf``, ``fs``) or ``FILE.py:NAME``, a `StoreDeclaration` of a plugin of another package
-(the documentation's HTTP example), opened on URI as the command line opens stores.
+The store is named by the backend of its declaration in `vllm_lora_resolvers.stores` (``s3``,
+``gcs``, ``hf``, ``http``, ``fs``...), opened on URI as the command line opens stores.
 
 ``--wait-for-go`` prints ``{"ready": true}`` and waits for a line on stdin before resolving (so a
 test lines up many processes without guessing times); ``--stall`` stops half way through writing
@@ -14,7 +13,6 @@ process fetched from the store.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -27,27 +25,12 @@ from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import Resolver
-from vllm_lora_resolvers.stores import BY_BACKEND, StoreDeclaration
-
-
-def declaration(store: str) -> StoreDeclaration:
-    """``store``'s declaration: a backend's name, or ``FILE.py:NAME`` (loaded as module FILE)."""
-    if store in BY_BACKEND:
-        return BY_BACKEND[store]
-    file_name, _, attribute = store.rpartition(":")
-    path = Path(file_name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # the declaration imports its resolver class by name
-    spec.loader.exec_module(module)
-    found: StoreDeclaration = getattr(module, attribute)
-    return found
+from vllm_lora_resolvers.stores import BY_BACKEND
 
 
 def make_resolver(backend: str, uri: str, settings: Settings, cache: NodeCache) -> Resolver:
-    """The resolver of store ``uri``, of the store ``backend`` declares (see `declaration`)."""
-    return declaration(backend).open(uri, settings, cache)
+    """The resolver of store ``uri``, of the store ``backend`` declares."""
+    return BY_BACKEND[backend].open(uri, settings, cache)
 
 
 def stall_in_the_weights(resolver: Resolver) -> None:

@@ -41,7 +41,6 @@ from vllm_lora_resolvers.cli.system import (
     read_proc,
 )
 from vllm_lora_resolvers.config import (
-    ALL_VARIABLES,
     CACHE_DIR,
     FS_DIR,
     ConfigurationError,
@@ -50,7 +49,7 @@ from vllm_lora_resolvers.config import (
 from vllm_lora_resolvers.errors import ResolverError, StoreRefusedError
 from vllm_lora_resolvers.plugin import VLLM_FS_PLUGIN
 from vllm_lora_resolvers.resolver import Resolver
-from vllm_lora_resolvers.stores import BY_BACKEND, STORES
+from vllm_lora_resolvers.stores import ALL_VARIABLES, BY_BACKEND, STORES
 
 RUNTIME_UPDATING = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 #: Printed only as "set" or "unset".

@@ -140,7 +140,7 @@ def _read_config(
         return (snapshot.adapter_dir / CONFIG_FILE).read_bytes(), manifest.total_bytes, names
     config = remote.file(CONFIG_FILE)
     assert config is not None  # locate finds only folders with a config
-    resolver.fetch_to(remote, (config,), scratch)
+    resolver.fetcher.fetch_to(remote, (config,), scratch)
     size = sum(file.size for file in remote.files)
     names = frozenset(file.path for file in remote.files)
     return (scratch / CONFIG_FILE).read_bytes(), size, names

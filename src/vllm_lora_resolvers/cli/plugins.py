@@ -22,6 +22,7 @@ from vllm_lora_resolvers.plugin import (
 )
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_PLUGIN as OURS
+from vllm_lora_resolvers.stores import HF
 
 VLLM_OWN = (VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
 
@@ -88,7 +89,7 @@ def _vllm_plan(plugin: str, settings: Settings, loads: bool) -> PluginPlan:
             return PluginPlan(plugin, loads, False, f"vLLM's own: off, {CACHE_DIR.name} unset")
         return PluginPlan(plugin, loads, loads, f"vLLM's own: folders in {settings.cache_dir}")
     named = settings.plugin_order is not None and plugin in settings.plugin_order
-    registers = named and bool(settings.hf_repos)
+    registers = named and bool(HF.source(settings))
     return PluginPlan(plugin, loads, registers, "vLLM's own: " + ("on" if registers else "off"))
 
 

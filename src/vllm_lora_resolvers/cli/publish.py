@@ -441,7 +441,7 @@ class Publisher:
         location = self.store.location(self.version_key(version))
         remote = RemoteAdapter(self.name, "-", location, (stored,))
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
-            self.resolver.fetch_to(remote, (stored,), Path(scratch))
+            self.resolver.fetcher.fetch_to(remote, (stored,), Path(scratch))
             try:
                 return signing.describe(self.name, Path(scratch, SIGNATURE_FILE))
             except SignatureError as error:
@@ -517,7 +517,7 @@ class Publisher:
         made), so that publishing a version again with the same key uploads nothing."""
         remote = RemoteAdapter(self.name, "-", location, (stored,))
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
-            self.resolver.fetch_to(remote, (stored,), Path(scratch))
+            self.resolver.fetcher.fetch_to(remote, (stored,), Path(scratch))
             return _signed_content(Path(scratch, stored.path)) == _signed_content(path)
 
     def _same_content(self, location: str, path: Path, stored: RemoteFile) -> bool:
@@ -531,7 +531,7 @@ class Publisher:
             return True
         remote = RemoteAdapter(self.name, "-", location, (stored,))
         with tempfile.TemporaryDirectory(prefix="vllm-lora-") as scratch:
-            self.resolver.fetch_to(remote, (stored,), Path(scratch))
+            self.resolver.fetcher.fetch_to(remote, (stored,), Path(scratch))
             return filecmp.cmp(path, Path(scratch, stored.path), shallow=False)
 
 

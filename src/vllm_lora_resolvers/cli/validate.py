@@ -136,7 +136,7 @@ def _validate_remote(uri: str, lint_policy: LintPolicy, settings: Settings) -> L
             return LintReport(name, uri, lint_policy, None, (absent,))
         folder = scratch / "adapter"
         try:
-            resolver.fetch_to(remote, remote.files, folder)
+            resolver.fetcher.fetch_to(remote, remote.files, folder)
         except IntegrityError as error:
             damaged = Check(DOWNLOAD_CHECK, Level.FAIL, str(error), "upload the adapter again")
             return LintReport(name, remote.location, lint_policy, None, (damaged,))
