@@ -106,6 +106,10 @@ class _Current:
     etag: str | None
 
 
+#: A key, a certificate or a trust configuration, given as a file that exists.
+_EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 @click.command()
 @click.argument("arguments", nargs=-1, metavar="[DIR] URI")
 @click.option("--version", help=f"The version's name ({_VERSION_HELP}); default: a hash.")
@@ -120,17 +124,17 @@ class _Current:
 )
 @click.option(
     "--sign-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_EXISTING_FILE,
     help="Sign the version with this PEM elliptic-curve private key (unencrypted).",
 )
 @click.option(
     "--sign-cert",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_EXISTING_FILE,
     help="With --sign-key: its signing certificate (PEM), for a certificate signature.",
 )
 @click.option(
     "--sign-chain",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_EXISTING_FILE,
     multiple=True,
     help="With --sign-cert: the certificates up to the CA (PEM), carried in the signature.",
 )
@@ -141,7 +145,7 @@ class _Current:
 )
 @click.option(
     "--sigstore-trust-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=_EXISTING_FILE,
     help="With --sign-sigstore: a private Sigstore deployment's client trust configuration.",
 )
 def publish(
