@@ -7,7 +7,9 @@ what ``doctor`` makes of it. (tests/test_docs.py checks the rows against the doc
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -123,6 +125,35 @@ def test_a_store_with_a_client_is_installed_by_an_extra_that_holds_it(
     hinted = re.findall(r"'([^']+)'", store.install_hint)
     assert {requirement_name(r) for r in hinted} == clients
     assert store.install_hint.endswith(f" (the [{store.extra}] extra)")
+
+
+def test_an_install_that_does_not_declare_an_extra_is_told_to_reinstall_with_it(
+    tmp_path: Path,
+) -> None:
+    # An install older than the [signing] extra: its metadata declares only [s3].
+    info = tmp_path / "vllm_lora_resolvers-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: vllm-lora-resolvers\nVersion: 0.0.1\n"
+        "Provides-Extra: s3\nRequires-Dist: boto3>=1.35; extra == 's3'\n"
+    )
+    hints = subprocess.run(
+        [sys.executable, "-c", HINTS, "s3", "signing"],
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO / 'src'}"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert hints == [
+        "pip install 'boto3>=1.35' (the [s3] extra)",
+        "reinstall vllm-lora-resolvers with its [signing] extra (pip install '.[signing]' in "
+        "its source folder): the installed one does not declare it",
+    ]
+
+
+HINTS = "import sys; from vllm_lora_resolvers.config import install_hint as h; " + (
+    "[print(h(extra)) for extra in sys.argv[1:]]"
+)
 
 
 @each_store

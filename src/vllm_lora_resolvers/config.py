@@ -361,11 +361,20 @@ class Settings:
 
 def install_hint(extra: str) -> str:
     """The command that installs this package's extra ``extra``: its requirements, as the
-    installed package declares them (the package itself is on no index yet)."""
+    installed package declares them (the package itself is on no index yet). An install that
+    does not declare the extra (one older than it, or none: a source tree on the path) is told to
+    reinstall the package with it."""
     marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    try:
+        declared = metadata.requires("vllm-lora-resolvers") or []
+    except metadata.PackageNotFoundError:
+        declared = []
     requirements = [
-        f"'{line.split(';', 1)[0].strip()}'"
-        for line in metadata.requires("vllm-lora-resolvers") or ()
-        if marker.search(line)
+        f"'{line.split(';', 1)[0].strip()}'" for line in declared if marker.search(line)
     ]
+    if not requirements:
+        return (
+            f"reinstall vllm-lora-resolvers with its [{extra}] extra (pip install "
+            f"'.[{extra}]' in its source folder): the installed one does not declare it"
+        )
     return f"pip install {' '.join(requirements)} (the [{extra}] extra)"
