@@ -18,15 +18,17 @@ from typing import Any
 
 import click
 import pytest
+from click.testing import CliRunner
 from conftest import REPO
 
 from vllm_lora_resolvers import plugin
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.bucket import BucketStore
 from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.cli import main
 from vllm_lora_resolvers.cli.doctor import probe_store, shown_value
 from vllm_lora_resolvers.cli.output import Level
-from vllm_lora_resolvers.cli.stores import open_store
+from vllm_lora_resolvers.cli.stores import is_remote, open_store
 from vllm_lora_resolvers.config import ConfigurationError, Settings
 from vllm_lora_resolvers.errors import StoreUnavailableError
 from vllm_lora_resolvers.resolver import Resolver
@@ -154,6 +156,19 @@ def test_an_install_that_does_not_declare_an_extra_is_told_to_reinstall_with_it(
 HINTS = "import sys; from vllm_lora_resolvers.config import install_hint as h; " + (
     "[print(h(extra)) for extra in sys.argv[1:]]"
 )
+
+
+@each_store
+@pytest.mark.parametrize("command", ["ls", "validate"])
+def test_the_commands_that_read_stores_name_every_stores_uris_in_their_help(
+    store: StoreDeclaration, command: str
+) -> None:
+    shown = CliRunner().invoke(main, [command, "--help"], terminal_width=1000)
+    assert shown.exit_code == 0
+    assert "{stores}" not in shown.output
+    if store.uri_form is not None:
+        assert store.uri_form in shown.output
+        assert is_remote(store.uri_form)
 
 
 @each_store

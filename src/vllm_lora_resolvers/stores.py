@@ -97,8 +97,9 @@ class StoreDeclaration:
     fix: str
     #: ``doctor``'s cheap question to the store.
     probe: Callable[[Store], None] = _look_up_a_missing_name
-    #: The prefix of the URIs the command line reads it by (``None``: a local directory).
-    scheme: str | None = None
+    #: The form of the URIs the command line reads it by, its scheme first (``None``: a local
+    #: directory); the commands' help lists them.
+    uri_form: str | None = None
     #: Other prefixes of URIs of the same store (the forms other tools write them in).
     other_schemes: tuple[str, ...] = ()
     #: The store's source for a URI of that scheme.
@@ -114,6 +115,11 @@ class StoreDeclaration:
     secrets: frozenset[str] = frozenset()
     #: Whether its store is a `BucketStore`, to which ``vllm-lora publish`` writes versions.
     bucket: bool = False
+
+    @property
+    def scheme(self) -> str | None:
+        """The prefix of its URIs, up to ``://`` (``None``: a local directory)."""
+        return None if self.uri_form is None else self.uri_form.split("://", 1)[0] + "://"
 
     @property
     def schemes(self) -> tuple[str, ...]:
@@ -147,7 +153,7 @@ S3 = StoreDeclaration(
     module=f"{_BACKENDS}.s3",
     class_name="S3Store",
     fix=f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
-    scheme="s3://",
+    uri_form="s3://BUCKET[/PREFIX]",
     bucket=True,
     extra="s3",
     client_package="boto3",
@@ -171,7 +177,7 @@ GCS = StoreDeclaration(
     module=f"{_BACKENDS}.gcs",
     class_name="GcsStore",
     fix=f"check Google credentials (or STORAGE_EMULATOR_HOST) and {GCS_URI.name}",
-    scheme="gs://",
+    uri_form="gs://BUCKET[/PREFIX]",
     bucket=True,
     extra="gcs",
     client_package="google-cloud-storage",
@@ -190,7 +196,7 @@ AZURE = StoreDeclaration(
         "AZURE_STORAGE_ACCOUNT_URL) with a key, a SAS token or the workload identity, and "
         f"{AZURE_URI.name}"
     ),
-    scheme="az://",
+    uri_form="az://CONTAINER[/PREFIX]",
     other_schemes=("azure://", "abfss://", "abfs://"),
     bucket=True,
     extra="azure",
@@ -224,7 +230,7 @@ HF = StoreDeclaration(
     class_name="HfHubStore",
     fix=f"check HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and {HF_REPO_LIST.name}",
     probe=_look_up_a_missing_name_in_a_repo,
-    scheme="hf://",
+    uri_form="hf://ORG/REPO",
     source_of_uri=lambda uri: [uri.removeprefix("hf://").strip("/")],
     source_of_value=lambda value, _: comma_list(value),
     extra="hf",
@@ -240,7 +246,7 @@ HTTP = StoreDeclaration(
     module=f"{_BACKENDS}.http",
     class_name="HttpStore",
     fix=f"check {http.URI.name} and that the server serves {http.INDEX} in each adapter folder",
-    scheme="https://",
+    uri_form="https://HOST[/PATH]",
     other_schemes=("http://",),
     source_of_uri=http.parse_http_uri,
     source_of_value=lambda value, _: value and http.parse_http_uri(value),
@@ -267,6 +273,8 @@ BY_BACKEND: Mapping[str, StoreDeclaration] = {store.backend: store for store in 
 BY_SCHEME: Mapping[str, StoreDeclaration] = {
     scheme: store for store in STORES for scheme in store.schemes
 }
+#: How the command line names each remote store, for the commands' help.
+URI_FORMS = ", ".join(str(store.uri_form) for store in STORES if store.uri_form)
 #: The schemes of the stores ``vllm-lora publish`` writes to.
 BUCKET_SCHEMES: tuple[str, ...] = tuple(
     scheme for store in STORES if store.bucket for scheme in store.schemes

@@ -30,7 +30,7 @@ from vllm_lora_resolvers.cli.output import (
     short_version,
     table,
 )
-from vllm_lora_resolvers.cli.stores import open_store, scratch_cache
+from vllm_lora_resolvers.cli.stores import naming_stores, open_store, scratch_cache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
 from vllm_lora_resolvers.remote import RemoteAdapter
@@ -53,6 +53,7 @@ class ListedAdapter:
     problems: tuple[str, ...] = ()
 
 
+@naming_stores
 @click.command("ls")
 @click.argument("uri")
 @click.option("--base-model", help="The server's --model; default: each adapter's own.")
@@ -60,7 +61,7 @@ class ListedAdapter:
 def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> None:
     """The adapters in a store, with version, size, and whether each is valid and why not.
 
-    URI is s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], hf://ORG/REPO or a local directory.
+    URI is a store ({stores}) or a local directory.
     Adapters in folders of adapters are listed by the names clients ask for (team-a/sql).
     Only configs are checked (peft type, base model, rank, features, a weights file listed):
     weights are not downloaded; `vllm-lora validate URI/NAME` checks them too.

@@ -1,7 +1,7 @@
 """From a URI on the command line to the resolver that reads that store.
 
-``s3://bucket[/prefix]``, ``gs://bucket[/prefix]``, ``hf://org/repo`` or a local directory name a
-store; ``s3://bucket/prefix/NAME``, ``gs://...`` and ``hf://org/repo[/folder][@revision]`` name one
+A store's URI (``s3://bucket[/prefix]``, ... : each store's ``uri_form``) or a local directory
+names a store; the same followed by ``/NAME``, or ``hf://org/repo[/folder][@revision]``, names one
 adapter in one. Each is read by the same resolver class the server uses, over a node cache of the
 caller's choosing (usually a temporary one).
 
@@ -23,9 +23,16 @@ import click
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings, Variable
 from vllm_lora_resolvers.resolver import Resolver
-from vllm_lora_resolvers.stores import BY_SCHEME, FS, HF, StoreDeclaration
+from vllm_lora_resolvers.stores import BY_SCHEME, FS, HF, URI_FORMS, StoreDeclaration
 
 REMOTE_SCHEMES = tuple(BY_SCHEME)
+
+
+def naming_stores(command: click.Command) -> click.Command:
+    """``command`` with ``{stores}`` in its help replaced by the URI forms of the stores, as
+    their declarations give them (a new store's shows up in every command that reads stores)."""
+    command.help = (command.help or "").replace("{stores}", URI_FORMS)
+    return command
 
 
 def is_remote(uri: str) -> bool:

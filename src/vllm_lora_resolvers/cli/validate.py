@@ -41,6 +41,7 @@ from vllm_lora_resolvers.cli.output import (
 from vllm_lora_resolvers.cli.stores import (
     AdapterUri,
     is_remote,
+    naming_stores,
     open_store,
     scratch_cache,
     split_adapter_uri,
@@ -56,6 +57,7 @@ _SIGNATURE_FIX = (
 )
 
 
+@naming_stores
 @click.command()
 @click.argument("target", metavar="DIR|URI")
 @click.option("--base-model", help="The server's --model; default: the adapter's own base model.")
@@ -64,13 +66,13 @@ _SIGNATURE_FIX = (
 def validate(target: str, base_model: str | None, max_rank: int | None, as_json: bool) -> None:
     """Check an adapter as the resolvers will: name, config, base model, rank, features, weights.
 
-    DIR is a local adapter folder. URI is s3://BUCKET/PREFIX/NAME, gs://BUCKET/PREFIX/NAME or
+    DIR is a local adapter folder. URI is a store's URI ({stores}) followed by /NAME, or
     hf://ORG/REPO[/FOLDER][@REVISION]: it is fetched (and its checksums verified) into a
-    temporary folder first. NAME is the path below VLLM_LORA_RESOLVER_S3_URI (or _GCS_URI) when
-    the URI is under it, else its last segment (with a warning). Who signed it (model.sig) is
-    shown, and checked against VLLM_LORA_RESOLVER_TRUST when set: then an adapter the server would
-    refuse for its signature is invalid. Exit 0 when valid, 1 when not, 2 when it cannot be
-    checked.
+    temporary folder first. NAME is the path below the store its variable configures (e.g.
+    VLLM_LORA_RESOLVER_S3_URI) when the URI is under it, else its last segment (with a
+    warning). Who signed it (model.sig) is shown, and checked against VLLM_LORA_RESOLVER_TRUST
+    when set: then an adapter the server would refuse for its signature is invalid. Exit 0 when
+    valid, 1 when not, 2 when it cannot be checked.
     """
     with cannot_check():
         # Stores list model.sig, so that who signed is shown even when TRUST is unset.
