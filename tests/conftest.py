@@ -26,6 +26,8 @@ WORKER_PYTHONPATH = os.pathsep.join(str(path) for path in (REPO / "src", REPO, R
 os.environ["PYTHONPATH"] = WORKER_PYTHONPATH
 
 BASE_MODEL = "/models/tiny-llama"
+#: The ``vllm-lora`` command, as installed next to this Python.
+CLI = Path(sys.executable).with_name("vllm-lora")
 
 
 _ISOLATION = {
@@ -78,6 +80,18 @@ def fs_resolver(
     yield Resolver(FilesystemStore(adapters_dir, make_settings(), NodeCache(cache_dir)))
 
 
+def vllm_lora(*arguments: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed command with this test's environment plus ``variables``."""
+    return subprocess.run(
+        [str(CLI), *arguments],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **variables},
+        timeout=120,
+    )
+
+
 def files_of(folder: Path) -> dict[str, bytes]:
     """Every file of an adapter folder, by name."""
     return {path.name: path.read_bytes() for path in folder.iterdir()}
@@ -98,12 +112,16 @@ def staging_entries(cache_dir: Path) -> list[Path]:
     )
 
 
+def run_worker(script: str, *arguments: str) -> subprocess.Popen[str]:
+    """Run ``tests/workers/<script>`` as another process on this node, its stdin and stdout
+    piped: it prints JSON lines (`worker_result` reads one) and may wait for a line on stdin."""
+    command = [sys.executable, str(REPO / "tests" / "workers" / script), *arguments]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def start_worker(*arguments: str, hold: bool = False) -> subprocess.Popen[str]:
     """Run ``tests/workers/resolve_fs.py`` as another process on this node."""
-    command = [sys.executable, str(REPO / "tests" / "workers" / "resolve_fs.py"), *arguments]
-    if hold:
-        command.append("--hold")
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return run_worker("resolve_fs.py", *arguments, *(["--hold"] if hold else []))
 
 
 def worker_result(worker: subprocess.Popen[str]) -> dict[str, Any]:

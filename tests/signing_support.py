@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,12 +27,19 @@ __all__ = [
     "authority",
     "issue",
     "key_pair",
+    "keys_fixture",
     "sign_with_certificate",
     "sign_with_key",
     "sign_with_key_cli",
 ]
 
 _DAY = datetime.timedelta(days=1)
+
+
+@pytest.fixture(name="keys")
+def keys_fixture(tmp_path: Path) -> KeyPair:
+    """A key pair made for this test (``release.pem`` and ``release.pub`` in ``keys/``)."""
+    return key_pair(tmp_path / "keys")
 
 
 @dataclass(frozen=True)
@@ -56,36 +64,52 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def authority(directory: Path, name: str = "Test Signing CA") -> Authority:
-    """A new self-signed CA, valid from yesterday for a year."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
+def _certificate(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: Authority | None,
+    start: datetime.datetime,
+    end: datetime.datetime,
+) -> x509.Certificate:
+    """A certificate for ``key``, named ``name``, valid from ``start`` to ``end``: a CA's,
+    self-signed (no ``issuer``), or a code-signing certificate that ``issuer`` signs."""
+    is_ca = issuer is None
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
-        .issuer_name(_name(name))
+        .issuer_name(_name(name) if issuer is None else issuer.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _DAY)
-        .not_valid_after(now + 365 * _DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False,
+                digital_signature=not is_ca,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
+                key_cert_sign=is_ca,
+                crl_sign=is_ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
     )
+    if issuer is None:
+        return builder.sign(key, hashes.SHA256())
+    code_signing = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING])
+    return builder.add_extension(code_signing, critical=False).sign(issuer.key, hashes.SHA256())
+
+
+def authority(directory: Path, name: str = "Test Signing CA") -> Authority:
+    """A new self-signed CA, valid from yesterday for a year."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = _certificate(name, key, None, now - _DAY, now + 365 * _DAY)
     path = directory / f"{name.replace(' ', '-')}.crt"
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return Authority(key, certificate, path)
@@ -109,32 +133,7 @@ def issue(
     start, end = (now - 2 * _DAY, now - _DAY / 2) if expired else (now - _DAY / 2, now + 30 * _DAY)
     if expired:  # issued while the CA was valid: only the leaf's own dates are wrong now
         start = max(start, ca.certificate.not_valid_before_utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
+    certificate = _certificate(name, key, ca, start, end)
     key_path, certificate_path = directory / f"{name}.pem", directory / f"{name}.crt"
     key_path.write_bytes(
         key.private_bytes(

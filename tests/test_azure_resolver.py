@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import ContainerSasPermissions, ContentSettings, generate_container_sas
 from azure_fixtures import AZURE_VARIABLES, AzureContainer
-from conftest import BASE_MODEL, files_of, snapshot_dirs, staging_entries
+from conftest import BASE_MODEL, files_of, snapshot_dirs, staging_entries, vllm_lora
 from resolver_setup import fast_transfer
-from test_cli import vllm_lora
 
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault

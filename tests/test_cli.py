@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, snapshot_dirs, start_worker, worker_result
+from conftest import BASE_MODEL, CLI, snapshot_dirs, start_worker, vllm_lora, worker_result
 from gcs_fixtures import GcsBucket
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
 from s3_fixtures import Bucket
@@ -26,22 +26,8 @@ from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import InvalidAdapterError
 from vllm_lora_resolvers.resolver import Resolver
 
-CLI = Path(sys.executable).with_name("vllm-lora")
 SECRET = "s3cr3t-never-printed"
 HF_SECRET = "hf_n3ver-printed"
-
-
-def vllm_lora(*arguments: str, **variables: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed command with this test's environment plus ``variables``."""
-    environment = {**os.environ, **variables}
-    return subprocess.run(
-        [str(CLI), *arguments],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-    )
 
 
 def adapter(folder: Path, **options: object) -> Path:
@@ -223,6 +209,13 @@ def listing_rows(output: str) -> dict[str, str]:
     return rows
 
 
+def not_an_adapter(folder: Path) -> Path:
+    """A folder of notes: no adapter_config.json, nothing ``ls`` should call an adapter."""
+    folder.mkdir()
+    (folder / "README.md").write_text("not an adapter")
+    return folder
+
+
 def verdict(row: str) -> str:
     """The VALID cell of an ``ls`` row."""
     found = re.search(r"\s(yes|no)(\s|$)", row)
@@ -236,10 +229,7 @@ def test_ls_lists_a_bucket_with_each_adapter_valid_or_why_not(
     bucket.upload("sql", adapter(tmp_path / "sql"))
     bucket.upload("dora", adapter(tmp_path / "dora", extra_config={"use_dora": True}))
     bucket.upload("other-base", write_lora_adapter(tmp_path / "ob", base_model="/models/other"))
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "README.md").write_text("not an adapter")
-    bucket.upload("notes", notes)
+    bucket.upload("notes", not_an_adapter(tmp_path / "notes"))
     result = vllm_lora("ls", bucket.uri, "--base-model", BASE_MODEL)
     assert result.returncode == 0, result.stderr
     assert "weights not downloaded" in result.stdout
@@ -261,10 +251,7 @@ def test_ls_lists_the_adapters_in_nested_folders_by_the_names_clients_ask_for(
     bucket.upload("team-a/sql", adapter(tmp_path / "team-sql"))
     bucket.upload("team-a/big", adapter(tmp_path / "big", rank=32))
     bucket.upload("team-a/deep/er/chat", adapter(tmp_path / "chat"))
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "README.md").write_text("not an adapter")
-    bucket.upload("team-a/notes", notes)
+    bucket.upload("team-a/notes", not_an_adapter(tmp_path / "notes"))
     result = vllm_lora("ls", bucket.uri, "--base-model", BASE_MODEL)
     assert result.returncode == 0, result.stderr
     rows = listing_rows(result.stdout)
@@ -603,24 +590,6 @@ def test_credentials_in_a_store_endpoint_are_never_printed_nor_cached(
     assert all(SECRET not in manifest.read_text() for manifest in manifests)
 
 
-def test_doctor_passes_a_healthy_setup_and_shows_the_try_order(
-    bucket: Bucket, cache_dir: Path
-) -> None:
-    result = vllm_lora(
-        "doctor",
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="true",
-        VLLM_LORA_RESOLVER_S3_URI=bucket.uri,
-        VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
-        VLLM_PLUGINS="lora_s3_resolver,lora_filesystem_resolver",
-    )
-    assert result.returncode == 0, result.stdout
-    lines = result.stdout.splitlines()
-    first = next(line for line in lines if line.startswith("  1."))
-    second = next(line for line in lines if line.startswith("  2."))
-    assert "lora_s3_resolver" in first and "lora_filesystem_resolver" in second
-    assert "0 failed" in result.stdout
-
-
 def doctor_of(bucket: Bucket, cache_dir: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
     """``vllm-lora doctor`` of a healthy server whose one store is ``bucket``."""
     return vllm_lora(
@@ -631,6 +600,18 @@ def doctor_of(bucket: Bucket, cache_dir: Path, *arguments: str) -> subprocess.Co
         VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
         VLLM_PLUGINS="lora_s3_resolver,lora_filesystem_resolver",
     )
+
+
+def test_doctor_passes_a_healthy_setup_and_shows_the_try_order(
+    bucket: Bucket, cache_dir: Path
+) -> None:
+    result = doctor_of(bucket, cache_dir)
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    first = next(line for line in lines if line.startswith("  1."))
+    second = next(line for line in lines if line.startswith("  2."))
+    assert "lora_s3_resolver" in first and "lora_filesystem_resolver" in second
+    assert "0 failed" in result.stdout
 
 
 def test_doctor_checks_conditional_writes_only_when_asked_to_write(

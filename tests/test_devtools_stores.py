@@ -4,6 +4,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import pytest
@@ -103,23 +104,24 @@ def test_relay_503_is_retried_by_boto3(seaweed: SeaweedS3, bucket: str, relay: F
     assert relay.requests == [("GET", f"/{bucket}/k")]
 
 
-def test_relay_reset_mid_body_raises(seaweed: SeaweedS3, bucket: str, relay: FaultRelay) -> None:
-    s3 = via(relay, seaweed.endpoint).client()
-    s3.put_object(Bucket=bucket, Key="k", Body=os.urandom(4 * MB))
-    relay.add_fault(Fault("reset_after", method="GET", after_bytes=MB))
-    body = s3.get_object(Bucket=bucket, Key="k")["Body"]
-    with pytest.raises(ResponseStreamingError, match="reset"):
-        body.read()
-    assert relay.response_body_bytes == MB
-
-
-def test_relay_close_mid_body_is_a_detected_truncation(
-    seaweed: SeaweedS3, bucket: str, relay: FaultRelay
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        pytest.param("reset_after", "reset", id="a reset raises"),
+        pytest.param("close_after", "IncompleteRead", id="a close is a detected truncation"),
+    ],
+)
+def test_relay_cut_mid_body_is_seen_by_boto3(
+    seaweed: SeaweedS3,
+    bucket: str,
+    relay: FaultRelay,
+    kind: Literal["reset_after", "close_after"],
+    error: str,
 ) -> None:
     s3 = via(relay, seaweed.endpoint).client()
     s3.put_object(Bucket=bucket, Key="k", Body=os.urandom(4 * MB))
-    relay.add_fault(Fault("close_after", method="GET", after_bytes=MB))
+    relay.add_fault(Fault(kind, method="GET", after_bytes=MB))
     body = s3.get_object(Bucket=bucket, Key="k")["Body"]
-    with pytest.raises(ResponseStreamingError, match="IncompleteRead"):
+    with pytest.raises(ResponseStreamingError, match=error):
         body.read()
     assert relay.response_body_bytes == MB

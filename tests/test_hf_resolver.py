@@ -324,6 +324,19 @@ def test_vllm_loads_the_plugin_and_serves_an_adapter_from_the_hub(
 # -- access -----------------------------------------------------------------------------------
 
 
+def assert_only_its_token_opens(
+    hub: Hub, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """With another account's token, ``sql`` of `REPO_ID` is refused (``refusal``) by a message
+    without that token; with `TOKEN`, the one the repo was shared with, it resolves."""
+    monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)
+    with pytest.raises(StoreUnavailableError, match=refusal) as wrong:
+        hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
+    assert OTHER_TOKEN not in str(wrong.value)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql") is not None
+
+
 def test_private_repo_is_read_with_its_token_only(
     hub: Hub, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,12 +345,7 @@ def test_private_repo_is_read_with_its_token_only(
     with pytest.raises(StoreUnavailableError, match="private") as anonymous:
         hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
     assert "no HF_TOKEN" in str(anonymous.value)
-    monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)
-    with pytest.raises(StoreUnavailableError, match="private") as wrong:
-        hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
-    assert OTHER_TOKEN not in str(wrong.value)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql") is not None
+    assert_only_its_token_opens(hub, cache_dir, monkeypatch, "private")
 
 
 def test_gated_repo_without_access_is_explained(
@@ -345,12 +353,7 @@ def test_gated_repo_without_access_is_explained(
 ) -> None:
     hub.server.push(REPO_ID, {"sql": adapter(tmp_path, "sql")})
     hub.server.set_gated(REPO_ID, TOKEN)
-    monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)
-    with pytest.raises(StoreUnavailableError, match="gated repo") as refused:
-        hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql")
-    assert OTHER_TOKEN not in str(refused.value)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert hub.resolver(cache_dir).resolve(BASE_MODEL, f"{REPO_ID}/sql") is not None
+    assert_only_its_token_opens(hub, cache_dir, monkeypatch, "gated repo")
 
 
 def test_token_never_appears_in_logs_errors_or_metrics(

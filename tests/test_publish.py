@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from azure_fixtures import AzureContainer
-from conftest import BASE_MODEL, REPO, files_of
+from conftest import BASE_MODEL, CLI, REPO, files_of, vllm_lora
 from gcs_fixtures import GcsBucket
 from s3_fixtures import Bucket, make_bucket
 from workers.resolve_loop import files_digest
@@ -29,7 +29,6 @@ from vllm_lora_resolvers.cli.publish import Publisher, content_version
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import InvalidAdapterError
 
-CLI = Path(sys.executable).with_name("vllm-lora")
 Store = Bucket | GcsBucket
 
 
@@ -57,12 +56,6 @@ def publisher(store: Store, tmp_path: Path, name: str = "sql") -> Publisher:
 def publish(store: Store, tmp_path: Path, folder: Path, version: str | None = None) -> str:
     """Publish ``folder`` as adapter ``sql``; its version."""
     return publisher(store, tmp_path).publish(folder, version).version
-
-
-def vllm_lora(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CLI), *arguments], check=False, capture_output=True, text=True, timeout=120
-    )
 
 
 def put_object(store: Store, key: str, content: bytes) -> None:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, files_of, snapshot_dirs
-from signing_support import (
+from signing_support import (  # noqa: F401 - keys_fixture: the fixture
     SIGNATURE,
     KeyPair,
     authority,
     issue,
     key_pair,
+    keys_fixture,
     sign_with_certificate,
     sign_with_key,
     sign_with_key_cli,
@@ -36,11 +37,6 @@ from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.signing import load_trust
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeyPair:
-    return key_pair(tmp_path / "keys")
 
 
 @pytest.fixture

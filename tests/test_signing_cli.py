@@ -6,48 +6,29 @@ version of the same name: served, as a rollback is)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, files_of
+from conftest import BASE_MODEL, files_of, vllm_lora
 from model_signing import verifying
 from s3_fixtures import Bucket
-from signing_support import (
+from signing_support import (  # noqa: F401 - keys_fixture: the fixture
     SIGNATURE,
     KeyPair,
     authority,
     issue,
     key_pair,
+    keys_fixture,
     sign_with_certificate,
     sign_with_key,
 )
 
 from devtools.models import write_lora_adapter
-from devtools.stores import upload_folder
 from vllm_lora_resolvers.backends.published import POINTER_FILE
 from vllm_lora_resolvers.errors import SignatureError
 
-CLI = Path(sys.executable).with_name("vllm-lora")
 WEIGHTS = "adapter_model.safetensors"
-
-
-def vllm_lora(*arguments: str, **variables: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CLI), *arguments],
-        check=False,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **variables},
-        timeout=120,
-    )
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeyPair:
-    return key_pair(tmp_path / "keys")
 
 
 def adapter(folder: Path, seed: int = 0) -> Path:
@@ -57,6 +38,24 @@ def adapter(folder: Path, seed: int = 0) -> Path:
 def checks(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str | None]]:
     report = json.loads(result.stdout)
     return {check["check"]: check for check in report["checks"]}
+
+
+def publish(
+    bucket: Bucket, folder: Path, *options: str, **variables: str
+) -> subprocess.CompletedProcess[str]:
+    """``vllm-lora publish FOLDER`` as adapter ``sql`` of ``bucket``, with ``options``."""
+    return vllm_lora("publish", str(folder), f"{bucket.uri}/sql", *options, **variables)
+
+
+def download_version(bucket: Bucket, version: str, folder: Path) -> Path:
+    """The files of version ``version`` of ``sql`` (its signature too), as they are in the
+    bucket, copied into the new ``folder``."""
+    client = bucket.endpoint.client()
+    folder.mkdir(parents=True)
+    for name in ("adapter_config.json", WEIGHTS, SIGNATURE):
+        key = f"adapters/sql/_versions/{version}/{name}"
+        (folder / name).write_bytes(client.get_object(Bucket=bucket.name, Key=key)["Body"].read())
+    return folder
 
 
 def published_version(result: subprocess.CompletedProcess[str]) -> str:
@@ -131,10 +130,8 @@ def test_publish_signs_the_version_and_every_name_of_it_verifies(
     bucket: Bucket, tmp_path: Path, cache_dir: Path, keys: KeyPair
 ) -> None:
     v1, v2 = adapter(tmp_path / "out-1", seed=1), adapter(tmp_path / "out-2", seed=2)
-    first = published_version(
-        vllm_lora("publish", str(v1), f"{bucket.uri}/sql", "--sign-key", str(keys.private))
-    )
-    published = vllm_lora("publish", str(v2), f"{bucket.uri}/sql", "--sign-key", str(keys.private))
+    first = published_version(publish(bucket, v1, "--sign-key", str(keys.private)))
+    published = publish(bucket, v2, "--sign-key", str(keys.private))
     second = published_version(published)
     assert "uploaded: adapter_config.json, adapter_model.safetensors, model.sig" in published.stdout
     assert "signed by: a key (SHA-256 hint" in published.stdout
@@ -154,12 +151,7 @@ def test_publish_signs_the_version_and_every_name_of_it_verifies(
     assert files_of(pinned.path)[WEIGHTS] == (v1 / WEIGHTS).read_bytes()
 
     # model-signing's own verifier accepts the version folder as it is in the bucket.
-    folder = tmp_path / "downloaded" / "sql"
-    client = bucket.endpoint.client()
-    folder.mkdir(parents=True)
-    for name in ("adapter_config.json", WEIGHTS, SIGNATURE):
-        key = f"adapters/sql/_versions/{second}/{name}"
-        (folder / name).write_bytes(client.get_object(Bucket=bucket.name, Key=key)["Body"].read())
+    folder = download_version(bucket, second, tmp_path / "downloaded" / "sql")
     verifying.Config().use_elliptic_key_verifier(public_key=keys.public).verify(
         folder, folder / SIGNATURE
     )
@@ -172,7 +164,7 @@ def test_publish_signs_the_version_and_every_name_of_it_verifies(
     assert rolled is not None and files_of(rolled.path)[WEIGHTS] == (v1 / WEIGHTS).read_bytes()
 
     # Publishing the first version again with the same key uploads nothing new.
-    again = vllm_lora("publish", str(v1), f"{bucket.uri}/sql", "--sign-key", str(keys.private))
+    again = publish(bucket, v1, "--sign-key", str(keys.private))
     assert again.returncode == 0, again.stderr
     assert "uploaded:" not in again.stdout
 
@@ -180,10 +172,9 @@ def test_publish_signs_the_version_and_every_name_of_it_verifies(
 def test_publish_with_a_certificate(bucket: Bucket, tmp_path: Path, cache_dir: Path) -> None:
     ca = authority(tmp_path / "ca")
     signer = issue(ca, tmp_path / "pipeline")
-    result = vllm_lora(
-        "publish",
-        str(adapter(tmp_path / "out")),
-        f"{bucket.uri}/sql",
+    result = publish(
+        bucket,
+        adapter(tmp_path / "out"),
         "--sign-key",
         str(signer.key),
         "--sign-cert",
@@ -201,10 +192,9 @@ def test_publish_refuses_a_signature_its_trust_would_refuse(
     bucket: Bucket, tmp_path: Path, keys: KeyPair
 ) -> None:
     other = key_pair(tmp_path / "other", "other")
-    result = vllm_lora(
-        "publish",
-        str(adapter(tmp_path / "out")),
-        f"{bucket.uri}/sql",
+    result = publish(
+        bucket,
+        adapter(tmp_path / "out"),
         "--sign-key",
         str(other.private),
         VLLM_LORA_RESOLVER_TRUST=keys.trust,
@@ -240,19 +230,10 @@ def test_a_signed_version_copied_to_another_name_is_refused(
     bucket: Bucket, tmp_path: Path, cache_dir: Path, keys: KeyPair
 ) -> None:
     version = published_version(
-        vllm_lora(
-            "publish", str(adapter(tmp_path / "out")), f"{bucket.uri}/sql", "--sign-key",
-            str(keys.private),
-        )
-    )  # fmt: skip
+        publish(bucket, adapter(tmp_path / "out"), "--sign-key", str(keys.private))
+    )
     # Someone with write access copies the signed version folder to another adapter's.
-    client = bucket.endpoint.client()
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("adapter_config.json", WEIGHTS, SIGNATURE):
-        key = f"adapters/sql/_versions/{version}/{name}"
-        (copy / name).write_bytes(client.get_object(Bucket=bucket.name, Key=key)["Body"].read())
-    upload_folder(client, bucket.name, "adapters/support-bot", copy)
+    bucket.upload("support-bot", download_version(bucket, version, tmp_path / "copy"))
     resolver = bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_TRUST=keys.trust)
     with pytest.raises(SignatureError, match="it was signed as 'sql', not 'support-bot'"):
         resolver.resolve(BASE_MODEL, "support-bot")
@@ -266,7 +247,7 @@ def test_a_signed_version_published_again_as_another_version_of_its_name_is_serv
     old = adapter(tmp_path / "release" / "sql", seed=1)
     sign_with_key(old, keys)
     for version in ("v1", "v3"):
-        result = vllm_lora("publish", str(old), f"{bucket.uri}/sql", "--version", version)
+        result = publish(bucket, old, "--version", version)
         assert result.returncode == 0, result.stderr
     resolver = bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_TRUST=keys.trust)
     resolved = resolver.resolve(BASE_MODEL, "sql")

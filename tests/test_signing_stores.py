@@ -11,18 +11,18 @@ import pytest
 from conftest import BASE_MODEL, files_of, snapshot_dirs
 from contract_stores import StoreUnderTest, store_fixture  # noqa: F401 - the fixture
 from hf_fixtures import hub_fixture  # noqa: F401 - the fixture, for the Hub store
-from signing_support import SIGNATURE, KeyPair, key_pair, sign_with_key
+from signing_support import (  # noqa: F401 - keys_fixture: the fixture
+    SIGNATURE,
+    KeyPair,
+    keys_fixture,
+    sign_with_key,
+)
 
 from devtools.models import write_lora_adapter
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.errors import SignatureError
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeyPair:
-    return key_pair(tmp_path / "keys")
 
 
 def put_signed(store: StoreUnderTest, tmp_path: Path, short: str, keys: KeyPair) -> Path:

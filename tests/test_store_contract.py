@@ -7,18 +7,23 @@ declares; a store-specific behaviour is tested in that store's own file."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs, staging_entries
+from conftest import (
+    BASE_MODEL,
+    files_of,
+    run_worker,
+    snapshot_dirs,
+    staging_entries,
+    worker_result,
+)
 from contract_stores import Capability, StoreUnderTest, store_fixture  # noqa: F401 - the fixture
 from hf_fixtures import hub_fixture  # noqa: F401 - the fixture, for the Hub store
 from resolver_setup import fast_transfer
@@ -207,24 +212,14 @@ def start_worker(
     store: StoreUnderTest, cache_dir: Path, short: str, *options: str
 ) -> subprocess.Popen[str]:
     """tests/workers/resolve_remote.py resolving ``short`` from ``store`` into ``cache_dir``."""
-    command = [
-        sys.executable,
-        str(REPO / "tests" / "workers" / "resolve_remote.py"),
+    return run_worker(
+        "resolve_remote.py",
         store.worker_store,
         store.worker_uri,
         str(cache_dir),
         store.name(short),
         *options,
-    ]
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def read_line(worker: subprocess.Popen[str]) -> dict[str, Any]:
-    assert worker.stdout is not None
-    line = worker.stdout.readline()
-    assert line, f"the worker printed nothing (exit {worker.wait()})"
-    answer: dict[str, Any] = json.loads(line)
-    return answer
+    )
 
 
 def test_8_processes_fetch_a_new_adapter_once(
@@ -233,12 +228,12 @@ def test_8_processes_fetch_a_new_adapter_once(
     store.require(Capability.PROCESSES)
     source = put_adapter(store, tmp_path, "sql")
     workers = [start_worker(store, cache_dir, "sql", "--wait-for-go") for _ in range(8)]
-    assert [read_line(worker) for worker in workers] == [{"ready": True}] * 8
+    assert [worker_result(worker) for worker in workers] == [{"ready": True}] * 8
     for worker in workers:  # all at once, as far as 8 pipes allow
         assert worker.stdin is not None
         worker.stdin.write("go\n")
         worker.stdin.flush()
-    answers = [read_line(worker) for worker in workers]
+    answers = [worker_result(worker) for worker in workers]
     assert [worker.wait(timeout=60) for worker in workers] == [0] * 8
     assert len({answer["path"] for answer in answers}) == 1
     assert len({answer["lora_int_id"] for answer in answers}) == 1
@@ -256,7 +251,7 @@ def test_killed_mid_download_the_cache_stays_consistent(
     store.require(Capability.PROCESSES)
     source = put_adapter(store, tmp_path, "sql")
     worker = start_worker(store, cache_dir, "sql", "--stall")
-    stalled = Path(read_line(worker)["stalled"])
+    stalled = Path(worker_result(worker)["stalled"])
     assert stalled.is_file()
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()

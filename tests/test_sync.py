@@ -251,6 +251,19 @@ def publish(adapters_dir: Path, name: str, seed: int, rank: int = 8) -> None:
     write_lora_adapter(adapters_dir / name, base_model=BASE_MODEL, seed=seed, rank=rank)
 
 
+def serve_then_update(
+    node: Node, adapters_dir: Path, rank: int = 8, **sync_options: Any
+) -> tuple[str, AdapterSync]:
+    """``sql`` served at a first version, a sync of the server (``sync_options``), then a second
+    version of ``sql`` (of ``rank``) in the store: the key of the served snapshot (the one a
+    switch replaces) and the sync."""
+    publish(adapters_dir, "sql", seed=1)
+    old = node.serve("sql")
+    sync = node.sync(**sync_options)
+    publish(adapters_dir, "sql", seed=2, rank=rank)
+    return old, sync
+
+
 def sync_once(node: Node, *arguments: str) -> Result:
     """``vllm-lora sync --server SERVER --once ARGUMENTS``; the environment names the store."""
     command = ["sync", "--server", node.server.url, "--once", *arguments]
@@ -310,12 +323,9 @@ UNREADABLE_METRICS = {
 def test_metrics_the_sync_cannot_read_keep_the_replaced_version_until_drain_seconds(
     node: Node, adapters_dir: Path, answer: Answer
 ) -> None:
-    publish(adapters_dir, "sql", seed=1)
-    old = node.serve("sql")
     clock = Clock()
-    sync = node.sync(drain_seconds=60, clock=clock)
+    old, sync = serve_then_update(node, adapters_dir, drain_seconds=60, clock=clock)
     node.server.answers["GET /metrics"] = answer
-    publish(adapters_dir, "sql", seed=2)
     assert sync.run_round() is RoundResult.IN_SYNC
     clock.advance(59)
     assert sync.run_round() is RoundResult.IN_SYNC
@@ -389,10 +399,8 @@ def test_an_adapter_of_ours_gone_from_its_store_is_unloaded(node: Node, adapters
 def test_a_version_the_server_refuses_at_the_switch_is_not_switched_to_again(
     node: Node, adapters_dir: Path
 ) -> None:
-    publish(adapters_dir, "sql", seed=1)
-    old = node.serve("sql")
-    sync = node.sync(max_rank=64)  # the sync's checks pass rank 32, the server's (16) do not
-    publish(adapters_dir, "sql", seed=2, rank=32)
+    # The sync's checks pass rank 32, the server's (16) do not.
+    old, sync = serve_then_update(node, adapters_dir, rank=32, max_rank=64)
     refused = counted("vllm_lora_sync_refused_versions_total")
     assert sync.run_round() is RoundResult.NOT_APPLIED
     switch = ["POST /v1/unload_lora_adapter", "POST /tokenize", "POST /v1/load_lora_adapter"]
@@ -410,12 +418,9 @@ def test_a_version_the_server_refuses_at_the_switch_is_not_switched_to_again(
 def test_a_switch_that_fails_after_the_unload_keeps_the_replaced_version_leased(
     node: Node, adapters_dir: Path
 ) -> None:
-    publish(adapters_dir, "sql", seed=1)
-    old = node.serve("sql")
-    sync = node.sync()
+    old, sync = serve_then_update(node, adapters_dir)
     node.server.in_flight = 1  # busy: nothing drains before drain_seconds
     node.server.tokenize_status = 504  # the server switched; its answer was lost
-    publish(adapters_dir, "sql", seed=2)
     assert sync.run_round() is RoundResult.NOT_APPLIED
     assert node.served_key("sql") != old
     assert sync.run_round() is RoundResult.IN_SYNC
@@ -427,10 +432,7 @@ def test_an_idle_server_right_after_the_switch_does_not_release_the_replaced_ver
 ) -> None:
     # A request accepted just before the switch may not have reached the engine yet: /metrics
     # does not count it. The server is idle on every sample here.
-    publish(adapters_dir, "sql", seed=1)
-    old = node.serve("sql")
-    sync = node.sync()
-    publish(adapters_dir, "sql", seed=2)
+    old, sync = serve_then_update(node, adapters_dir)
     assert sync.run_round() is RoundResult.IN_SYNC
     assert node.served_key("sql") != old
     assert old in sync.cache.leased_keys()
@@ -439,11 +441,8 @@ def test_an_idle_server_right_after_the_switch_does_not_release_the_replaced_ver
 def test_the_replaced_version_is_released_once_the_server_is_idle_after_the_admission_grace(
     node: Node, adapters_dir: Path
 ) -> None:
-    publish(adapters_dir, "sql", seed=1)
-    old = node.serve("sql")
     clock = Clock()
-    sync = node.sync(drain_seconds=60, clock=clock)
-    publish(adapters_dir, "sql", seed=2)
+    old, sync = serve_then_update(node, adapters_dir, drain_seconds=60, clock=clock)
     assert sync.run_round() is RoundResult.IN_SYNC
     clock.advance(ADMISSION_SECONDS - 0.5)
     sync.run_round()

@@ -72,6 +72,12 @@ def two(**header: object) -> bytes:
     return json.dumps({"a": entry(0, 8), "b": entry(8, 16), **header}).encode()
 
 
+def a_twice(first: dict[str, object], second: dict[str, object]) -> bytes:
+    """A header that names tensor ``a`` twice, ``first`` then ``second`` (JSON that `json.dumps`
+    cannot write)."""
+    return b'{"a": ' + json.dumps(first).encode() + b', "a": ' + json.dumps(second).encode() + b"}"
+
+
 SAFETENSORS_CASES: dict[str, tuple[bytes, bytes]] = {
     "valid": (two(), bytes(16)),
     "space padding": (two() + b"    ", bytes(16)),
@@ -96,14 +102,7 @@ SAFETENSORS_CASES: dict[str, tuple[bytes, bytes]] = {
         b'{"\\udc80": ' + json.dumps(entry(0, 8)).encode() + b"}",
         bytes(8),
     ),
-    "duplicate tensor name": (
-        b'{"a": '
-        + json.dumps(entry(0, 8)).encode()
-        + b', "a": '
-        + json.dumps(entry(8, 16)).encode()
-        + b"}",
-        bytes(16),
-    ),
+    "duplicate tensor name": (a_twice(entry(0, 8), entry(8, 16)), bytes(16)),
     "duplicate field": (
         b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
         bytes(8),
@@ -133,15 +132,7 @@ def test_safetensors_verdict_agrees_with_the_safetensors_library(tmp_path: Path,
 @pytest.mark.parametrize(
     ("header", "data", "reason"),
     [
-        (
-            b'{"a": '
-            + json.dumps(entry(0, 8)).encode()
-            + b', "a": '
-            + json.dumps(entry(0, 8)).encode()
-            + b"}",
-            bytes(8),
-            "repeats the key 'a'",
-        ),
+        (a_twice(entry(0, 8), entry(0, 8)), bytes(8), "repeats the key 'a'"),
         (
             b'{"__metadata__": {"k": "1", "k": "2"}, "a": '
             + json.dumps(entry(0, 8)).encode()
