@@ -11,30 +11,26 @@ import base64
 import os
 import secrets
 import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import requests
 
-from devtools.stores import free_port
+from devtools.loopback import Emulator
 
 AZURITE = Path(__file__).parent / "azurite" / "node_modules" / ".bin" / "azurite-blob"
 ACCOUNT = "vllmlora"
 
 
-class Azurite:
+class Azurite(Emulator):
     """``with Azurite() as server: server.connection_string`` -> a connection string to it."""
 
+    name = "Azurite"
+
     def __init__(self, startup_timeout: float = 30.0) -> None:
-        self.port = free_port()
+        super().__init__(startup_timeout)
         self.account = ACCOUNT
         self.key = base64.b64encode(secrets.token_bytes(64)).decode()
-        self.startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -52,28 +48,19 @@ class Azurite:
             f"BlobEndpoint={self.url_via(port or self.port)};"
         )
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """`Emulator.start`; ``RuntimeError`` at once if Azurite is not installed."""
         if not AZURITE.exists():
             raise RuntimeError(
                 f"{AZURITE} is missing: run `make setup` (npm ci in devtools/azurite)"
             )
+        super().start()
+
+    def _launch(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
         command = [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(self.port)]
         command += ["--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--silent"]
         environment = {**os.environ, "AZURITE_ACCOUNTS": f"{self.account}:{self.key}"}
-        # Its log goes to a file: a pipe nobody reads fills up and then blocks the server.
-        self._log = tempfile.TemporaryFile()
-        self._process = subprocess.Popen(
-            command, env=environment, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + self.startup_timeout
-        while not self._answers():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self._log.seek(0)
-                error = self._log.read().decode(errors="replace")
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"Azurite did not start: {error[-2000:]}")
-            time.sleep(0.05)
-        return self
+        return subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
 
     def _answers(self) -> bool:
         try:
@@ -81,17 +68,3 @@ class Azurite:
         except requests.RequestException:
             return False
         return True
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._process is not None:
-            self._process.kill()  # in memory: nothing to flush (it ignores SIGTERM for seconds)
-            self._process.wait()
-            self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None

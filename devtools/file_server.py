@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from devtools.loopback import ThreadedHttpServer
 
 
 def etag_of(status: os.stat_result) -> str:
@@ -64,48 +64,22 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
     requests: list[tuple[str, str, str | None]]
     ranges: bool
 
 
-class FileServer:
+class FileServer(ThreadedHttpServer[_Server]):
     """Serve folder ``root`` on ``http://127.0.0.1:PORT``; a context manager. Every request is
     remembered in `requests` as ``(method, path, Range header)``; ``ranges=False`` ignores
     ``Range``."""
 
     def __init__(self, root: Path, *, ranges: bool = True) -> None:
+        super().__init__(_Server, partial(_Handler, directory=str(root)))
         self.root = root
-        self._server = _Server(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
         self._server.requests = []
         self._server.ranges = ranges
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on."""
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[tuple[str, str, str | None]]:
         """``(method, path, Range header)`` of every request so far."""
         return list(self._server.requests)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()

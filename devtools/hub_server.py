@@ -22,9 +22,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlencode
+
+from devtools.loopback import ThreadedHttpServer
 
 #: Entries per page of a tree listing (the real Hub pages by 1000; small pages exercise paging).
 TREE_PAGE_SIZE = 50
@@ -104,7 +105,7 @@ class HubError(Exception):
         self.headers = {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})}
 
 
-class HubServer:
+class HubServer(ThreadedHttpServer[ThreadingHTTPServer]):
     """Serve model repos on ``http://127.0.0.1:PORT``; a context manager.
 
     Every request is counted as ``(method, path with query)`` in `requests`.
@@ -116,20 +117,8 @@ class HubServer:
         self._repos: dict[str, _Repo] = {}
         self._lock = threading.Lock()
         self._requests: list[tuple[str, str]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-        self._server.daemon_threads = True
+        super().__init__(ThreadingHTTPServer, _Handler, port)
         cast("Any", self._server).hub = self
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on."""
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``: what ``HF_ENDPOINT`` should be."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -141,20 +130,6 @@ class HubServer:
         """Forget the requests seen."""
         with self._lock:
             self._requests.clear()
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
     # -- changing repos ------------------------------------------------------------------
 

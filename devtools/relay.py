@@ -34,9 +34,10 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 from xml.sax.saxutils import escape
+
+from devtools.loopback import Server
 
 _HEAD_LIMIT = 1 << 20
 _PIECE = 1 << 16
@@ -145,7 +146,7 @@ class FaultLedger:
         return None
 
 
-class FaultRelay(FaultLedger):
+class FaultRelay(FaultLedger, Server):
     """Relay 127.0.0.1:``port`` to 127.0.0.1:``upstream_port``, counting requests, injecting faults.
 
     Counters and rules are thread-safe and can change while clients are connected. A context
@@ -190,19 +191,14 @@ class FaultRelay(FaultLedger):
                 self._responses_in_flight -= 1
                 self._response_ended.notify_all()
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self._thread.start()
         start = asyncio.start_server(self._serve, "127.0.0.1", 0, limit=_HEAD_LIMIT)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result()
         self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Close the listening socket and every connection, then end the loop and its thread."""
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()

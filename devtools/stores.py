@@ -20,13 +20,14 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from moto.server import ThreadedMotoServer
+
+from devtools.loopback import Server, free_port
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -76,14 +77,6 @@ class S3Endpoint:
         }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _is_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -117,7 +110,7 @@ class _EarlyExitError(RuntimeError):
     pass
 
 
-class SeaweedS3:
+class SeaweedS3(Server):
     """A private ``weed mini`` (SeaweedFS and its S3 gateway) keeping its files in ``directory``.
 
     Every port is picked free and given explicitly, the unix sockets and logs go into ``directory``,
@@ -145,20 +138,12 @@ class SeaweedS3:
         assert self._proc is not None, "SeaweedS3 is not running"
         return S3Endpoint(f"http://127.0.0.1:{self._ports['s3']}", ACCESS_KEY, SECRET_KEY)
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Start weed and wait until its S3 gateway answers; once more if it exits early."""
         try:
             self._start()
         except _EarlyExitError:  # seen once under load ("Admin server readiness check failed")
             self._start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop()
 
     def _start(self) -> None:
         data = self.directory / "data"
@@ -204,7 +189,7 @@ class SeaweedS3:
         try:
             self._wait_ready()
         except BaseException:
-            self._stop()
+            self.stop()
             raise
 
     def _wait_ready(self) -> None:
@@ -244,7 +229,8 @@ class SeaweedS3:
         text = self.log_path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Kill weed's process group and remove its gRPC sockets."""
         if self._proc is None:
             return
         # SIGKILL: the data is throwaway, and a graceful stop (SIGTERM) takes about 3 s.
@@ -256,7 +242,7 @@ class SeaweedS3:
             Path(_GRPC_SOCKET.format(name, port + _GRPC_OFFSET)).unlink(missing_ok=True)
 
 
-class MotoS3:
+class MotoS3(Server):
     """moto's S3 in a thread of this process, on a free port of 127.0.0.1.
 
     moto keeps its state per process, not per server: it is reset on exit so instances used one
@@ -273,18 +259,13 @@ class MotoS3:
         assert self._url, "MotoS3 is not running"
         return S3Endpoint(self._url, ACCESS_KEY, SECRET_KEY)
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self._url = f"http://{host}:{port}"
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Reset moto's state and close the server."""
         request = urllib.request.Request(f"{self._url}/moto-api/reset", method="POST")  # noqa: S310
         urllib.request.urlopen(request, timeout=10).close()  # noqa: S310
         self._server.stop()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import requests
 
-from devtools.vllm_server import VllmServer, free_port
+from devtools.loopback import free_port
+from devtools.vllm_server import VllmServer
 from vllm_lora_resolvers.metrics import sample_sums
 
 VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")

@@ -10,16 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import requests
+
+from devtools.loopback import Server, free_port
 
 _TERM_GRACE_SECONDS = 15.0
 _KILL_GRACE_SECONDS = 5.0
@@ -51,14 +51,7 @@ def cpu_server_env(tmp: Path) -> dict[str, str]:
     }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class VllmServer:
+class VllmServer(Server):
     """A vLLM OpenAI API server subprocess, used as a context manager.
 
     Entering starts the server and waits until ``GET /health`` answers 200; leaving stops the
@@ -123,20 +116,6 @@ class VllmServer:
     def url(self) -> str:
         """Base URL of the server, e.g. ``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Self:
-        """Start the server and wait until it is healthy."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server and every process it started."""
-        self.stop()
 
     def start(self) -> None:
         """Start the server; raise ``RuntimeError`` (with the log tail) if it is not healthy.

@@ -14,14 +14,13 @@ real server is tested in ``test_e2e_rollout.py``::
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from conftest import BASE_MODEL
 
+from devtools.loopback import ThreadedHttpServer
 from vllm_lora_resolvers.errors import InvalidAdapterError
 from vllm_lora_resolvers.resolver import Resolver
 
@@ -45,7 +44,7 @@ class Received:
     body: dict[str, Any]
 
 
-class FakeVllmServer:
+class FakeVllmServer(ThreadedHttpServer[ThreadingHTTPServer]):
     """``http://127.0.0.1:PORT``, a context manager. `adapters` is what it holds (name -> path),
     `in_flight` the requests its ``/metrics`` reports running, `answers` the routes
     (``"GET /metrics"``) it answers as scripted; `tokenize_status`, when set, is what
@@ -58,30 +57,11 @@ class FakeVllmServer:
         self.answers: dict[str, Answer] = {}
         self.tokenize_status: int | None = None
         self.received: list[Received] = []
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._http.serve_forever, args=(0.05,))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._http.server_address[1]}"
+        super().__init__(ThreadingHTTPServer, self._handler())
 
     def routes_called(self) -> list[str]:
         """``"METHOD /path"`` of every request received, in order."""
         return [f"{request.method} {request.path}" for request in self.received]
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._http.shutdown()
-        self._http.server_close()
-        self._thread.join()
 
     def answer(self, method: str, path: str, body: dict[str, Any]) -> Answer:
         """The answer to one request: the scripted one, else vLLM's."""
