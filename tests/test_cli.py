@@ -413,6 +413,81 @@ def test_pull_draws_progress_bars_on_a_terminal(tmp_path: Path, cache_dir: Path)
     assert b"KiB" in shown  # the bar's byte count
 
 
+# -- start-up: a command imports what its path needs ----------------------------------------
+
+#: Store clients, and what only the server (vLLM, our edge and its event loop) and signed adapters
+#: need: milliseconds to hundreds of them at every start of a one-shot command (``pull`` in an
+#: init container).
+STORE_CLIENTS = ("botocore", "boto3", "s3transfer", "google.cloud", "azure", "huggingface_hub")
+SERVER_AND_SIGNING = (
+    "vllm",
+    "torch",
+    "transformers",
+    "vllm_lora_resolvers.plugin",
+    "vllm_lora_resolvers.edge",
+    "asyncio",
+    "model_signing",
+)
+
+
+def modules_at_exit(tmp_path: Path, *arguments: str, **variables: str) -> set[str]:
+    """The modules ``vllm-lora ARGUMENTS`` has imported by its exit (which must be 0)."""
+    listing = tmp_path / "modules.txt"
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(listing)!r}, 'w').write(' '.join(sys.modules)))\n"
+        "from vllm_lora_resolvers.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *arguments],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **variables},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return set(listing.read_text().split())
+
+
+def loaded(modules: set[str], packages: tuple[str, ...]) -> list[str]:
+    """Which of ``packages`` (or modules of theirs) ``modules`` holds."""
+    return [p for p in packages if any(m == p or m.startswith(f"{p}.") for m in modules)]
+
+
+def test_the_command_line_imports_no_command_until_one_runs(tmp_path: Path) -> None:
+    modules = modules_at_exit(tmp_path, "--version")
+    assert loaded(modules, ("click",)) == ["click"]
+    commands_own = ("rich", "pydantic", "prometheus_client")
+    assert loaded(modules, (*STORE_CLIENTS, *SERVER_AND_SIGNING, *commands_own)) == []
+
+
+def test_pull_from_s3_imports_botocore_and_no_other_client_nor_path(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    bucket.upload("sql", adapter(tmp_path / "sql"))
+    modules = modules_at_exit(
+        tmp_path,
+        *("pull", "sql", "--base-model", BASE_MODEL),
+        VLLM_LORA_RESOLVER_S3_URI=bucket.uri,
+        VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
+    )
+    assert loaded(modules, STORE_CLIENTS) == ["botocore"]
+    assert loaded(modules, SERVER_AND_SIGNING) == []
+
+
+def test_pull_from_a_folder_imports_no_store_client(tmp_path: Path, cache_dir: Path) -> None:
+    adapter(tmp_path / "adapters" / "sql")
+    modules = modules_at_exit(
+        tmp_path,
+        *("pull", "sql", "--base-model", BASE_MODEL),
+        VLLM_LORA_RESOLVER_FS_DIR=str(tmp_path / "adapters"),
+        VLLM_LORA_RESOLVER_CACHE_DIR=str(cache_dir),
+    )
+    assert loaded(modules, (*STORE_CLIENTS, *SERVER_AND_SIGNING)) == []
+
+
 # -- cache ----------------------------------------------------------------------------------
 
 

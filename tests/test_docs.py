@@ -42,7 +42,7 @@ from image_recipe import image_recipe
 from prometheus_client import Counter, Gauge, Histogram
 
 from devtools.models import write_lora_adapter
-from vllm_lora_resolvers import config, metrics, plugin, recording, stores, sync
+from vllm_lora_resolvers import config, configured, metrics, plugin, recording, stores, sync
 from vllm_lora_resolvers.adapter import (
     AdapterPolicy,
     LoraAdapterConfig,
@@ -141,7 +141,7 @@ def store_rows() -> list[list[str]]:
 def test_the_table_of_stores_lists_every_store_in_the_order_its_resolvers_are_tried() -> None:
     rows = store_rows()
     assert [row[0] for row in rows] == [f"`{store.plugin}`" for store in stores.STORES]
-    assert plugin.DEFAULT_ORDER[: len(rows)] == tuple(store.plugin for store in stores.STORES)
+    assert configured.DEFAULT_ORDER[: len(rows)] == tuple(store.plugin for store in stores.STORES)
     for (_, _, enabled_by, backend), store in zip(rows, stores.STORES, strict=True):
         assert f"`{store.variable.name}`" in enabled_by, store.plugin
         assert backend == f"`{store.backend}`", store.plugin

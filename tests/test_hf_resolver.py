@@ -20,12 +20,12 @@ from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.backends.hf_hub import HfHubStore, parse_repo_list
 from vllm_lora_resolvers.config import ConfigurationError, Settings
+from vllm_lora_resolvers.configured import build_resolver
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
     StoreUnavailableError,
     TransientStoreError,
 )
-from vllm_lora_resolvers.plugin import build_resolver
 from vllm_lora_resolvers.stores import HF
 
 TOKEN = "hf_obviouslyFakeTokenForTests0123456789"

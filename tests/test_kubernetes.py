@@ -31,7 +31,7 @@ from image_recipe import DOCKERFILE, image_recipe
 
 from vllm_lora_resolvers import stores
 from vllm_lora_resolvers.config import CACHE_DIR, Settings
-from vllm_lora_resolvers.plugin import configured_resolvers
+from vllm_lora_resolvers.configured import configured_resolvers
 from vllm_lora_resolvers.stores import StoreDeclaration
 
 DEPLOY = REPO / "deploy" / "kubernetes"

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, files_of
-from resolver_setup import fast_transfer
+from resolver_setup import FAST_TRANSFER, fast_transfer, open_resolver
 from s3_fixtures import Bucket
 
 from devtools.models import write_lora_adapter
-from devtools.relay import Fault
+from devtools.relay import Fault, FaultRelay
+from devtools.stores import S3Endpoint
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.backends.s3 import S3Store, head_checksums, parse_s3_uri
 from vllm_lora_resolvers.config import ConfigurationError
@@ -168,6 +169,38 @@ def test_credentials_in_the_endpoint_url_never_reach_the_cache_the_logs_or_error
         for name in names:
             path = Path(directory, name)
             assert path.is_symlink() or secret.encode() not in path.read_bytes(), path
+
+
+def test_an_endpoint_named_by_a_host_name_gets_the_bucket_in_its_path(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Addressed virtual-hosted, the request would go to BUCKET.localhost, which the relay never
+    # sees (an endpoint's IP address is addressed path-style whatever the setting).
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", bucket.relay.url.replace("127.0.0.1", "localhost"))
+    bucket.upload("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
+    assert bucket.resolver(cache_dir).resolve(BASE_MODEL, "sql") is not None
+    assert all(path.startswith(f"/{bucket.name}") for _, path in bucket.requests())
+
+
+def test_credentials_from_the_instance_metadata_service_are_asked_for_once_per_store(
+    moto: S3Endpoint, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # moto's server answers as the instance metadata service does (a role's credentials); the
+    # service throttles, and where it does not answer each question waits out a timeout.
+    for variable in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(variable)
+    upstream = int(moto.url.rsplit(":", 1)[1])
+    with FaultRelay(upstream) as metadata_service:
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", metadata_service.url)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.url)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", moto.region)
+        moto.client().create_bucket(Bucket="imds")
+        resolver = open_resolver(S3Store, "s3://imds/adapters", cache_dir, FAST_TRANSFER)
+        assert resolver.resolve(BASE_MODEL, "absent") is None  # signed with the role's keys
+    role_credentials = [path for _, path in metadata_service.requests if path.endswith("-role")]
+    assert role_credentials == ["/latest/meta-data/iam/security-credentials/default-role"]
 
 
 def test_missing_bucket_is_explained(

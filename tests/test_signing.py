@@ -392,7 +392,7 @@ def test_without_trust_model_signing_is_never_imported(adapters_dir: Path, cache
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from vllm_lora_resolvers.plugin import build_resolver\n"
+        "from vllm_lora_resolvers.configured import build_resolver\n"
         "from vllm_lora_resolvers.config import Settings\n"
         "resolver = build_resolver('lora_fs_resolver', Settings.from_environ(argv=[]))\n"
         "assert resolver.resolve(sys.argv[1], 'plain') is not None\n"

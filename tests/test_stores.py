@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO
 
-from vllm_lora_resolvers import plugin
+from vllm_lora_resolvers import configured, plugin
 from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.backends.bucket import BucketStore
 from vllm_lora_resolvers.cache import NodeCache
@@ -84,9 +84,9 @@ def test_the_entry_points_of_pyproject_are_exactly_the_stores_registrations() ->
 
 
 def test_the_default_order_tries_our_stores_as_declared_and_vllms_own_last() -> None:
-    ours, vllms = plugin.DEFAULT_ORDER[: len(STORES)], plugin.DEFAULT_ORDER[len(STORES) :]
+    ours, vllms = configured.DEFAULT_ORDER[: len(STORES)], configured.DEFAULT_ORDER[len(STORES) :]
     assert ours == tuple(store.plugin for store in STORES)
-    assert vllms == (plugin.VLLM_FS_PLUGIN, plugin.VLLM_HF_PLUGIN)
+    assert vllms == (configured.VLLM_FS_PLUGIN, configured.VLLM_HF_PLUGIN)
 
 
 @each_store
@@ -220,10 +220,10 @@ def test_a_store_whose_client_is_missing_says_which_extra_installs_it(
     settings = make_settings(**{s.variable.name: s.example for s in STORES if s.scheme})
     if store.extra is None:
         with pytest.raises(ImportError):
-            plugin.build_resolver(store.plugin, settings)
+            configured.build_resolver(store.plugin, settings)
         return
     with pytest.raises(ConfigurationError) as refused:
-        plugin.build_resolver(store.plugin, settings)
+        configured.build_resolver(store.plugin, settings)
     assert str(refused.value).startswith(f"{store.variable.name} is set but ")
     missing = f"{store.client_package} is missing (import of {store.module} halted; None in "
     assert str(refused.value).endswith(f"{missing}sys.modules); {store.install_hint}")

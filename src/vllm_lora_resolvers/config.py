@@ -111,7 +111,7 @@ TRUST = Variable(
 )
 VLLM_PLUGINS = Variable(
     "VLLM_PLUGINS",
-    "unset: every plugin, in the fixed order of `plugin.DEFAULT_ORDER`",
+    "unset: every plugin, in the fixed order of `configured.DEFAULT_ORDER`",
     "vLLM's own list of plugins to load; its order is the order resolvers are tried in.",
 )
 

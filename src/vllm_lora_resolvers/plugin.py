@@ -3,7 +3,9 @@
 vLLM loads plugins in entry-point discovery order (effectively arbitrary) and tries resolvers in
 registry order. The first of our register functions to run replaces the registry's dict with
 `PluginOrderedResolvers`, which keeps every resolver — vLLM's built-in ones included — in the
-order ``VLLM_PLUGINS`` lists its plugin, or in `DEFAULT_ORDER` when ``VLLM_PLUGINS`` is unset.
+order ``VLLM_PLUGINS`` lists its plugin, or in `configured.DEFAULT_ORDER` when ``VLLM_PLUGINS`` is
+unset. Which of our resolvers the environment configures, and how they are built, is
+`vllm_lora_resolvers.configured`'s (the command line's too, which imports nothing of this module).
 
 Each register function is cheap (no network) and idempotent, as vLLM loads plugins in several
 processes. A source that is not configured registers nothing and logs one line; one that is set
@@ -15,49 +17,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from vllm_lora_resolvers import metrics, stores
+from vllm_lora_resolvers import stores
 from vllm_lora_resolvers.adapter import CONFIG_FILE, AdapterPolicy, check_adapter_folder
 from vllm_lora_resolvers.cache import NodeCache, Snapshot
-from vllm_lora_resolvers.config import ConfigurationError, Settings
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.configured import (
+    VLLM_FS_PLUGIN,
+    build,
+    plugin_of,
+    resolver_rank,
+    shared_cache,
+)
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import InvalidAdapterError, StoreUnavailableError
 from vllm_lora_resolvers.names import is_safe_adapter_name
-from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.signing import load_trust
 from vllm_lora_resolvers.stores import StoreDeclaration
 
 logger = logging.getLogger("vllm.lora_resolvers.plugin")
-
-VLLM_FS_PLUGIN = "lora_filesystem_resolver"
-VLLM_HF_PLUGIN = "lora_hf_hub_resolver"
-
-#: The order resolvers are tried in when ``VLLM_PLUGINS`` is unset: our stores in the order of
-#: `stores.STORES` (remote ones first, then the local one), vLLM's built-in resolvers last.
-DEFAULT_ORDER = (*stores.BY_PLUGIN, VLLM_FS_PLUGIN, VLLM_HF_PLUGIN)
-
-#: Registry names of vLLM's built-in resolvers, by the plugin that registers them.
-_VLLM_REGISTRY_NAMES = {"Filesystem Resolver": VLLM_FS_PLUGIN, "Hf Hub Resolver": VLLM_HF_PLUGIN}
-
-_caches: dict[Path, NodeCache] = {}
-_caches_guard = threading.Lock()
-
-
-def plugin_of(registry_name: str) -> str:
-    """The plugin (entry-point name) that registers a resolver under ``registry_name``."""
-    return _VLLM_REGISTRY_NAMES.get(registry_name, registry_name)
-
-
-def resolver_rank(registry_name: str, plugin_order: tuple[str, ...] | None) -> int:
-    """Position of a resolver in the try order; unknown plugins go last, in discovery order."""
-    order = DEFAULT_ORDER if plugin_order is None else plugin_order
-    plugin = plugin_of(registry_name)
-    return order.index(plugin) if plugin in order else len(order)
 
 
 class GuardedFilesystemResolver:
@@ -178,21 +160,6 @@ class PluginOrderedResolvers(dict[str, Any]):
         super().update(ordered)
 
 
-def shared_cache(root: Path, max_bytes: int | None) -> NodeCache:
-    """The process's one `NodeCache` for ``root``, shared by every resolver using it."""
-    root = root.absolute()
-    with _caches_guard:
-        if root not in _caches:
-            _caches[root] = NodeCache(root, max_bytes)
-            metrics.report_node_cache(_caches[root].usage)
-        return _caches[root]
-
-
-def node_cache(settings: Settings, for_what: str) -> NodeCache:
-    """The shared `NodeCache` of the configured cache root (which ``for_what`` requires)."""
-    return shared_cache(settings.require_cache_dir(for_what), settings.cache_max_bytes)
-
-
 def _register(store: StoreDeclaration) -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
@@ -206,30 +173,13 @@ def _register(store: StoreDeclaration) -> None:
         )
     if store.plugin in LoRAResolverRegistry.resolvers:
         return
-    resolver = _build(store, settings)
-    if resolver is not None:
-        edge = cast("LoRAResolver", VllmResolver(resolver))
-        LoRAResolverRegistry.register_resolver(store.plugin, edge)
-        logger.info("%s registered for %s", store.plugin, resolver.source)
-
-
-def _build(store: StoreDeclaration, settings: Settings) -> Resolver | None:
-    """``store``'s resolver, or ``None`` (one log line) when the store is not configured."""
-    source = store.source(settings)
-    if not source:
+    resolver = build(store, settings)
+    if resolver is None:
         logger.info("%s not registered: %s is not set", store.plugin, store.variable.name)
-        return None
-    cache = node_cache(settings, store.plugin)
-    try:
-        store_class = store.store_class()
-    except ImportError as error:
-        if store.extra is None:
-            raise
-        raise ConfigurationError(
-            f"{store.variable.name} is set but {store.client_package} is missing ({error}); "
-            f"{store.install_hint}"
-        ) from None
-    return Resolver(store_class(source, settings, cache))
+        return
+    edge = cast("LoRAResolver", VllmResolver(resolver))
+    LoRAResolverRegistry.register_resolver(store.plugin, edge)
+    logger.info("%s registered for %s", store.plugin, resolver.source)
 
 
 @dataclass(frozen=True)
@@ -249,29 +199,3 @@ def __getattr__(name: str) -> EntryPoint:
     if name != f"register_{backend}_resolver" or backend not in stores.BY_BACKEND:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return EntryPoint(stores.BY_BACKEND[backend])
-
-
-def build_resolver(plugin: str, settings: Settings) -> Resolver | None:
-    """The resolver our plugin ``plugin`` registers under ``settings``; ``None`` when its source
-    is not configured. Raises `ConfigurationError` as registration would, and `KeyError` for a
-    plugin that is not ours. Needs no vLLM (the command line uses it).
-    """
-    return _build(stores.BY_PLUGIN[plugin], settings)
-
-
-def configured_resolvers(settings: Settings) -> list[tuple[str, Resolver]]:
-    """``(plugin, resolver)`` for each of our resolvers that would register under ``settings``,
-    in the order vLLM would try them: only plugins ``VLLM_PLUGINS`` lists (all when it is unset),
-    sorted as `resolver_rank` sorts the registry.
-
-    >>> [plugin for plugin, _ in configured_resolvers(Settings.from_environ())]  # doctest: +SKIP
-    ['lora_s3_resolver', 'lora_fs_resolver']
-    """
-    order = settings.plugin_order
-    loaded = [plugin for plugin in stores.BY_PLUGIN if order is None or plugin in order]
-    resolvers = []
-    for plugin in sorted(loaded, key=lambda plugin: resolver_rank(plugin, order)):
-        resolver = build_resolver(plugin, settings)
-        if resolver is not None:
-            resolvers.append((plugin, resolver))
-    return resolvers

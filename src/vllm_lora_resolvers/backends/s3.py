@@ -17,11 +17,11 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, cast
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.session import Session
 
 from vllm_lora_resolvers.backends.bucket import (
     BucketStore,
@@ -102,8 +102,9 @@ class S3Store(BucketStore):
     def open_bucket(self, uri: str, transfer: TransferConfig) -> tuple[str, str, str | None]:
         """``s3://bucket[/prefix]``; the endpoint from the AWS configuration chain."""
         self.bucket, prefix = parse_s3_uri(uri)
-        self.client = make_s3_client(transfer.transfer_timeout)
-        self.lookup_client = make_s3_client(transfer.lookup_timeout)
+        session = Session()
+        self.client = make_s3_client(transfer.transfer_timeout, session)
+        self.lookup_client = make_s3_client(transfer.lookup_timeout, session)
         endpoint: str = self.client.meta.endpoint_url
         return f"s3://{self.bucket}", prefix, None if _AWS_ENDPOINT.match(endpoint) else endpoint
 
@@ -272,12 +273,17 @@ def head_checksums(head: Mapping[str, Any]) -> dict[str, str]:
     return checksums
 
 
-def make_s3_client(timeout: tuple[float, float] = TransferConfig.transfer_timeout) -> S3Client:
-    """A boto3 S3 client from the standard AWS configuration chain, with these (connect, read)
+def make_s3_client(
+    timeout: tuple[float, float] = TransferConfig.transfer_timeout, session: Session | None = None
+) -> S3Client:
+    """A botocore S3 client from the standard AWS configuration chain, with these (connect, read)
     time limits and no retries of its own: the pipeline's are the only ones (`TransferConfig`).
 
-    Path-style addressing for any endpoint that is not AWS's own: S3-compatible stores rarely
-    have wildcard DNS for virtual-hosted buckets.
+    The clients of one ``session`` share what it read once: the configuration, the service's
+    model and endpoint rules, and the credentials (a lookup that may ask the instance metadata
+    service). Addressing is botocore's: path-style on an endpoint the configuration names
+    (``AWS_ENDPOINT_URL_S3``, ...), as S3-compatible stores rarely have wildcard DNS for
+    virtual-hosted buckets, and virtual-hosted on AWS's own.
     """
     connect, read = timeout
     config = Config(
@@ -287,16 +293,12 @@ def make_s3_client(timeout: tuple[float, float] = TransferConfig.transfer_timeou
         tcp_keepalive=True,
         retries={"total_max_attempts": 1},
     )
-    session = boto3.session.Session()
-    client = session.client("s3", config=config)
-    if _AWS_ENDPOINT.match(client.meta.endpoint_url):
-        return client
-    return session.client("s3", config=config.merge(Config(s3={"addressing_style": "path"})))
+    return cast("S3Client", (session or Session()).create_client("s3", config=config))
 
 
 @contextmanager
 def store_errors(doing: str) -> Iterator[None]:
-    """Turn botocore and s3transfer errors into our error types, with messages free of secrets."""
+    """Turn botocore errors into our error types, with messages free of secrets."""
     try:
         yield
     except ClientError as error:

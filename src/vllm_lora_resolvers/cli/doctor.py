@@ -46,8 +46,8 @@ from vllm_lora_resolvers.config import (
     ConfigurationError,
     Settings,
 )
+from vllm_lora_resolvers.configured import VLLM_FS_PLUGIN
 from vllm_lora_resolvers.errors import ResolverError, StoreRefusedError
-from vllm_lora_resolvers.plugin import VLLM_FS_PLUGIN
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import ALL_VARIABLES, BY_BACKEND, STORES
 

@@ -72,8 +72,11 @@ def console(*, stderr: bool = False) -> Console:
     """A console that styles a terminal and writes plain, unwrapped lines to anything else."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else _PIPE_WIDTH
-    # No markup: names, paths and messages with [brackets] are printed as they are.
-    return Console(stderr=stderr, width=width, markup=False, highlight=False, soft_wrap=True)
+    # No markup, no emoji codes: names, paths and messages with [brackets] or :colons: are printed
+    # as they are (nor is rich's table of emoji codes loaded to look them up).
+    return Console(
+        stderr=stderr, width=width, markup=False, emoji=False, highlight=False, soft_wrap=True
+    )
 
 
 class PrintableTable(Table):

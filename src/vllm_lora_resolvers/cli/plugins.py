@@ -12,14 +12,14 @@ from pathlib import Path
 
 from vllm_lora_resolvers.cli.output import Finding, Level
 from vllm_lora_resolvers.config import CACHE_DIR, VLLM_PLUGINS, ConfigurationError, Settings
-from vllm_lora_resolvers.errors import ResolverError
-from vllm_lora_resolvers.plugin import (
+from vllm_lora_resolvers.configured import (
     DEFAULT_ORDER,
     VLLM_FS_PLUGIN,
     VLLM_HF_PLUGIN,
     build_resolver,
     resolver_rank,
 )
+from vllm_lora_resolvers.errors import ResolverError
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import BY_PLUGIN as OURS
 from vllm_lora_resolvers.stores import HF

@@ -41,8 +41,8 @@ from vllm_lora_resolvers.cli.output import (
     short_version,
 )
 from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.configured import configured_resolvers
 from vllm_lora_resolvers.errors import ResolverError, StoreUnavailableError
-from vllm_lora_resolvers.plugin import configured_resolvers
 from vllm_lora_resolvers.remote import RemoteAdapter
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.stores import STORES

@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 
 from vllm_lora_resolvers.cli.output import CannotCheckError, cannot_check
 from vllm_lora_resolvers.config import Settings
-from vllm_lora_resolvers.plugin import configured_resolvers, node_cache
+from vllm_lora_resolvers.configured import configured_resolvers, node_cache
 from vllm_lora_resolvers.sync import AdapterSync, VllmServerApi
 
 #: Its log lines' format: a long-running process's lines carry the time.
