@@ -9,14 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, files_of
+from conftest import BASE_MODEL, REPO, files_of
 from resolver_setup import FAST_TRANSFER, fast_transfer, open_resolver
 from s3_fixtures import Bucket
 
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault, FaultRelay
 from devtools.stores import S3Endpoint
-from vllm_lora_resolvers import metrics
+from vllm_lora_resolvers import metrics, stores
 from vllm_lora_resolvers.backends.s3 import S3Store, head_checksums, parse_s3_uri
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.edge import VllmResolver
@@ -201,6 +201,23 @@ def test_credentials_from_the_instance_metadata_service_are_asked_for_once_per_s
         assert resolver.resolve(BASE_MODEL, "absent") is None  # signed with the role's keys
     role_credentials = [path for _, path in metadata_service.requests if path.endswith("-role")]
     assert role_credentials == ["/latest/meta-data/iam/security-credentials/default-role"]
+
+
+def test_the_region_variable_users_are_told_to_set_is_the_one_the_client_reads(
+    moto: S3Endpoint, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # doctor, the quickstart and the S3 overlay name this variable: botocore reads no other.
+    (region,) = [name for name in stores.S3.environment if "REGION" in name]
+    for variable in [name for name in os.environ if "REGION" in name]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.url)
+    monkeypatch.setenv(region, "eu-west-3")
+    resolver = open_resolver(S3Store, "s3://any/adapters", cache_dir, FAST_TRANSFER)
+    assert isinstance(resolver.store, S3Store)
+    assert resolver.store.client.meta.region_name == "eu-west-3"
+    assert resolver.store.lookup_client.meta.region_name == "eu-west-3"
+    overlay = (REPO / "deploy/kubernetes/overlays/s3/kustomization.yaml").read_text()
+    assert f"- {region}=" in overlay
 
 
 def test_missing_bucket_is_explained(

@@ -152,7 +152,7 @@ S3 = StoreDeclaration(
     example="s3://my-adapters/prod",
     module=f"{_BACKENDS}.s3",
     class_name="S3Store",
-    fix=f"check AWS_ENDPOINT_URL_S3, AWS_REGION, the AWS credentials and {S3_URI.name}",
+    fix=(f"check AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION, the AWS credentials and {S3_URI.name}"),
     uri_form="s3://BUCKET[/PREFIX]",
     bucket=True,
     extra="s3",
@@ -160,7 +160,7 @@ S3 = StoreDeclaration(
     environment=(
         "AWS_ENDPOINT_URL_S3",
         "AWS_ENDPOINT_URL",
-        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
         "AWS_PROFILE",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
