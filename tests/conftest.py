@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -92,9 +93,16 @@ def vllm_lora(*arguments: str, **variables: str) -> subprocess.CompletedProcess[
     )
 
 
-def files_of(folder: Path) -> dict[str, bytes]:
-    """Every file of an adapter folder, by name."""
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
+def files_of(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file of an adapter folder, by name: compared, two folders that
+    differ print a short diff (pytest's diff of megabytes of bytes takes longer than a test may)."""
+    return {path.name: sha256_of(path) for path in folder.iterdir()}
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file, in hex."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def snapshot_dirs(cache_dir: Path) -> list[Path]:

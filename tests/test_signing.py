@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, files_of, snapshot_dirs
+from conftest import BASE_MODEL, files_of, sha256_of, snapshot_dirs
 from signing_support import (  # noqa: F401 - keys_fixture: the fixture
     SIGNATURE,
     KeyPair,
@@ -88,7 +88,7 @@ def test_an_adapter_signed_by_model_signings_own_command_line_is_served(
     resolved = resolver_with(keys.trust).resolve(BASE_MODEL, "sql-expert")
     assert resolved is not None
     assert set(files_of(resolved.path)) == {"adapter_config.json", WEIGHTS, SIGNATURE}
-    assert files_of(resolved.path)[WEIGHTS] == (folder / WEIGHTS).read_bytes()
+    assert files_of(resolved.path)[WEIGHTS] == sha256_of(folder / WEIGHTS)
     manifest = json.loads((resolved.snapshot.path / "manifest.json").read_text())
     assert manifest["trust"] == load_trust(resolver_with(keys.trust).settings).fingerprint  # type: ignore[union-attr]
     assert manifest["version"].endswith("+signed")

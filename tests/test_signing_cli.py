@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MODEL, files_of, vllm_lora
+from conftest import BASE_MODEL, files_of, sha256_of, vllm_lora
 from model_signing import verifying
 from s3_fixtures import Bucket
 from signing_support import (  # noqa: F401 - keys_fixture: the fixture
@@ -147,8 +147,8 @@ def test_publish_signs_the_version_and_every_name_of_it_verifies(
     resolver = bucket.resolver(cache_dir, VLLM_LORA_RESOLVER_TRUST=keys.trust)
     now, pinned = (resolver.resolve(BASE_MODEL, name) for name in ("sql", f"sql@{first}"))
     assert now is not None and pinned is not None
-    assert files_of(now.path)[WEIGHTS] == (v2 / WEIGHTS).read_bytes()
-    assert files_of(pinned.path)[WEIGHTS] == (v1 / WEIGHTS).read_bytes()
+    assert files_of(now.path)[WEIGHTS] == sha256_of(v2 / WEIGHTS)
+    assert files_of(pinned.path)[WEIGHTS] == sha256_of(v1 / WEIGHTS)
 
     # model-signing's own verifier accepts the version folder as it is in the bucket.
     folder = download_version(bucket, second, tmp_path / "downloaded" / "sql")
@@ -161,7 +161,7 @@ def test_publish_signs_the_version_and_every_name_of_it_verifies(
     rolled = bucket.resolver(tmp_path / "fresh", VLLM_LORA_RESOLVER_TRUST=keys.trust).resolve(
         BASE_MODEL, "sql"
     )
-    assert rolled is not None and files_of(rolled.path)[WEIGHTS] == (v1 / WEIGHTS).read_bytes()
+    assert rolled is not None and files_of(rolled.path)[WEIGHTS] == sha256_of(v1 / WEIGHTS)
 
     # Publishing the first version again with the same key uploads nothing new.
     again = publish(bucket, v1, "--sign-key", str(keys.private))
