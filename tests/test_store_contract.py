@@ -38,6 +38,7 @@ from vllm_lora_resolvers.errors import (
     TransientStoreError,
 )
 from vllm_lora_resolvers.fetch import SMALL_WEIGHTS_BYTES
+from vllm_lora_resolvers.resolver import Resolver
 
 #: What "seconds, never minutes" means: several times the ~3 s a dead store's lookup may cost.
 BOUND_SECONDS = 10.0
@@ -395,14 +396,7 @@ def test_a_checksum_mismatch_is_refused(
             times=1_000_000,
         )
     )
-    resolver = store.resolver(cache_dir)
-    with pytest.raises(TransientStoreError):
-        resolver.resolve(BASE_MODEL, store.name("sql"))
-    assert_nothing_published(cache_dir, store.name("sql"))
-    store.clear_faults()
-    resolved = resolver.resolve(BASE_MODEL, store.name("sql"))
-    assert resolved is not None
-    assert files_of(resolved.path) == files_of(source)
+    refused_then_served_once_clear(store, cache_dir, "sql", source, "")
 
 
 def test_a_part_corrupted_in_transit_is_refused(
@@ -423,11 +417,26 @@ def test_a_part_corrupted_in_transit_is_refused(
     )
     store.add_fault(corrupted)
     resolver = store.resolver(cache_dir, transfer=fast_transfer(256 << 10), **HUGE_RANK)
-    with pytest.raises(TransientStoreError, match="does not match"):
-        resolver.resolve(BASE_MODEL, store.name("big"))
-    assert_nothing_published(cache_dir, store.name("big"))
+    refused_then_served_once_clear(store, cache_dir, "big", source, "does not match", resolver)
+
+
+def refused_then_served_once_clear(
+    store: StoreUnderTest,
+    cache_dir: Path,
+    short: str,
+    source: Path,
+    refusal: str,
+    resolver: Resolver | None = None,
+) -> None:
+    """The store's faults make ``resolver`` (by default the store's, over ``cache_dir``) refuse
+    ``short`` (a `TransientStoreError` that says ``refusal``) and publish nothing in
+    ``cache_dir``; once they are cleared it serves ``source``'s files."""
+    resolver = resolver or store.resolver(cache_dir)
+    with pytest.raises(TransientStoreError, match=refusal):
+        resolver.resolve(BASE_MODEL, store.name(short))
+    assert_nothing_published(cache_dir, store.name(short))
     store.clear_faults()
-    resolved = resolver.resolve(BASE_MODEL, store.name("big"))
+    resolved = resolver.resolve(BASE_MODEL, store.name(short))
     assert resolved is not None
     assert files_of(resolved.path) == files_of(source)
 
