@@ -220,6 +220,38 @@ class GrowingOnceOpened(FilesystemStore):
             yield reader
 
 
+class RewrittenOnceOpened(FilesystemStore):
+    """Rewrites the weights file in place (the same file and size, new bytes: ``new_weights``)
+    right after the copy opened it and found it the file looked up, as a writer racing the copy
+    would."""
+
+    new_weights = b""
+
+    @staticmethod
+    @contextmanager
+    def _file(adapter: RemoteAdapter, file: RemoteFile, directory: int) -> Iterator[int]:
+        with FilesystemStore._file(adapter, file, directory) as reader:
+            if file.path == WEIGHTS:
+                (Path(adapter.location) / WEIGHTS).write_bytes(RewrittenOnceOpened.new_weights)
+            yield reader
+
+
+def test_a_file_rewritten_in_place_once_its_copy_opened_it_is_a_new_version(
+    adapters_dir: Path, tmp_path: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
+    new = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
+    RewrittenOnceOpened.new_weights = (new / WEIGHTS).read_bytes()
+    assert len(RewrittenOnceOpened.new_weights) == (folder / WEIGHTS).stat().st_size
+    store = RewrittenOnceOpened(adapters_dir, make_settings(), NodeCache(cache_dir))
+    remote = store.locate("sql")
+    assert remote is not None
+    weights = remote.file(WEIGHTS)
+    assert weights is not None
+    with pytest.raises(VersionChangedError, match="changed"):  # looked up again, as a new version
+        store.download(remote, weights, tmp_path / "copy")
+
+
 def test_a_file_growing_while_it_is_copied_is_copied_no_further_than_looked_up(
     adapters_dir: Path, tmp_path: Path, cache_dir: Path, make_settings: Callable[..., Settings]
 ) -> None:

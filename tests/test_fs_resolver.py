@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -11,16 +12,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import google_crc32c
 import pytest
 from conftest import BASE_MODEL, snapshot_dirs, staging_entries, start_worker, worker_result
 
-from devtools.models import write_lora_adapter
+from devtools.models import write_large_adapter, write_lora_adapter
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
 )
+from vllm_lora_resolvers.fetch import Fetcher
 from vllm_lora_resolvers.resolver import Resolver
 
 
@@ -36,6 +39,33 @@ def test_resolves_an_adapter_into_an_immutable_snapshot(
         assert (resolved.path / name).read_bytes() == (source / name).read_bytes()
         assert not os.access(resolved.path / name, os.W_OK) or os.geteuid() == 0
         assert (resolved.path / name).stat().st_mode & 0o222 == 0
+
+
+def test_the_first_copy_records_the_checksums_of_the_very_bytes_it_serves(
+    adapters_dir: Path, cache_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """Hashed as it is copied, never read back: the manifest's CRC32C of each file, over many
+    reads and writeback steps and a short last read, is that of the bytes served, and a digest
+    a signature's check asks for (SHA-256) is that of the store's file."""
+    source = write_large_adapter(adapters_dir / "big", base_model=BASE_MODEL, size_bytes=20 << 20)
+    weights = (source / "adapter_model.safetensors").read_bytes()
+    assert len(weights) % (1 << 20)  # a short last read
+    store = FilesystemStore(
+        adapters_dir, make_settings(VLLM_LORA_RESOLVER_MAX_RANK="100000"), NodeCache(cache_dir)
+    )
+    resolved = Resolver(store).resolve(BASE_MODEL, "big")
+    assert resolved is not None
+    for file in resolved.snapshot.manifest.files:
+        served = (resolved.path / file.path).read_bytes()
+        assert served == (source / file.path).read_bytes()
+        assert file.crc32c == google_crc32c.Checksum(served).digest().hex()
+    assert store.cache.verify() == []
+
+    remote = store.locate("big")
+    assert remote is not None
+    fetcher = Fetcher(store, trust=None)
+    [fetched] = fetcher.fetch_to(remote, fetcher.files_of(remote)[1:], tmp_path, ("sha256",))
+    assert fetched.digests == {"sha256": hashlib.sha256(weights).hexdigest()}
 
 
 def test_lora_int_id_is_stable_positive_and_per_version(

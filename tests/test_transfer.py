@@ -20,6 +20,7 @@ from vllm_lora_resolvers.transfer import (
     DEFAULT_TRANSFER,
     FetchedFile,
     TransferConfig,
+    copy_into,
     download_in_parts,
     fetch_file,
     stored_size,
@@ -253,6 +254,77 @@ def test_a_part_corrupted_in_transit_fails_the_verification(tmp_path: Path) -> N
     target = tmp_path / "out"
     with pytest.raises(IntegrityError, match="sha256 does not match"):
         _fetch_in_parts(target, fetch_range, _config(100_000, 4), {"sha256": SHA256})
+    assert not target.exists()
+
+
+#: Just over 3 MiB: several reads of a local copy, and a short last one.
+LONG = bytes(range(251)) * (3 * 4200) + b"tail"
+
+
+def _fetch_copy(source: Path, size: int, target: Path) -> tuple[FetchedFile, int]:
+    """`fetch_file` of the first ``size`` bytes of ``source`` copied by `copy_into`, its SHA-256
+    asked for: the file fetched, and how many bytes the copy had hashed when it returned."""
+    hashed: list[int] = []
+
+    def download(file: RemoteFile, path: Path) -> Mapping[str, str]:
+        with source.open("rb") as reader:
+            copy_into(path, reader.fileno(), file.size)
+        running = transfer._FILE_DOWNLOAD.get()
+        hashed.append(-1 if running is None or running.digests is None else running.digests.length)
+        return {}
+
+    fetched = fetch_file(
+        RemoteFile("weights", size),
+        target,
+        download,
+        policy=QUICK,
+        on_retry=lambda _: None,
+        digests=("sha256",),
+    )
+    return fetched, hashed[-1]
+
+
+def test_a_local_copy_is_hashed_as_it_is_copied_and_stops_at_the_size_looked_up(
+    tmp_path: Path,
+) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(LONG + b"grown since it was looked up")
+    fetched, hashed = _fetch_copy(source, len(LONG), target)
+    assert target.read_bytes() == LONG
+    assert hashed == len(LONG)  # every byte: its verification reads nothing again
+    assert fetched.crc32c == google_crc32c.Checksum(LONG).digest().hex()
+    assert fetched.digests == {"sha256": hashlib.sha256(LONG).hexdigest()}
+
+
+def test_a_local_copy_of_a_file_that_ended_sooner_is_refused_and_deleted(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(LONG)
+    with pytest.raises(IntegrityError, match=f"got {len(LONG)} bytes"):
+        _fetch_copy(source, len(LONG) + 10, target)
+    assert not target.exists()
+
+
+def test_digests_computed_as_the_file_was_written_are_still_compared_with_the_declared(
+    tmp_path: Path,
+) -> None:
+    """Digests of the bytes as they were written stand in for reading the file, never for the
+    checksums the store declared (here in its lookup): a mismatch is refused, the file deleted."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(DATA)
+
+    def download(file: RemoteFile, path: Path) -> Mapping[str, str]:
+        with source.open("rb") as reader:
+            copy_into(path, reader.fileno(), file.size)
+        return {}
+
+    with pytest.raises(IntegrityError, match="sha256 does not match"):
+        fetch_file(
+            RemoteFile("weights", len(DATA), {"sha256": "0" * 64}),
+            target,
+            download,
+            policy=QUICK,
+            on_retry=lambda _: None,
+        )
     assert not target.exists()
 
 

@@ -31,14 +31,12 @@ from vllm_lora_resolvers.errors import (
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
-from vllm_lora_resolvers.transfer import TransferConfig
+from vllm_lora_resolvers.transfer import TransferConfig, copy_into
 
 #: A local copy has nothing transient to wait out: one quick retry for a racing writer.
 LOCAL_TRANSFER = TransferConfig(
     transfer_retry=RetryPolicy(attempts=2, base_delay=0.05, budget_seconds=5)
 )
-
-_COPY_CHUNK = 64 << 20
 
 
 class FilesystemStore(Store):
@@ -158,7 +156,8 @@ class FilesystemStore(Store):
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
     ) -> Mapping[str, str]:
-        """Copy the file exactly as `locate` saw it, through one open handle on the folder.
+        """Copy the file exactly as `locate` saw it, through one open handle on the folder,
+        hashing it as it goes (`copy_into`: the copy is not read again to be verified).
 
         The file is opened without blocking (a FIFO swapped in cannot hang us) and must be the
         very file looked up, before and after the copy; afterwards every other file of the
@@ -166,17 +165,9 @@ class FilesystemStore(Store):
         pipeline looks up again: a snapshot is always exactly one version of the folder.
         """
         with self._folder(adapter) as directory:
-            with (
-                self._file(adapter, file, directory) as reader,
-                destination.open("wb") as writer,
-            ):
-                copied = 0  # never more than looked up: a file growing meanwhile is a new version
-                while copied < file.size and (
-                    sent := os.sendfile(
-                        writer.fileno(), reader, copied, min(_COPY_CHUNK, file.size - copied)
-                    )
-                ):
-                    copied += sent
+            with self._file(adapter, file, directory) as reader:
+                # never more than looked up: a file growing meanwhile is a new version
+                copy_into(destination, reader, file.size)
                 if _identity(os.fstat(reader)) != file.etag:
                     raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
             for other in adapter.files:
