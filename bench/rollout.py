@@ -1,11 +1,11 @@
 """Fleet rollout: how fast an update reaches every server, what clients see meanwhile, and what
 the store pays per interval; `vllm-lora sync` against the per-server sidecar people run today.
 
-One SeaweedFS bucket behind a counting relay; two vLLM servers (the tiny Llama, a core each) on
-one node cache; a client loop per server asking for ``x`` back to back, greedy. ``REPEATS``
-times, ``x`` is overwritten with new weights, and for each server we note the seconds from the
-upload until it first answers with the new version's output, and every response that failed or
-matches neither version's output.
+One SeaweedFS bucket behind a counting relay; two vLLM servers (the tiny Llama, every process
+of each on a core of its own) on one node cache; a client loop per server asking for ``x`` back
+to back, greedy. ``REPEATS`` times, ``x`` is overwritten with new weights, and for each server we
+note the seconds from the upload until it first answers with the new version's output, and every
+response that failed or matches neither version's output.
 
 - **ours**: a ``vllm-lora sync`` per server, ``--interval INTERVAL``.
 - **baseline**: what a ConfigMap- or bucket-watching sidecar does (llm-d's dynamic-lora-sidecar
@@ -36,7 +36,7 @@ from bench.common import report
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.relay import FaultRelay
 from devtools.stores import S3Endpoint, SeaweedS3, upload_folder
-from devtools.sync_sidecar import SyncSidecar, one_core
+from devtools.sync_sidecar import SyncSidecar
 from devtools.vllm_server import VllmServer
 
 INTERVAL = 2.0
@@ -225,10 +225,7 @@ def running_node(work: Path) -> Iterator[Node]:
             args = ["--enable-prefix-caching"]
             servers = [
                 VllmServer(
-                    model,
-                    workdir=work / f"s{core}",
-                    extra_env=env | one_core(core),
-                    extra_args=args,
+                    model, workdir=work / f"s{core}", extra_env=env, extra_args=args, core=core
                 )
                 for core in (0, 1)
             ]
