@@ -39,7 +39,9 @@ asks again. The records the node's processes share (`NodeCache.node_answer`: the
 stores' answers) are parsed strictly; a damaged one is asked again and rewritten.
 
 Rounds of every sync on a node start together (the node's processes share one phase), so a
-change reaches every server on the node within one interval plus the fetch.
+change reaches every server on the node within one interval plus the fetch and the switch. Steps
+2 to 4 run for `ADAPTERS_AT_ONCE` adapters at once, so adapters changed together do not wait for
+each other's fetch or switch.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 from enum import IntEnum
@@ -102,6 +105,11 @@ ROUNDS = Counter("vllm_lora_sync_rounds", "Rounds run, whatever their result.", 
 RELEASED = Counter(
     "vllm_lora_sync_released_snapshots", "Replaced snapshots whose lease was released."
 )
+
+#: Adapters a round looks up, fetches and switches at once: one slow fetch or switch (a large
+#: adapter, a busy server) holds no other adapter back; more at once would burst the store's and
+#: the server's load at the round's start.
+ADAPTERS_AT_ONCE = 8
 
 #: Seconds after a name stopped being served from a snapshot before an idle ``/metrics`` sample
 #: may release it: a request accepted just before the switch reaches the engine within them.
@@ -370,9 +378,11 @@ class AdapterSync:
         served = {*served_last_round.items(), *self._serving.items()}
         self._reported = {n: c for n, c in self._reported.items() if n in managed}
         self._refused_at_switch = {n: k for n, k in self._refused_at_switch.items() if n in managed}
-        result = RoundResult.IN_SYNC
-        for name, (path, snapshot, resolver) in managed.items():
-            result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
+        with ThreadPoolExecutor(ADAPTERS_AT_ONCE, "vllm-lora-sync") as adapters:
+            results = adapters.map(
+                lambda item: self._sync_adapter(base_model, item[0], *item[1]), managed.items()
+            )
+            result = max(results, default=RoundResult.IN_SYNC)
         for name, key in served:
             if self._serving.get(name) != key:  # switched or unloaded, here or by someone else
                 self._draining.setdefault(key, self.clock())
