@@ -494,14 +494,51 @@ DAMAGED_PHASES = ["nan", "abc", "1e300", "inf", "-1"]
 @pytest.mark.parametrize("damage", DAMAGED_PHASES)
 def test_a_damaged_round_phase_is_ignored_and_rewritten(node: Node, damage: str) -> None:
     sync = node.sync(interval=30)
-    sync.seconds_to_next_round()
+    sync.next_round_time(1000.0)
     (record,) = sync.cache.layout.answers.iterdir()
     record.write_text(json.dumps(json.loads(record.read_text()) | {"answer": damage}))
-    assert 0 <= sync.seconds_to_next_round() <= 30
+    assert 1000 < sync.next_round_time(1000.0) <= 1030
     phase = json.loads(record.read_text())["answer"]
     assert 0 <= float(phase) < 1
-    sync.seconds_to_next_round()
+    sync.next_round_time(1000.0)
     assert json.loads(record.read_text())["answer"] == phase  # kept from then on
+
+
+class Timeline(threading.Event):
+    """A stop event for `AdapterSync.run` whose waits pass at once on ``clock``; it stops the
+    sync at its wait number ``waits``."""
+
+    def __init__(self, clock: Clock, waits: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.waits_left = waits
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None and timeout >= 0
+        self.clock.advance(timeout)
+        self.waits_left -= 1
+        return self.waits_left == 0
+
+
+def test_rounds_start_at_the_node_s_round_times_and_one_that_overran_is_followed_at_once(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    sync = node.sync(interval=30, wall_clock=clock)
+    first = sync.next_round_time(clock.now)
+    durations = iter([1.0, 45.0, 1.0, 1.0])  # the second round ends 15 s past the third's time
+    starts = []
+
+    def round_of_its_duration() -> RoundResult:
+        starts.append(clock.now)
+        clock.advance(next(durations))
+        return RoundResult.IN_SYNC
+
+    monkeypatch.setattr(sync, "run_round", round_of_its_duration)
+    sync.run(Timeline(clock, waits=5))
+    # The third round starts as the second ends, not at the next round time (first + 90): a
+    # change published during the long round waits for its lookup no more than that round.
+    assert starts == pytest.approx([first, first + 30, first + 75, first + 90])
 
 
 @pytest.mark.parametrize("damage", ["current ../../x", "current", "gone 0123", "sideways x"])
