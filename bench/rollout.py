@@ -1,11 +1,18 @@
 """Fleet rollout: how fast an update reaches every server, what clients see meanwhile, and what
 the store pays per interval; `vllm-lora sync` against the per-server sidecar people run today.
 
-One SeaweedFS bucket behind a counting relay; two vLLM servers (the tiny Llama, a core each) on
-one node cache; a client loop per server asking for ``x`` back to back, greedy. ``REPEATS``
-times, ``x`` is overwritten with new weights, and for each server we note the seconds from the
-upload until it first answers with the new version's output, and every response that failed or
-matches neither version's output.
+One SeaweedFS bucket behind a counting relay; two vLLM servers (the tiny Llama, every process
+of each on a core of its own) on one node cache; a client loop per server asking for ``x`` back
+to back, greedy. ``REPEATS`` times, ``x`` is overwritten with new weights, at a random moment of
+the interval, and for each server we note the seconds from the end of the upload (when the store
+holds the new version: its weights are the last file written) until a response with the new
+version's output comes back, every response that failed or matches neither version's output,
+and the slowest response (a server starved of its core answers in seconds, not in a fraction of
+one, and makes the convergence of both strategies long).
+
+The random moment matters: each update starts when the previous one converged, which is at a
+fixed time after a round, so uploads made a fixed time later all land at the same moment of the
+rounds (they did: just after a round, every convergence a whole interval long).
 
 - **ours**: a ``vllm-lora sync`` per server, ``--interval INTERVAL``.
 - **baseline**: what a ConfigMap- or bucket-watching sidecar does (llm-d's dynamic-lora-sidecar
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import statistics
 import tempfile
 import threading
@@ -36,11 +44,11 @@ from bench.common import report
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.relay import FaultRelay
 from devtools.stores import S3Endpoint, SeaweedS3, upload_folder
-from devtools.sync_sidecar import SyncSidecar, one_core
+from devtools.sync_sidecar import SyncSidecar
 from devtools.vllm_server import VllmServer
 
 INTERVAL = 2.0
-REPEATS = 4
+REPEATS = 8
 BUCKET, PREFIX = "bench-rollout", "adapters"
 PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
 #: Long enough that a switch often lands in the middle of a request's generation.
@@ -95,6 +103,7 @@ class Rollout:
     responses: int = 0
     failed: int = 0
     mixed: int = 0
+    slowest: float = 0.0
 
 
 def measure_updates(node: Node, rollout: Rollout, first_seed: int) -> None:
@@ -106,7 +115,7 @@ def measure_updates(node: Node, rollout: Rollout, first_seed: int) -> None:
     for server in node.servers:
         wait_for(partial(answers, server.url, session, expected[seeds[0]]))
     for old, new in itertools.pairwise(seeds):
-        seen: list[tuple[int, int, str, float]] = []
+        seen: list[Seen] = []
         stop = threading.Event()
         loops = [
             threading.Thread(target=client_loop, args=(index, server.url, stop, seen))
@@ -114,41 +123,52 @@ def measure_updates(node: Node, rollout: Rollout, first_seed: int) -> None:
         ]
         for loop in loops:
             loop.start()
-        time.sleep(0.5)
-        uploaded = time.monotonic()
+        time.sleep(0.5 + random.uniform(0, INTERVAL))
         node.upload(new)
+        published = time.monotonic()
         wait_for(partial(converged, seen, len(node.servers), expected[new]))
         time.sleep(0.5)
         stop.set()
         for loop in loops:
             loop.join()
         for index in range(len(node.servers)):
-            first_new = min(at for i, _, text, at in seen if i == index and text == expected[new])
-            rollout.convergence.append(first_new - uploaded)
+            first_new = min(r.at for r in seen if r.server == index and r.text == expected[new])
+            rollout.convergence.append(first_new - published)
         rollout.responses += len(seen)
-        rollout.failed += sum(1 for _, status, _, _ in seen if status != 200)
+        rollout.failed += sum(1 for r in seen if r.status != 200)
         versions = (expected[old], expected[new])
-        rollout.mixed += sum(
-            1 for _, status, text, _ in seen if status == 200 and text not in versions
-        )
+        rollout.mixed += sum(1 for r in seen if r.status == 200 and r.text not in versions)
+        rollout.slowest = max(rollout.slowest, *(r.seconds for r in seen))
 
 
-def client_loop(
-    index: int, url: str, stop: threading.Event, seen: list[tuple[int, int, str, float]]
-) -> None:
+@dataclass(frozen=True)
+class Seen:
+    """A response a client loop got: from which server, what, when it came back, how long it
+    took."""
+
+    server: int
+    status: int
+    text: str
+    at: float
+    seconds: float
+
+
+def client_loop(index: int, url: str, stop: threading.Event, seen: list[Seen]) -> None:
     session = requests.Session()
     session.trust_env = False
     while not stop.is_set():
+        sent = time.monotonic()
         status, text = completion(url, "x", session)
-        seen.append((index, status, text, time.monotonic()))
+        at = time.monotonic()
+        seen.append(Seen(index, status, text, at, at - sent))
 
 
 def answers(url: str, session: requests.Session, text: str) -> bool:
     return completion(url, "x", session)[1] == text
 
 
-def converged(seen: list[tuple[int, int, str, float]], servers: int, text: str) -> bool:
-    return {index for index, _, answer, _ in seen if answer == text} == set(range(servers))
+def converged(seen: list[Seen], servers: int, text: str) -> bool:
+    return {r.server for r in seen if r.text == text} == set(range(servers))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 300.0) -> None:
@@ -225,10 +245,7 @@ def running_node(work: Path) -> Iterator[Node]:
             args = ["--enable-prefix-caching"]
             servers = [
                 VllmServer(
-                    model,
-                    workdir=work / f"s{core}",
-                    extra_env=env | one_core(core),
-                    extra_args=args,
+                    model, workdir=work / f"s{core}", extra_env=env, extra_args=args, core=core
                 )
                 for core in (0, 1)
             ]
@@ -296,6 +313,7 @@ def main() -> None:
         rows += [
             (f"{label}: convergence p50 / p100", f"{p50:.2f} / {p100:.2f} s"),
             (f"{label}: responses, failed, neither version", counts),
+            (f"{label}: slowest response", f"{rollout.slowest:.2f} s"),
         ]
     rows += [
         ("store requests per round, 1 sync per server (2 servers)", f"{ours_requests[1]:.1f}"),

@@ -1,8 +1,4 @@
-"""``vllm-lora sync`` as a sidecar process beside a test or benchmark vLLM server.
-
-Servers on one machine each get a core of their own (`one_core`): vLLM binds every server's
-OpenMP threads to core 0 by default, and two servers spinning on one core starve each other.
-"""
+"""``vllm-lora sync`` as a sidecar process beside a test or benchmark vLLM server."""
 
 from __future__ import annotations
 
@@ -19,11 +15,6 @@ from devtools.vllm_server import VllmServer
 from vllm_lora_resolvers.metrics import sample_sums
 
 VLLM_LORA = str(Path(sys.executable).parent / "vllm-lora")
-
-
-def one_core(index: int) -> dict[str, str]:
-    """Environment binding a vLLM server's threads to core ``index``."""
-    return {"VLLM_CPU_OMP_THREADS_BIND": str(index)}
 
 
 class SyncSidecar:

@@ -67,23 +67,26 @@ def running_server(
     model: Path, workdir: Path, env: Mapping[str, str], extra_args: Sequence[str] = ()
 ) -> Iterator[VllmServer]:
     """A vLLM server whose only resolver and AWS settings are ``env`` (nothing inherited)."""
-    with running_servers(model, [(workdir, env)], extra_args) as (server,):
+    with running_servers(model, [(workdir, env, None)], extra_args) as (server,):
         yield server
 
 
 @contextmanager
 def running_servers(
     model: Path,
-    workdirs_and_envs: Sequence[tuple[Path, Mapping[str, str]]],
+    setups: Sequence[tuple[Path, Mapping[str, str], int | None]],
     extra_args: Sequence[str] = (),
 ) -> Iterator[list[VllmServer]]:
-    """vLLM servers as `running_server` starts one, started at the same time (each start is
-    mostly one busy core, and a server bound to a core of its own leaves the other free)."""
+    """vLLM servers as `running_server` starts one, each ``(workdir, env, core)`` (a core of its
+    own, or none), started at the same time (each start is mostly one busy core, and a server
+    on a core of its own leaves the other free)."""
     servers: list[VllmServer] = []
-    for workdir, env in workdirs_and_envs:
-        server = VllmServer(model, workdir=workdir, extra_env=env, extra_args=extra_args)
+    for workdir, env, core in setups:
+        server = VllmServer(model, workdir=workdir, extra_env=env, extra_args=extra_args, core=core)
         while server.port in {other.port for other in servers}:  # no port is bound yet
-            server = VllmServer(model, workdir=workdir, extra_env=env, extra_args=extra_args)
+            server = VllmServer(
+                model, workdir=workdir, extra_env=env, extra_args=extra_args, core=core
+            )
         servers.append(server)
     try:
         with pytest.MonkeyPatch.context() as patch:

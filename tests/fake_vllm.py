@@ -14,6 +14,7 @@ real server is tested in ``test_e2e_rollout.py``::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -48,7 +49,9 @@ class FakeVllmServer(ThreadedHttpServer[ThreadingHTTPServer]):
     """``http://127.0.0.1:PORT``, a context manager. `adapters` is what it holds (name -> path),
     `in_flight` the requests its ``/metrics`` reports running, `answers` the routes
     (``"GET /metrics"``) it answers as scripted; `tokenize_status`, when set, is what
-    ``/tokenize`` answers after resolving the name (the server switched, the answer is lost)."""
+    ``/tokenize`` answers after resolving the name (the server switched, the answer is lost);
+    `on_tokenize(name)`, when set, runs before ``/tokenize`` resolves (a busy server's slow
+    switch)."""
 
     def __init__(self, resolver: Resolver | None = None) -> None:
         self.resolver = resolver
@@ -56,6 +59,7 @@ class FakeVllmServer(ThreadedHttpServer[ThreadingHTTPServer]):
         self.in_flight = 0
         self.answers: dict[str, Answer] = {}
         self.tokenize_status: int | None = None
+        self.on_tokenize: Callable[[str], None] | None = None
         self.received: list[Received] = []
         super().__init__(ThreadingHTTPServer, self._handler())
 
@@ -89,6 +93,8 @@ class FakeVllmServer(ThreadedHttpServer[ThreadingHTTPServer]):
             self.adapters[body["lora_name"]] = body["lora_path"]
             return Answer(200)
         if (method, path) == ("POST", "/tokenize"):
+            if self.on_tokenize is not None:
+                self.on_tokenize(body["model"])
             status = self._resolve(body["model"])
             return Answer(self.tokenize_status or status)
         return Answer(404)

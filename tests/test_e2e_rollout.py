@@ -26,7 +26,7 @@ from e2e_support import MAX_TOKENS, Store, listed_models, module_store, running_
 from devtools.models import build_tiny_llama, write_lora_adapter
 from devtools.relay import Fault
 from devtools.stores import S3Endpoint
-from devtools.sync_sidecar import VLLM_LORA, SyncSidecar, one_core
+from devtools.sync_sidecar import VLLM_LORA, SyncSidecar
 from devtools.vllm_server import VllmServer
 
 pytest.importorskip("vllm")
@@ -156,7 +156,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             "VLLM_LORA_RESOLVER_NEGATIVE_TTL": "1",
         }
         args = ["--enable-prefix-caching"]
-        setups = [(work / f"server-{core}", env | one_core(core)) for core in (0, 1)]
+        setups = [(work / f"server-{core}", env, core) for core in (0, 1)]
         with running_servers(model, setups, args) as (first, second):
             sync_env = {
                 key: value
@@ -176,6 +176,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, seaweed: S3Endpoint) -> Iter
             finally:
                 for sync in fleet.syncs:
                     sync.stop()
+
+
+def test_each_server_runs_on_a_core_of_its_own(fleet: Fleet) -> None:
+    # Otherwise a busy server's engine process runs on the other server's core and starves it.
+    for core, server in enumerate(fleet.servers):
+        processes = server.processes()
+        assert len(processes) >= 3  # the API server, the engine, the worker
+        assert {frozenset(os.sched_getaffinity(pid)) for pid in processes} == {frozenset({core})}
 
 
 def test_an_update_reaches_every_server_with_no_failed_or_mixed_response(fleet: Fleet) -> None:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from vllm_lora_resolvers.errors import StoreRefusedError
 from vllm_lora_resolvers.metrics import sample_sums
 from vllm_lora_resolvers.resolver import Resolver
 from vllm_lora_resolvers.sync import (
+    ADAPTERS_AT_ONCE,
     ADMISSION_SECONDS,
     AdapterSync,
     RoundResult,
@@ -396,6 +398,35 @@ def test_an_adapter_of_ours_gone_from_its_store_is_unloaded(node: Node, adapters
     assert node.server.adapters == {}
 
 
+def test_a_slow_switch_holds_no_other_adapter_back(cache_dir: Path, tmp_path: Path) -> None:
+    bucket = MemoryBucket()
+    for seed in (1, 2):
+        write_lora_adapter(tmp_path / str(seed), base_model=BASE_MODEL, seed=seed)
+    for name in ("a", "b"):
+        bucket.put_folder(name, tmp_path / "1")
+    b_looked_up = threading.Event()
+    waited_for_b: list[bool] = []
+
+    def note_lookups(method: str, path: str) -> None:
+        if (method, path) == ("LIST", "b"):
+            b_looked_up.set()
+
+    def switch_a_once_b_is_looked_up(name: str) -> None:
+        if name == "a":  # a round that waited for this switch would never look 'b' up
+            waited_for_b.append(b_looked_up.wait(timeout=30))
+
+    with running_node(cache_dir, partial(MemoryStore, bucket)) as node:
+        old = {name: node.serve(name) for name in ("a", "b")}  # 'a' first in the server's list
+        sync = node.sync()
+        for name in ("a", "b"):
+            bucket.put_folder(name, tmp_path / "2")
+        bucket.on_request = note_lookups
+        node.server.on_tokenize = switch_a_once_b_is_looked_up
+        assert sync.run_round() is RoundResult.IN_SYNC
+        assert waited_for_b == [True]
+        assert all(node.served_key(name) not in (None, old[name]) for name in ("a", "b"))
+
+
 def test_a_version_the_server_refuses_at_the_switch_is_not_switched_to_again(
     node: Node, adapters_dir: Path
 ) -> None:
@@ -463,14 +494,51 @@ DAMAGED_PHASES = ["nan", "abc", "1e300", "inf", "-1"]
 @pytest.mark.parametrize("damage", DAMAGED_PHASES)
 def test_a_damaged_round_phase_is_ignored_and_rewritten(node: Node, damage: str) -> None:
     sync = node.sync(interval=30)
-    sync.seconds_to_next_round()
+    sync.next_round_time(1000.0)
     (record,) = sync.cache.layout.answers.iterdir()
     record.write_text(json.dumps(json.loads(record.read_text()) | {"answer": damage}))
-    assert 0 <= sync.seconds_to_next_round() <= 30
+    assert 1000 < sync.next_round_time(1000.0) <= 1030
     phase = json.loads(record.read_text())["answer"]
     assert 0 <= float(phase) < 1
-    sync.seconds_to_next_round()
+    sync.next_round_time(1000.0)
     assert json.loads(record.read_text())["answer"] == phase  # kept from then on
+
+
+class Timeline(threading.Event):
+    """A stop event for `AdapterSync.run` whose waits pass at once on ``clock``; it stops the
+    sync at its wait number ``waits``."""
+
+    def __init__(self, clock: Clock, waits: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.waits_left = waits
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None and timeout >= 0
+        self.clock.advance(timeout)
+        self.waits_left -= 1
+        return self.waits_left == 0
+
+
+def test_rounds_start_at_the_node_s_round_times_and_one_that_overran_is_followed_at_once(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    sync = node.sync(interval=30, wall_clock=clock)
+    first = sync.next_round_time(clock.now)
+    durations = iter([1.0, 45.0, 1.0, 1.0])  # the second round ends 15 s past the third's time
+    starts = []
+
+    def round_of_its_duration() -> RoundResult:
+        starts.append(clock.now)
+        clock.advance(next(durations))
+        return RoundResult.IN_SYNC
+
+    monkeypatch.setattr(sync, "run_round", round_of_its_duration)
+    sync.run(Timeline(clock, waits=5))
+    # The third round starts as the second ends, not at the next round time (first + 90): a
+    # change published during the long round waits for its lookup no more than that round.
+    assert starts == pytest.approx([first, first + 30, first + 75, first + 90])
 
 
 @pytest.mark.parametrize("damage", ["current ../../x", "current", "gone 0123", "sideways x"])
@@ -535,9 +603,10 @@ def test_a_redirect_is_not_followed_so_the_api_key_reaches_no_other_origin(
     assert SECRET not in caplog.text + result.output
 
 
-def test_the_rollout_page_states_the_admission_grace() -> None:
+def test_the_rollout_page_states_the_admission_grace_and_the_adapters_handled_at_once() -> None:
     page = (REPO / "docs" / "rollout.md").read_text()
     assert f"at least {ADMISSION_SECONDS:g} seconds after the switch" in page
+    assert f"up to {ADAPTERS_AT_ONCE} adapters at once" in page
 
 
 def test_sample_sums_add_up_the_samples_of_each_name_that_carry_the_labels() -> None:

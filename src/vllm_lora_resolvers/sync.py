@@ -39,7 +39,10 @@ asks again. The records the node's processes share (`NodeCache.node_answer`: the
 stores' answers) are parsed strictly; a damaged one is asked again and rewritten.
 
 Rounds of every sync on a node start together (the node's processes share one phase), so a
-change reaches every server on the node within one interval plus the fetch.
+change reaches every server on the node within one interval plus the fetch and the switch. Steps
+2 to 4 run for `ADAPTERS_AT_ONCE` adapters at once, so adapters changed together do not wait for
+each other's fetch or switch; a round that ends past the next round time is followed by one at
+once, so a long round does not make a change wait a second interval.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 from enum import IntEnum
@@ -102,6 +106,11 @@ ROUNDS = Counter("vllm_lora_sync_rounds", "Rounds run, whatever their result.", 
 RELEASED = Counter(
     "vllm_lora_sync_released_snapshots", "Replaced snapshots whose lease was released."
 )
+
+#: Adapters a round looks up, fetches and switches at once: one slow fetch or switch (a large
+#: adapter, a busy server) holds no other adapter back; more at once would burst the store's and
+#: the server's load at the round's start.
+ADAPTERS_AT_ONCE = 8
 
 #: Seconds after a name stopped being served from a snapshot before an idle ``/metrics`` sample
 #: may release it: a request accepted just before the switch reaches the engine within them.
@@ -314,6 +323,8 @@ class AdapterSync:
     answer_max_age: float | None = None
     #: The clock of the drain (see the module's 5.).
     clock: Callable[[], float] = time.monotonic
+    #: The clock of the node's round times: a Unix time, the same in every process of the node.
+    wall_clock: Callable[[], float] = time.time
     #: Replaced snapshots still leased: key -> when its name stopped being served from it.
     _draining: dict[str, float] = field(default_factory=dict)
     #: Managed names -> the key of the snapshot the server serves each from.
@@ -326,9 +337,13 @@ class AdapterSync:
     _left_alone: set[tuple[str, str]] = field(default_factory=set)
 
     def run(self, stop: threading.Event) -> None:
-        """Run a round at each of the node's round times until ``stop`` is set."""
-        while not stop.wait(self.seconds_to_next_round()):
+        """Run a round at each of the node's round times until ``stop`` is set. A round that
+        ends past the next round time is followed by one at once, not by the round after: a
+        change waits for the lookup at most one interval, or one round when a round is longer."""
+        due = self.next_round_time(self.wall_clock())
+        while not stop.wait(max(0.0, due - self.wall_clock())):
             self.run_round()
+            due = self.next_round_time(max(due, self.wall_clock() - self.interval))
 
     def drain(self, poll_seconds: float = 1.0) -> None:
         """Wait until the versions this sync replaced are released (see the module's 5.)."""
@@ -336,19 +351,18 @@ class AdapterSync:
             time.sleep(poll_seconds)
             self._release_leases()
 
-    def seconds_to_next_round(self) -> float:
-        """Seconds until the node's next round: every sync on the node wakes at the same phase
-        of the interval (so they share one store lookup), and nodes at different phases (so the
-        fleet's lookups spread over the interval)."""
+    def next_round_time(self, after: float) -> float:
+        """The node's first round time later than ``after`` (a `wall_clock` time): every sync on
+        the node wakes at the same phase of the interval (so they share one store lookup), and
+        nodes at different phases (so the fleet's lookups spread over the interval)."""
         text, _ = self.cache.node_answer(
             _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
         )
         fraction = _phase(text)
         assert fraction is not None, "node_answer returns only phases _is_phase accepts"
         phase = fraction * self.interval
-        now = time.time()
-        next_round = math.floor((now - phase) / self.interval + 1) * self.interval + phase
-        return max(0.0, next_round - now)
+        round_time = math.floor((after - phase) / self.interval + 1) * self.interval + phase
+        return round_time if round_time > after else round_time + self.interval
 
     def run_round(self) -> RoundResult:
         """Bring every managed adapter to its store's version once; release drained leases."""
@@ -370,9 +384,11 @@ class AdapterSync:
         served = {*served_last_round.items(), *self._serving.items()}
         self._reported = {n: c for n, c in self._reported.items() if n in managed}
         self._refused_at_switch = {n: k for n, k in self._refused_at_switch.items() if n in managed}
-        result = RoundResult.IN_SYNC
-        for name, (path, snapshot, resolver) in managed.items():
-            result = max(result, self._sync_adapter(base_model, name, path, snapshot, resolver))
+        with ThreadPoolExecutor(ADAPTERS_AT_ONCE, "vllm-lora-sync") as adapters:
+            results = adapters.map(
+                lambda item: self._sync_adapter(base_model, item[0], *item[1]), managed.items()
+            )
+            result = max(results, default=RoundResult.IN_SYNC)
         for name, key in served:
             if self._serving.get(name) != key:  # switched or unloaded, here or by someone else
                 self._draining.setdefault(key, self.clock())
