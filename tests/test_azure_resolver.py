@@ -190,14 +190,14 @@ def test_a_blob_replaced_mid_download_is_fetched_again_at_its_new_version(
     class ReplacedAfterTheFirstPart(AzureBlobStore):
         replaced = False
 
-        def download_ranges(self, destination, size, fetch_range):  # type: ignore[no-untyped-def]
+        def download_ranges(self, destination, size, fetch_range, declared_algorithms=()):  # type: ignore[no-untyped-def]
             def fetch(start, end, write):  # type: ignore[no-untyped-def]
                 fetch_range(start, end, write)
                 if not self.replaced:
                     self.replaced = True
                     azure_container.upload("big", v2)
 
-            super().download_ranges(destination, size, fetch)
+            super().download_ranges(destination, size, fetch, declared_algorithms)
 
     # The parts one after the other: the second one sees the new blob.
     one_at_a_time = replace(fast_transfer(256 << 10), parts_in_flight=1)

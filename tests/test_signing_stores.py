@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_MODEL, files_of, snapshot_dirs
-from contract_stores import StoreUnderTest, store_fixture  # noqa: F401 - the fixture
+from contract_stores import Capability, StoreUnderTest, store_fixture  # noqa: F401 - the fixture
 from hf_fixtures import hub_fixture  # noqa: F401 - the fixture, for the Hub store
+from resolver_setup import fast_transfer
 from signing_support import (  # noqa: F401 - keys_fixture: the fixture
     SIGNATURE,
     KeyPair,
@@ -18,7 +19,8 @@ from signing_support import (  # noqa: F401 - keys_fixture: the fixture
     sign_with_key,
 )
 
-from devtools.models import write_lora_adapter
+from devtools.models import write_large_adapter, write_lora_adapter
+from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
 from vllm_lora_resolvers.errors import SignatureError
 
@@ -44,6 +46,39 @@ def test_a_signed_adapter_is_served_with_its_signature(
     store.reset_counters()
     assert resolver.resolve(BASE_MODEL, store.name("sql")) == resolved  # a hit
     assert store.weights_reads() == []
+
+
+def test_a_signed_adapter_whose_parts_resumed_midway_is_checked_on_its_bytes(
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path, keys: KeyPair
+) -> None:
+    """The SHA-256 the signature is checked against is computed while the weights download, in
+    ranged parts that break and resume where they broke: it is that of the bytes served."""
+    store.require(Capability.FAULTS)
+    store.require(Capability.RANGES)
+    folder = write_large_adapter(
+        tmp_path / "sources" / "big", base_model=BASE_MODEL, size_bytes=1 << 20
+    )
+    sign_with_key(folder, keys)
+    store.put("big", folder)
+    store.add_fault(
+        Fault(
+            "reset_after",
+            method="GET",
+            path_contains="adapter_model",
+            after_bytes=100_000,
+            times=3,
+        )
+    )
+    resolver = store.resolver(
+        cache_dir,
+        transfer=fast_transfer(256 << 10),
+        VLLM_LORA_RESOLVER_TRUST=keys.trust,
+        VLLM_LORA_RESOLVER_MAX_RANK="1000000",
+    )
+    resolved = resolver.resolve(BASE_MODEL, store.name("big"))
+    assert resolved is not None
+    assert files_of(resolved.path) == files_of(folder)
+    assert len(store.weights_reads()) >= 4 + 2  # 4 parts, resumed
 
 
 def test_an_unsigned_adapter_is_refused_without_reading_its_weights(

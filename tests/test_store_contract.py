@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 from conftest import (
     BASE_MODEL,
@@ -301,6 +302,12 @@ def test_a_reset_connection_is_resumed(
     # What is fetched twice is at most what was in flight when a connection reset, never a
     # whole part, let alone the file.
     assert store.body_bytes() < weights + 2 * after + (64 << 10)
+    # The CRC32C each file is recorded with, computed while its parts downloaded and resumed,
+    # is that of its bytes.
+    assert {file.path: file.crc32c for file in resolved.snapshot.manifest.files} == {
+        path.name: google_crc32c.Checksum(path.read_bytes()).digest().hex()
+        for path in source.iterdir()
+    }
 
 
 def test_a_truncated_body_is_detected_and_fetched_again(
@@ -394,6 +401,33 @@ def test_a_checksum_mismatch_is_refused(
     assert_nothing_published(cache_dir, store.name("sql"))
     store.clear_faults()
     resolved = resolver.resolve(BASE_MODEL, store.name("sql"))
+    assert resolved is not None
+    assert files_of(resolved.path) == files_of(source)
+
+
+def test_a_part_corrupted_in_transit_is_refused(
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A byte flipped early in each ranged part of the weights (hashed while the later parts
+    download) fails the checksum the store declares; nothing is published."""
+    store.require(Capability.CHECKSUMS)
+    store.require(Capability.FAULTS)
+    store.require(Capability.RANGES)
+    source = put_large_adapter(store, tmp_path, "big", 1 << 20)
+    corrupted = Fault(
+        "corrupt_at",
+        method="GET",
+        path_contains="adapter_model",
+        after_bytes=100_000,  # past the head the config's checks read, if they read one
+        times=1_000_000,
+    )
+    store.add_fault(corrupted)
+    resolver = store.resolver(cache_dir, transfer=fast_transfer(256 << 10), **HUGE_RANK)
+    with pytest.raises(TransientStoreError, match="does not match"):
+        resolver.resolve(BASE_MODEL, store.name("big"))
+    assert_nothing_published(cache_dir, store.name("big"))
+    store.clear_faults()
+    resolved = resolver.resolve(BASE_MODEL, store.name("big"))
     assert resolved is not None
     assert files_of(resolved.path) == files_of(source)
 

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import google_crc32c
 import pytest
 
+from vllm_lora_resolvers import transfer
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError, VersionChangedError
 from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
 from vllm_lora_resolvers.transfer import (
     DEFAULT_TRANSFER,
+    FetchedFile,
     TransferConfig,
     download_in_parts,
+    fetch_file,
     stored_size,
     verify_file,
 )
@@ -152,6 +157,103 @@ def test_nothing_is_written_past_the_declared_size(tmp_path: Path) -> None:
         )
     assert target.read_bytes() == DATA[:8192] + bytes(10_000 - 8192)
     assert asked == [(0, 10_000)]  # not retried
+
+
+FetchRange = Callable[[int, int, Callable[[bytes], None]], None]
+SHA256 = hashlib.sha256(DATA).hexdigest()
+CRC32C = google_crc32c.Checksum(DATA).digest().hex()
+
+
+def _fetch_in_parts(
+    target: Path,
+    fetch_range: FetchRange,
+    config: TransferConfig,
+    checksums: Mapping[str, str] | None = None,
+) -> FetchedFile:
+    """`fetch_file` of `DATA` (with ``checksums`` declared) in ranged parts from ``fetch_range``,
+    its SHA-256 asked for, as a signature's check asks."""
+
+    def download(file: RemoteFile, path: Path) -> Mapping[str, str]:
+        download_in_parts(path, file.size, fetch_range, config=config, on_retry=lambda _: None)
+        return checksums or {}
+
+    return fetch_file(
+        RemoteFile("weights", len(DATA)),
+        target,
+        download,
+        policy=QUICK,
+        on_retry=lambda _: None,
+        digests=("sha256",),
+    )
+
+
+def _hashed_once(at_least: int) -> int:
+    """From a part's fetch: how many bytes of the file the running `fetch_file` has hashed, once
+    that is ``at_least`` (or 10 s passed; ``-1``: it hashes nothing while downloading)."""
+    running = transfer._FILE_DOWNLOAD.get()
+    deadline = time.monotonic() + 10
+    while running is not None and running.digests is not None:
+        if running.digests.length >= at_least or time.monotonic() > deadline:
+            return running.digests.length
+        time.sleep(0.01)
+    return -1
+
+
+def test_the_file_is_hashed_while_it_downloads_up_to_the_bytes_still_to_come(
+    tmp_path: Path,
+) -> None:
+    """The digests are computed while the file downloads, over the bytes already final: those
+    before the byte where an unfinished part stands (where a broken part resumes), never past
+    it, even once the parts after it are written. When the last part comes, every byte before it
+    was hashed: its verification has that part left to hash, and reads nothing again."""
+    part = len(DATA) // 8
+    broken_at, last = 2 * part + part // 2, len(DATA) - part
+    fourth_written = threading.Event()
+    hashed: dict[str, int] = {}
+    part_source, _ = _flaky_source([])
+
+    def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        if start == last:
+            hashed["when the last part came"] = _hashed_once(last)
+        if start == 2 * part:  # half of the third part, then a broken connection
+            part_source(start, broken_at, write)
+            fourth_written.wait(10)
+            hashed["when the third part broke"] = _hashed_once(broken_at)
+            raise TransientStoreError("connection reset")
+        part_source(start, end, write)
+        if start == 3 * part:
+            fourth_written.set()
+
+    fetched = _fetch_in_parts(tmp_path / "out", fetch_range, _config(part, 4))
+    assert fourth_written.is_set()
+    assert hashed == {"when the third part broke": broken_at, "when the last part came": last}
+    assert (fetched.crc32c, fetched.digests) == (CRC32C, {"sha256": SHA256})
+
+
+def test_digests_computed_as_parts_resume_midway_are_the_files(tmp_path: Path) -> None:
+    fetch_range, asked = _flaky_source([70_000, 10_000, 150_000, 30_000])
+    part_size = 200_000
+    fetched = _fetch_in_parts(tmp_path / "out", fetch_range, _config(part_size, 4))
+    assert any(start % part_size for start, _ in asked)  # parts resumed from where they broke
+    assert (fetched.crc32c, fetched.digests) == (CRC32C, {"sha256": SHA256})
+    assert (tmp_path / "out").read_bytes() == DATA
+
+
+def test_a_part_corrupted_in_transit_fails_the_verification(tmp_path: Path) -> None:
+    """A byte flipped in the first part, hashed while the others download, is caught by the
+    declared SHA-256; what is left of the file is deleted."""
+    part_source, _ = _flaky_source([])
+
+    def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        if start == 0:
+            write(bytes([DATA[0] ^ 1]))
+            start += 1
+        part_source(start, end, write)
+
+    target = tmp_path / "out"
+    with pytest.raises(IntegrityError, match="sha256 does not match"):
+        _fetch_in_parts(target, fetch_range, _config(100_000, 4), {"sha256": SHA256})
+    assert not target.exists()
 
 
 def test_a_file_larger_than_declared_is_a_store_serving_another_version(data_file: Path) -> None:

@@ -1,5 +1,6 @@
-"""Checksums of local files: those stores declare (MD5, SHA-1, SHA-256, CRC32, CRC32C,
-CRC64NVME) and the CRC32C every cached file is recorded with, each file read once."""
+"""Checksums of local bytes: those stores declare (MD5, SHA-1, SHA-256, CRC32, CRC32C,
+CRC64NVME) and the CRC32C every cached file is recorded with, all in one pass over the bytes: as
+a download writes them (`Digests`), or in one read of a file (`file_digests`)."""
 
 from __future__ import annotations
 
@@ -77,16 +78,39 @@ def _hasher(algorithm: str) -> _Hasher | None:
     return None
 
 
+class Digests:
+    """Running digests of bytes fed in order: `RECORDED` and each algorithm asked for that this
+    machine can compute."""
+
+    def __init__(self, algorithms: Iterable[str] = ()) -> None:
+        self._hashers: dict[str, _Hasher] = {RECORDED: _Crc32c()}
+        for algorithm in algorithms:
+            hasher = _hasher(algorithm)
+            if hasher is not None:
+                self._hashers[algorithm] = hasher
+        #: Bytes fed so far.
+        self.length = 0
+
+    def update(self, data: bytes) -> None:
+        """Feed the next ``data``."""
+        for hasher in self._hashers.values():
+            hasher.update(data)
+        self.length += len(data)
+
+    def covers(self, algorithms: Iterable[str]) -> bool:
+        """Whether each of ``algorithms`` is computed here, or by no means on this machine."""
+        return all(a in self._hashers or _hasher(a) is None for a in algorithms)
+
+    def hexdigests(self) -> dict[str, str]:
+        """The lowercase hex digest of the bytes fed, per algorithm."""
+        return {algorithm: hasher.hexdigest() for algorithm, hasher in self._hashers.items()}
+
+
 def file_digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
     """The lowercase hex digests of ``path`` for each algorithm this machine can compute (always
     `RECORDED`), reading the file once."""
-    hashers: dict[str, _Hasher] = {RECORDED: _Crc32c()}
-    for algorithm in algorithms:
-        hasher = _hasher(algorithm)
-        if hasher is not None:
-            hashers[algorithm] = hasher
+    digests = Digests(algorithms)
     with path.open("rb") as stream:
         while chunk := stream.read(_CHUNK):
-            for hasher in hashers.values():
-                hasher.update(chunk)
-    return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}
+            digests.update(chunk)
+    return digests.hexdigests()

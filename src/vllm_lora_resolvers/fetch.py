@@ -168,7 +168,7 @@ class Fetcher:
     ) -> list[FetchedFile]:
         """Download ``files`` of ``remote`` into ``destination`` (created if need be) as a
         resolution does: one after the other, each in parallel parts, retried, with its size and
-        every checksum the store declares verified (and ``digests`` computed in the same read)."""
+        every checksum the store declares verified (and ``digests`` computed in the same pass)."""
         destination.mkdir(parents=True, exist_ok=True)
         return [
             fetch_file(

@@ -13,13 +13,14 @@ import contextvars
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from vllm_lora_resolvers.checksums import RECORDED, file_digests
+from vllm_lora_resolvers.checksums import RECORDED, Digests, file_digests
 from vllm_lora_resolvers.errors import IntegrityError, TransientStoreError, VersionChangedError
 from vllm_lora_resolvers.remote import RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy, call_with_retries
@@ -37,6 +38,8 @@ _BESIDE = ThreadPoolExecutor(max_workers=PARALLEL_READS, thread_name_prefix="lor
 LOOKUP_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, budget_seconds=2.0)
 #: A ranged part, or a file read whole: up to 5 tries.
 TRANSFER_RETRY = RetryPolicy(attempts=5, base_delay=0.2, max_delay=2.0)
+#: Bytes of a file hashed at a time while its parts download.
+_HASHED_AT_ONCE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ DEFAULT_TRANSFER = TransferConfig()
 @dataclass(frozen=True)
 class FetchedFile:
     """A file downloaded and verified: its size and CRC32C, for the cache's manifest, and the
-    digests asked for besides (algorithm -> hex), computed in the same read."""
+    digests asked for besides (algorithm -> hex), computed in the same pass."""
 
     path: str
     size: int
@@ -84,14 +87,17 @@ def verify_file(
     expected: RemoteFile,
     declared: Mapping[str, str] | None = None,
     digests: Sequence[str] = (),
+    computed: Digests | None = None,
 ) -> FetchedFile:
     """Check ``path`` against the size and checksums of ``expected`` (and ``declared``).
 
     Raises `IntegrityError` on any mismatch (a body cut short or damaged in transit: worth
     fetching again), `VersionChangedError` for more bytes than declared (no transfer fault makes
-    those: the store serves another version than it declared). The file is read once whatever the
-    checksums; its CRC32C (hardware-accelerated) is always computed, for the manifest that
-    ``cache verify`` uses, and so are ``digests`` (``sha256`` for a signature's check), returned.
+    those: the store serves another version than it declared). The file's CRC32C
+    (hardware-accelerated) is always computed, for the manifest that ``cache verify`` uses, and
+    so are ``digests`` (``sha256`` for a signature's check), returned. All are taken from
+    ``computed`` (what `download_in_parts` computed of the file's bytes as it wrote them) when it
+    covers every byte of the file and every checksum needed, else computed in one read of it.
     """
     size = path.stat().st_size
     check_received(expected.path, 0, size, end=expected.size, size=expected.size)
@@ -100,7 +106,11 @@ def verify_file(
             f"{expected.path}: got {size} bytes, the store declared {expected.size}"
         )
     checksums = _worth_verifying({**expected.checksums, **(declared or {})})
-    found = file_digests(path, [*checksums, *digests])
+    needed = [*checksums, *digests]
+    if computed is not None and computed.length == size and computed.covers(needed):
+        found = computed.hexdigests()
+    else:
+        found = file_digests(path, needed)
     for algorithm, value in checksums.items():
         if algorithm in found and found[algorithm] != value.lower():
             raise IntegrityError(
@@ -147,6 +157,21 @@ def _worth_verifying(checksums: Mapping[str, str]) -> dict[str, str]:
     return dict(checksums)
 
 
+@dataclass
+class _FileDownload:
+    """The download `fetch_file` runs: its ``target``, the ``algorithms`` to compute of the
+    target's bytes as they are written (besides `RECORDED`), and the ``digests`` the last
+    `download_in_parts` of the target computed."""
+
+    target: Path
+    algorithms: tuple[str, ...]
+    digests: Digests | None = None
+
+
+#: The download `fetch_file` runs in this context, if any.
+_FILE_DOWNLOAD: ContextVar[_FileDownload | None] = ContextVar("file_download", default=None)
+
+
 def fetch_file(
     file: RemoteFile,
     target: Path,
@@ -159,19 +184,25 @@ def fetch_file(
     """Download ``file`` to ``target`` with ``download`` and verify it (computing ``digests``
     too: see `verify_file`).
 
-    A failed attempt is retried as ``policy`` allows, unless a retry layer below (its ranged
-    parts') already gave up on it; bytes that do not match what the store declared are deleted.
-    A store that serves other bytes than it declared (`VersionChangedError`) is not retried: the
-    pipeline looks the adapter up again.
+    A download in ranged parts (`download_in_parts`) computes the file's digests while it
+    downloads, so its verification reads nothing again. A failed attempt is retried as
+    ``policy`` allows, unless a retry layer below (its ranged parts') already gave up on it;
+    bytes that do not match what the store declared are deleted. A store that serves other bytes
+    than it declared (`VersionChangedError`) is not retried: the pipeline looks the adapter up
+    again.
     """
 
     def attempt() -> FetchedFile:
+        running = _FileDownload(target, (*_worth_verifying(file.checksums), *digests))
+        token = _FILE_DOWNLOAD.set(running)
         try:
             declared = download(file, target)
         except ConnectionError as error:  # a backend that let a broken socket through
             raise TransientStoreError(f"{file.path}: {type(error).__name__}") from None
+        finally:
+            _FILE_DOWNLOAD.reset(token)
         try:
-            return verify_file(target, file, declared, digests)
+            return verify_file(target, file, declared, digests, running.digests)
         except (IntegrityError, VersionChangedError):
             target.unlink(missing_ok=True)
             raise
@@ -186,6 +217,7 @@ def download_in_parts(
     *,
     config: TransferConfig,
     on_retry: Callable[[TransientStoreError], None],
+    declared_algorithms: Iterable[str] = (),
 ) -> None:
     """Write bytes ``[0, size)`` of a remote object to ``destination``, parts in parallel.
 
@@ -195,28 +227,42 @@ def download_in_parts(
     are never fetched again (a part that fails once all its bytes came, a client's checksum
     say, is left to the file's verification). Nothing is written past a part's end (see
     `check_received`).
+
+    For `fetch_file`, the calling thread meanwhile computes the file's digests (those it asks
+    for, and those of ``declared_algorithms``, the store's checksums declared since `locate`),
+    reading back each byte once it is final: every byte before the position each unfinished part
+    has reached (a part resumes from there). Only what the last part writes is left to hash when
+    it ends.
     """
-    descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    descriptor = os.open(destination, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(descriptor, size)
+        step = config.part_size
+        parts = [(start, min(start + step, size)) for start in range(0, size, step)]
+        # The byte each part has reached: all of its bytes before it are written (and final).
+        reached = [start for start, _ in parts]
+        progress = threading.Condition()
 
-        def fetch_part(part: tuple[int, int]) -> None:
-            start, end = part
-            position = start
+        def fetch_part(index: int) -> None:
+            start, end = parts[index]
 
             def write(chunk: bytes) -> None:
-                nonlocal position
-                view = memoryview(chunk)
+                view, position = memoryview(chunk), reached[index]
                 check_received(destination.name, position, len(view), end=end, size=size)
                 while view:
                     written = os.pwrite(descriptor, view, position)
                     view, position = view[written:], position + written
+                with progress:
+                    reached[index] = position
+                    progress.notify()
 
             def attempt() -> None:
-                if position < end:  # a try that failed past its last byte left nothing to fetch
-                    fetch_range(position, end, write)
-                if position != end:
-                    raise TransientStoreError(f"{destination.name}: part ended at byte {position}")
+                if reached[index] < end:  # a try that failed past its last byte left nothing
+                    fetch_range(reached[index], end, write)
+                if reached[index] != end:
+                    raise TransientStoreError(
+                        f"{destination.name}: part ended at byte {reached[index]}"
+                    )
 
             call_with_retries(
                 attempt,
@@ -225,11 +271,61 @@ def download_in_parts(
                 on_retry,
             )
 
-        step = config.part_size
-        parts = [(start, min(start + step, size)) for start in range(0, size, step)]
-        _run_in_lanes(fetch_part, parts, config.parts_in_flight)
+        def final() -> int:
+            """The end of the file's final bytes: where the first unfinished part has reached."""
+            return next((at for at, (_, end) in zip(reached, parts, strict=True) if at < end), size)
+
+        digests = _digests_for(destination, declared_algorithms)
+        lanes = _start_lanes(fetch_part, len(parts), config.parts_in_flight)
+        try:
+            if digests is not None:
+                _digest_as_final(descriptor, digests, final, progress, lanes)
+        finally:
+            _join(lanes)
     finally:
         os.close(descriptor)
+
+
+def _digests_for(destination: Path, declared_algorithms: Iterable[str]) -> Digests | None:
+    """New digests of ``destination``, for `fetch_file` to verify it with, if it is the target of
+    the download `fetch_file` runs in this context (else ``None``: none is needed)."""
+    running = _FILE_DOWNLOAD.get()
+    if running is None or running.target != destination:
+        return None
+    running.digests = Digests([*running.algorithms, *declared_algorithms])
+    return running.digests
+
+
+def _digest_as_final(
+    descriptor: int,
+    digests: Digests,
+    final: Callable[[], int],
+    progress: threading.Condition,
+    lanes: Sequence[Future[None]],
+) -> None:
+    """Feed ``digests`` the file's bytes as they become final (up to ``final()``, which grows as
+    the parts notify ``progress``), until they all are or the ``lanes`` writing them ended."""
+
+    def wake(_: Future[None]) -> None:
+        with progress:
+            progress.notify()
+
+    for lane in lanes:
+        lane.add_done_callback(wake)
+    while True:
+        with progress:
+            progress.wait_for(
+                lambda: final() > digests.length or all(lane.done() for lane in lanes)
+            )
+            end = final()
+        if end == digests.length:
+            return
+        while digests.length < end:
+            length = min(_HASHED_AT_ONCE, end - digests.length)
+            chunk = os.pread(descriptor, length, digests.length)
+            if not chunk:
+                raise IntegrityError("the file being downloaded was cut short")
+            digests.update(chunk)
 
 
 def beside(call: Callable[[], _T]) -> Future[_T]:
@@ -238,13 +334,11 @@ def beside(call: Callable[[], _T]) -> Future[_T]:
     return _BESIDE.submit(contextvars.copy_context().run, call)
 
 
-def _run_in_lanes(
-    function: Callable[[tuple[int, int]], None], items: Sequence[tuple[int, int]], lanes: int
-) -> None:
-    """``function(item)`` for every item, ``lanes`` at a time on the process's read pool (in the
-    caller's context: its time budget); after the first failure no lane takes another item, and
-    the failure is raised once the running calls end."""
-    remaining = iter(items)
+def _start_lanes(function: Callable[[int], None], count: int, lanes: int) -> list[Future[None]]:
+    """Start ``function(i)`` for every ``i`` below ``count``, in order, ``lanes`` at a time on
+    the process's read pool (in the caller's context: its time budget); after the first failure
+    no lane starts another. `_join` waits for them."""
+    remaining = iter(range(count))
     guard = threading.Lock()
     failed = threading.Event()
 
@@ -260,11 +354,13 @@ def _run_in_lanes(
                 failed.set()
                 raise
 
-    futures = [
-        _READS.submit(contextvars.copy_context().run, lane) for _ in range(min(lanes, len(items)))
-    ]
-    wait(futures)
-    for future in futures:
-        error = future.exception()
+    return [_READS.submit(contextvars.copy_context().run, lane) for _ in range(min(lanes, count))]
+
+
+def _join(lanes: Sequence[Future[None]]) -> None:
+    """Wait until every lane ended; raise the first failure."""
+    wait(lanes)
+    for lane in lanes:
+        error = lane.exception()
         if error is not None:
             raise error

@@ -14,7 +14,7 @@ memory, single flight, checks, the cache, retries and metrics are the pipeline's
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -121,11 +121,19 @@ class Store(ABC):
         destination: Path,
         size: int,
         fetch_range: Callable[[int, int, Callable[[bytes], None]], None],
+        declared_algorithms: Iterable[str] = (),
     ) -> None:
         """For `download`: fetch ``size`` bytes into ``destination`` in parallel ranged parts,
-        each retried and resumed where it broke, as `transfer` says (see `download_in_parts`)."""
+        each retried and resumed where it broke, as `transfer` says (see `download_in_parts`).
+        ``declared_algorithms``: those of the checksums the store declared since `locate` (in
+        an S3 ``HEAD``), to compute as the bytes come, with the others the pipeline verifies."""
         download_in_parts(
-            destination, size, fetch_range, config=self.transfer, on_retry=self.count_retry
+            destination,
+            size,
+            fetch_range,
+            config=self.transfer,
+            on_retry=self.count_retry,
+            declared_algorithms=declared_algorithms,
         )
 
     def count_retry(self, _: TransientStoreError) -> None:

@@ -237,7 +237,9 @@ class S3Store(BucketStore):
                 finally:
                     body.close()
 
-        self.download_ranges(destination, file.size, fetch_range)
+        self.download_ranges(
+            destination, file.size, fetch_range, declared_algorithms=tuple(checksums)
+        )
         return checksums
 
 
