@@ -161,6 +161,7 @@ class FaultRelay(FaultLedger, Server):
         #: Lower-case names of the request headers never forwarded upstream.
         self.drop_request_headers = drop_request_headers
         self.port = 0
+        self._connections = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="FaultRelay")
         self._server: asyncio.Server | None = None
@@ -172,6 +173,11 @@ class FaultRelay(FaultLedger, Server):
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` of the relay."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """Client connections the relay accepted since it started."""
+        return self._connections
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait until every response the relay began is relayed, or abandoned by its client, so
@@ -223,6 +229,7 @@ class FaultRelay(FaultLedger, Server):
         task = asyncio.current_task()
         assert task is not None
         self._track(task)
+        self._connections += 1
         upstream: asyncio.StreamWriter | None = None
         responses: asyncio.Task[None] | None = None
         pending: deque[tuple[str, Fault | None]] = deque()

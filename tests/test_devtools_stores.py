@@ -89,6 +89,7 @@ def test_relay_counts_requests(seaweed: SeaweedS3, bucket: str, relay: FaultRela
         ("GET", f"/{bucket}/k"),
     ]
     assert 2 * MB <= relay.response_body_bytes < 2 * MB + 1000
+    assert relay.connections == 1
     relay.reset_counters()
     assert (relay.requests, relay.response_body_bytes) == ([], 0)
 

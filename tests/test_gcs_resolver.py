@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from gcs_fixtures import GcsBucket
 from resolver_setup import fast_transfer
 
 from devtools.models import write_lora_adapter
+from devtools.relay import Fault
 from vllm_lora_resolvers.backends.gcs import GcsStore, parse_gcs_uri
 from vllm_lora_resolvers.config import ConfigurationError
 from vllm_lora_resolvers.errors import StoreUnavailableError
@@ -93,3 +95,26 @@ def test_a_generation_is_url_encoded_into_the_media_url(
     assert url.endswith(
         "/o/adapters%2Fsql%2Fadapter_model.safetensors?alt=media&generation=1%26userProject%3Dx"
     )
+
+
+def test_reads_at_once_keep_their_connections(
+    gcs_bucket: GcsBucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    # 16 reads at once, more than the 10 connections requests keeps per host by default: each
+    # read past the tenth opened a connection (a TLS handshake with GCS) for every file again.
+    source = write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL)
+    gcs_bucket.upload("sql", source)
+    size = (source / "adapter_model.safetensors").stat().st_size
+    transfer = dataclasses.replace(fast_transfer(-(-size // 16)), parts_in_flight=16)
+    store = gcs_bucket.resolver(cache_dir, transfer).store
+    remote = store.locate("sql")
+    assert remote is not None
+    weights = remote.file("adapter_model.safetensors")
+    assert weights is not None
+    # Every part waits at the relay, so that all 16 are under way at once.
+    gcs_bucket.relay.add_fault(Fault("delay", path_contains="alt=media", seconds=0.5, times=32))
+    store.download(remote, weights, tmp_path / "first")
+    opened = gcs_bucket.relay.connections
+    assert opened >= 16
+    store.download(remote, weights, tmp_path / "second")
+    assert gcs_bucket.relay.connections == opened

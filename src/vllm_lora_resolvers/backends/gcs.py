@@ -29,6 +29,7 @@ import requests
 from google.api_core import exceptions as google_errors
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
+from requests.adapters import DEFAULT_POOLSIZE, HTTPAdapter
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, SIGNATURE_FILE
 from vllm_lora_resolvers.backends.bucket import (
@@ -46,7 +47,12 @@ from vllm_lora_resolvers.errors import (
     VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
-from vllm_lora_resolvers.transfer import TransferConfig, check_stored_size, stored_size
+from vllm_lora_resolvers.transfer import (
+    PARALLEL_READS,
+    TransferConfig,
+    check_stored_size,
+    stored_size,
+)
 
 #: A key after every adapter file name (``adapter_model.*`` < ``adapter_n``), and one after the
 #: signature's too.
@@ -90,7 +96,9 @@ class GcsStore(BucketStore):
         with self._client_guard:
             if self._client is None:
                 with store_errors("connecting to Google Cloud Storage"):
-                    self._client = storage.Client()
+                    client = storage.Client()
+                    _keep_a_connection_per_read(client._http)
+                    self._client = client
             return self._client
 
     @property
@@ -223,6 +231,17 @@ class GcsStore(BucketStore):
             f"{self.client.api_endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
             f"{quote(key, safe='')}?{urlencode(query)}"
         )
+
+
+def _keep_a_connection_per_read(session: requests.Session) -> None:
+    """Let ``session`` keep a connection for each read the process runs at once
+    (`PARALLEL_READS`), as the S3 client does: requests keeps 10 per host, so every read past the
+    tenth at once (two large files fetched together) opened a connection, a TLS handshake with
+    GCS, and closed it when it ended. The adapters stay (an mTLS one holds the client
+    certificate); only their pools are made anew, before any connection is open."""
+    for adapter in session.adapters.values():
+        if isinstance(adapter, HTTPAdapter):
+            adapter.init_poolmanager(DEFAULT_POOLSIZE, PARALLEL_READS)
 
 
 def _unless_refused(where: str, write: Callable[[], None]) -> bool:
