@@ -153,13 +153,19 @@ class RewrittenInPlaceAfterLookup(FilesystemStore):
         return found
 
 
+def _adapter_and_its_next_weights(adapters_dir: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    """Adapter ``sql`` in ``adapters_dir``, and the weights of another version of it, as long."""
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
+    new = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
+    return folder, (new / WEIGHTS).read_bytes()
+
+
 def test_a_file_rewritten_in_place_after_its_lookup_is_looked_up_again(
     adapters_dir: Path, cache_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
-    new = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
+    folder, new_weights = _adapter_and_its_next_weights(adapters_dir, tmp_path)
     store = RewrittenInPlaceAfterLookup(adapters_dir, make_settings(), NodeCache(cache_dir))
-    store.content = (new / WEIGHTS).read_bytes()
+    store.content = new_weights
     resolver = Resolver(store)
     inode = (folder / WEIGHTS).stat().st_ino
 
@@ -239,9 +245,7 @@ class RewrittenOnceOpened(FilesystemStore):
 def test_a_file_rewritten_in_place_once_its_copy_opened_it_is_a_new_version(
     adapters_dir: Path, tmp_path: Path, cache_dir: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
-    new = write_lora_adapter(tmp_path / "v2", base_model=BASE_MODEL, seed=2)
-    RewrittenOnceOpened.new_weights = (new / WEIGHTS).read_bytes()
+    folder, RewrittenOnceOpened.new_weights = _adapter_and_its_next_weights(adapters_dir, tmp_path)
     assert len(RewrittenOnceOpened.new_weights) == (folder / WEIGHTS).stat().st_size
     store = RewrittenOnceOpened(adapters_dir, make_settings(), NodeCache(cache_dir))
     remote = store.locate("sql")
