@@ -347,3 +347,24 @@ def test_the_default_worst_case_is_seconds_not_minutes() -> None:
     """What docs/troubleshooting.md states a black-holed download can cost a request: the
     resolution's retry budget plus one transfer attempt's time limits."""
     assert DEFAULT_TRANSFER.worst_case_seconds() == 15.0 + 2.0 + 10.0
+
+
+def test_a_file_of_one_part_is_fetched_and_hashed_on_the_calling_thread(tmp_path: Path) -> None:
+    """A small file (one part) costs no hand-over to the read pool and back; the hashes of the
+    file are still complete, and a failure of its part is still retried, then raised."""
+    part_source, _ = _flaky_source([1000])
+    threads: list[threading.Thread] = []
+
+    def fetch_range(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        threads.append(threading.current_thread())
+        part_source(start, end, write)
+
+    fetched = _fetch_in_parts(tmp_path / "out", fetch_range, _config(len(DATA), 4))
+    assert threads == [threading.current_thread()] * 2  # broken once, resumed
+    assert (fetched.crc32c, fetched.digests) == (CRC32C, {"sha256": SHA256})
+
+    def always_broken(start: int, end: int, write: Callable[[bytes], None]) -> None:
+        raise TransientStoreError("connection reset")
+
+    with pytest.raises(TransientStoreError, match="connection reset"):
+        _fetch_in_parts(tmp_path / "broken", always_broken, _config(len(DATA), 4))

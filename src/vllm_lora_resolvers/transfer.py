@@ -377,7 +377,16 @@ def beside(call: Callable[[], _T]) -> Future[_T]:
 def _start_lanes(function: Callable[[int], None], count: int, lanes: int) -> list[Future[None]]:
     """Start ``function(i)`` for every ``i`` below ``count``, in order, ``lanes`` at a time on
     the process's read pool (in the caller's context: its time budget); after the first failure
-    no lane starts another. `_join` waits for them."""
+    no lane starts another. `_join` waits for them. A single item runs on the calling thread,
+    done when this returns: a small file costs no hand-over to another thread and back."""
+    if count == 1:
+        done: Future[None] = Future()
+        try:
+            function(0)
+            done.set_result(None)
+        except BaseException as error:  # raised by _join, as a lane's would be
+            done.set_exception(error)
+        return [done]
     remaining = iter(range(count))
     guard = threading.Lock()
     failed = threading.Event()
