@@ -368,3 +368,39 @@ def test_a_file_of_one_part_is_fetched_and_hashed_on_the_calling_thread(tmp_path
 
     with pytest.raises(TransientStoreError, match="connection reset"):
         _fetch_in_parts(tmp_path / "broken", always_broken, _config(len(DATA), 4))
+
+
+def _tiling(ranges: list[tuple[int, int]], size: int) -> bool:
+    """Whether ``(start, length)`` ranges cover ``[0, size)`` exactly once."""
+    covered = 0
+    for start, length in sorted(ranges):
+        if start != covered:
+            return False
+        covered += length
+    return covered == size
+
+
+def test_every_byte_written_is_started_on_its_way_to_the_disk_as_it_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads in parts and local copies start the writeback of what they wrote, a step at a
+    time (``sync_file_range``), so the fsync before a publish waits only for the last bytes."""
+    started: list[tuple[int, int]] = []
+
+    def sync_file_range(descriptor: int, start: int, length: int, flags: int) -> int:
+        assert flags == transfer._SYNC_FILE_RANGE_WRITE  # start it, never wait for it
+        started.append((start, length))
+        return 0
+
+    monkeypatch.setattr(transfer, "_sync_file_range", sync_file_range)
+    monkeypatch.setattr(transfer, "_WRITEBACK_STEP", 100_000)
+    fetch_range, _ = _flaky_source([150_000])
+    _fetch_in_parts(tmp_path / "parts", fetch_range, _config(len(DATA) // 4, 4))
+    assert _tiling(started, len(DATA)) and len(started) > 8
+    assert max(length for _, length in started) < 100_000 + 4096  # a step and a chunk at most
+
+    started.clear()
+    source = tmp_path / "source"
+    source.write_bytes(LONG)
+    _fetch_copy(source, len(LONG), tmp_path / "copy")
+    assert _tiling(started, len(LONG)) and len(started) > 1

@@ -42,7 +42,7 @@ LOOKUP_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2, budget_se
 TRANSFER_RETRY = RetryPolicy(attempts=5, base_delay=0.2, max_delay=2.0)
 #: Bytes of a file hashed at a time as a download writes it.
 _HASHED_AT_ONCE = 1 << 20
-#: Bytes a local copy writes between two starts of their writeback (`copy_into`).
+#: Bytes a download's part or a local copy writes between two starts of their writeback.
 _WRITEBACK_STEP = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing the range's dirty pages, do not wait
 _sync_file_range = getattr(ctypes.CDLL(None), "sync_file_range", None)
@@ -254,8 +254,10 @@ def download_in_parts(
 
         def fetch_part(index: int) -> None:
             start, end = parts[index]
+            written_back = start
 
             def write(chunk: bytes) -> None:
+                nonlocal written_back
                 view, position = memoryview(chunk), reached[index]
                 check_received(destination.name, position, len(view), end=end, size=size)
                 while view:
@@ -264,6 +266,9 @@ def download_in_parts(
                 with progress:
                     reached[index] = position
                     progress.notify()
+                if position - written_back >= _WRITEBACK_STEP or position == end:
+                    _start_writeback(descriptor, written_back, position)
+                    written_back = position
 
             def attempt() -> None:
                 if reached[index] < end:  # a try that failed past its last byte left nothing
@@ -295,15 +300,21 @@ def download_in_parts(
         os.close(descriptor)
 
 
+def _start_writeback(descriptor: int, start: int, end: int) -> None:
+    """Start writing bytes ``[start, end)`` of the file to the disk, waiting for nothing
+    (``sync_file_range`` where the system has it, which promises nothing): the disk writes while
+    the transfer goes on, and the ``fsync`` that makes a snapshot durable before it is published
+    waits only for the last bytes. A failure changes nothing: ignored."""
+    if _sync_file_range is not None:
+        _sync_file_range(descriptor, start, end - start, _SYNC_FILE_RANGE_WRITE)
+
+
 def copy_into(destination: Path, reader: int, size: int) -> None:
     """Copy the first ``size`` bytes of ``reader`` into ``destination`` (never more, however long
     it has grown; fewer if it ends sooner): 1 MiB read, then, for `fetch_file`, hashed, then
     written, so the copy is never read again (at 2 MiB the copy took several times longer here).
 
-    Every 8 MiB written is started on its way to the disk at once (``sync_file_range`` where the
-    system has it, which waits for nothing and promises nothing): the disk writes while the copy
-    goes on, and the ``fsync`` that makes a snapshot durable before it is published waits only
-    for the last bytes.
+    Every 8 MiB written is started on its way to the disk at once (`_start_writeback`).
     """
     digests = _digests_for(destination)
     writer = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -319,8 +330,7 @@ def copy_into(destination: Path, reader: int, size: int) -> None:
                 view = view[os.write(writer, view) :]
             copied += len(chunk)
             if copied - started >= _WRITEBACK_STEP or copied == size:
-                if _sync_file_range is not None:  # a failure changes nothing: ignored
-                    _sync_file_range(writer, started, copied - started, _SYNC_FILE_RANGE_WRITE)
+                _start_writeback(writer, started, copied)
                 started = copied
     finally:
         os.close(writer)
