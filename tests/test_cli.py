@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -805,3 +806,16 @@ def test_flock_holders_are_read_from_proc_locks() -> None:
         "3: POSIX  ADVISORY  WRITE 44 fe:01:78 0 EOF\n"
     )
     assert flock_holders(locks) == {(254, 1, 77): [41, 42]}
+
+
+def test_the_exit_hook_is_registered_once_however_many_commands_a_process_runs() -> None:
+    from click.testing import CliRunner
+
+    from vllm_lora_resolvers.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["cache", "--help"]).exit_code == 0
+    registered = atexit._ncallbacks()  # type: ignore[attr-defined]
+    for _ in range(3):
+        assert runner.invoke(main, ["cache", "--help"]).exit_code == 0
+    assert atexit._ncallbacks() == registered  # type: ignore[attr-defined]

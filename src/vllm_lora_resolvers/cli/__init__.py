@@ -57,5 +57,7 @@ def main(verbose: bool) -> None:
     )
     # The process ends with the command, and what it built (modules, botocore's service models)
     # lives until then: the interpreter's last garbage collections would only walk it all again
-    # (~80 ms of a one-shot `vllm-lora pull`), so the objects are set aside from them.
+    # (~80 ms of a one-shot `vllm-lora pull`), so the objects are set aside from them. Once per
+    # process, however many commands it runs (tests run many).
+    atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
