@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -809,13 +808,19 @@ def test_flock_holders_are_read_from_proc_locks() -> None:
 
 
 def test_the_exit_hook_is_registered_once_however_many_commands_a_process_runs() -> None:
-    from click.testing import CliRunner
+    script = """
+import atexit, gc
+from click.testing import CliRunner
+from vllm_lora_resolvers.cli import main
 
-    from vllm_lora_resolvers.cli import main
-
-    runner = CliRunner()
-    assert runner.invoke(main, ["cache", "--help"]).exit_code == 0
-    registered = atexit._ncallbacks()  # type: ignore[attr-defined]
-    for _ in range(3):
-        assert runner.invoke(main, ["cache", "--help"]).exit_code == 0
-    assert atexit._ncallbacks() == registered  # type: ignore[attr-defined]
+frozen = []
+freeze = gc.freeze
+gc.freeze = lambda: frozen.append(freeze())
+atexit.register(lambda: print("frozen", len(frozen)))  # registered first: runs last
+for _ in range(3):
+    assert CliRunner().invoke(main, ["cache", "--help"]).exit_code == 0
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert ran.stdout.splitlines()[-1] == "frozen 1"
