@@ -13,6 +13,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import google_crc32c
@@ -32,6 +33,7 @@ from resolver_setup import fast_transfer
 from devtools.models import write_large_adapter, write_lora_adapter
 from devtools.relay import Fault
 from vllm_lora_resolvers import metrics
+from vllm_lora_resolvers.backends import azure, gcs, s3
 from vllm_lora_resolvers.edge import VllmResolver
 from vllm_lora_resolvers.errors import (
     InvalidAdapterError,
@@ -475,3 +477,33 @@ def test_a_store_sending_more_than_it_declared_is_refused_and_remembered(
         resolver.resolve(BASE_MODEL, store.name("sql"))
     assert store.weights_reads() == []
     assert store.body_bytes() < 64 << 10  # a lookup's answer at most
+
+
+#: Bucket stores' limits on a lookup's listing, by backend, made small here: (module, its
+#: constants set to the values given).
+LISTING_LIMITS: dict[str, tuple[ModuleType, dict[str, int]]] = {
+    "s3": (s3, {"_LOOKUP_PAGE_ENTRIES": 2, "_MAX_LOOKUP_PAGES": 2}),
+    "gcs": (gcs, {"_MAX_LOOKUP_ENTRIES": 4}),
+    "azure": (azure, {"_MAX_LOOKUP_ENTRIES": 4}),
+}
+
+
+def test_an_adapter_among_more_entries_than_a_lookup_lists_is_refused_with_what_to_do(
+    store: StoreUnderTest, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup lists the adapter's files by name in one short listing; other entries sorting
+    among them (here ``adapter_draft_*``) past what it may read make it refuse, never list on."""
+    if store.backend not in LISTING_LIMITS:
+        pytest.skip(f"not applicable to {store.label}: its lookup lists no folder")
+    module, limits = LISTING_LIMITS[store.backend]
+    for constant, value in limits.items():
+        monkeypatch.setattr(module, constant, value)
+    put_adapter(store, tmp_path, "tidy")
+    crowded = write_lora_adapter(tmp_path / "sources" / "crowded", base_model=BASE_MODEL)
+    for index in range(6):
+        (crowded / f"adapter_draft_{index}").write_text("an earlier try\n")
+    store.put("crowded", crowded)
+    resolver = store.resolver(cache_dir)
+    assert resolver.resolve(BASE_MODEL, store.name("tidy")) is not None
+    with pytest.raises(InvalidAdapterError, match=r"too many other entries.*move those elsewhere"):
+        resolver.resolve(BASE_MODEL, store.name("crowded"))

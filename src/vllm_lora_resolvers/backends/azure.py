@@ -38,10 +38,9 @@ from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContentSettings
 
 from vllm_lora_resolvers.adapter import ADAPTER_FILES, SIGNATURE_FILE
-from vllm_lora_resolvers.backends.bucket import BucketStore, StoredObject, folder_key
+from vllm_lora_resolvers.backends.bucket import BucketStore, StoredObject
 from vllm_lora_resolvers.config import AZURE_URI, ConfigurationError
 from vllm_lora_resolvers.errors import (
-    InvalidAdapterError,
     StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
@@ -160,10 +159,7 @@ class AzureBlobStore(BucketStore):
                 if blob.name > folder + last:
                     break
                 if number == _MAX_LOOKUP_ENTRIES:
-                    raise InvalidAdapterError(
-                        f"adapter {name!r}: over {number} other entries of its folder sort among "
-                        f"{', '.join(self.file_names)}; move those elsewhere"
-                    )
+                    raise self.crowded_folder(name, f"a listing of {number} entries")
                 path = blob.name[len(folder) :]
                 if "/" not in path:
                     md5 = blob.content_settings.content_md5
@@ -207,15 +203,12 @@ class AzureBlobStore(BucketStore):
                 return False
         return True
 
-    def list_names(self, folder: str = "") -> Iterator[str]:
-        """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
-        adapters (`locate` tells which hold one). One paginated listing with ``delimiter="/"``."""
-        top = folder_key(self.prefix, "")
-        listed = folder_key(self.prefix, folder)
-        with store_errors(f"listing {self.location(listed)}"):
-            for entry in self.client.walk_blobs(name_starts_with=listed, delimiter="/"):
+    def list_subfolders(self, key: str) -> Iterator[str]:
+        """One paginated listing with ``delimiter="/"``."""
+        with store_errors(f"listing {self.location(key)}"):
+            for entry in self.client.walk_blobs(name_starts_with=key, delimiter="/"):
                 if isinstance(entry, BlobPrefix):
-                    yield entry.name[len(top) :].rstrip("/")
+                    yield entry.name
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path

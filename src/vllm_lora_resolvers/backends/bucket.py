@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import secrets
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -167,6 +168,11 @@ class BucketStore(Store):
         lookups; ``name`` is the adapter's, for messages."""
 
     @abstractmethod
+    def list_subfolders(self, key: str) -> Iterator[str]:
+        """The keys of the folders directly under key prefix ``key`` (each ending in ``/``): one
+        paginated listing with ``/`` as delimiter."""
+
+    @abstractmethod
     def read_object(self, key: str, max_bytes: int) -> StoredObject | None:
         """Object ``key`` (its first ``max_bytes + 1`` bytes at most), ``None`` if absent."""
 
@@ -180,6 +186,25 @@ class BucketStore(Store):
         ``replacing`` (``None``: if there is none); ``False`` if it is not."""
 
     # -- names and keys -------------------------------------------------------------------
+
+    def list_names(self, folder: str = "") -> Iterator[str]:
+        """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
+        adapters (`locate` tells which hold one).
+
+        >>> list(store.list_names("team-a"))  # doctest: +SKIP
+        ['team-a/chat', 'team-a/sql']
+        """
+        top = folder_key(self.prefix, "")
+        for subfolder in self.list_subfolders(folder_key(self.prefix, folder)):
+            yield subfolder[len(top) :].rstrip("/")
+
+    def crowded_folder(self, name: str, listed: str) -> InvalidAdapterError:
+        """The refusal of adapter ``name``, whose files ``listed`` (a lookup's listing, as far as
+        it may go) did not reach: too many other entries of its folder sort among them."""
+        return InvalidAdapterError(
+            f"adapter {name!r}: {listed} did not reach all of {', '.join(self.file_names)}: too "
+            "many other entries of its folder sort among them; move those elsewhere"
+        )
 
     def accepts_name(self, name: str) -> bool:
         """``NAME`` or ``NAME@VERSION``, VERSION one segment (`is_version`)."""

@@ -35,12 +35,10 @@ from vllm_lora_resolvers.adapter import ADAPTER_FILES, SIGNATURE_FILE
 from vllm_lora_resolvers.backends.bucket import (
     BucketStore,
     StoredObject,
-    folder_key,
     parse_bucket_uri,
 )
 from vllm_lora_resolvers.config import GCS_URI
 from vllm_lora_resolvers.errors import (
-    InvalidAdapterError,
     StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
@@ -124,10 +122,7 @@ class GcsStore(BucketStore):
                 )
             )
         if len(blobs) == _MAX_LOOKUP_ENTRIES:
-            raise InvalidAdapterError(
-                f"adapter {name!r}: over {_MAX_LOOKUP_ENTRIES} other entries of its folder sort "
-                f"among {', '.join(self.file_names)}; move those elsewhere"
-            )
+            raise self.crowded_folder(name, f"a listing of {_MAX_LOOKUP_ENTRIES} entries")
         return {
             blob.name[len(folder) :]: RemoteFile(
                 blob.name[len(folder) :],
@@ -170,25 +165,17 @@ class GcsStore(BucketStore):
             lambda: blob.upload_from_string(content, if_generation_match=generation),
         )
 
-    def list_names(self, folder: str = "") -> Iterator[str]:
-        """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
-        adapters (`locate` tells which hold one). One paginated listing with ``delimiter="/"``.
-
-        >>> list(store.list_names("team-a"))  # doctest: +SKIP
-        ['team-a/chat', 'team-a/sql']
-        """
-        top = folder_key(self.prefix, "")
-        listed = folder_key(self.prefix, folder)
-        with store_errors(f"listing gs://{self.bucket_name}/{listed}"):
+    def list_subfolders(self, key: str) -> Iterator[str]:
+        """One paginated listing with ``delimiter="/"``."""
+        with store_errors(f"listing gs://{self.bucket_name}/{key}"):
             blobs = self.bucket.list_blobs(
-                prefix=listed,
+                prefix=key,
                 delimiter="/",
                 retry=_LISTING_RETRY,
                 timeout=self.transfer.transfer_timeout,
             )
             for page in blobs.pages:
-                for subfolder in sorted(page.prefixes):
-                    yield subfolder[len(top) :].rstrip("/")
+                yield from sorted(page.prefixes)
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path

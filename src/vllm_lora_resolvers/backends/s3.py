@@ -26,12 +26,10 @@ from botocore.session import Session
 from vllm_lora_resolvers.backends.bucket import (
     BucketStore,
     StoredObject,
-    folder_key,
     parse_bucket_uri,
 )
 from vllm_lora_resolvers.config import S3_URI
 from vllm_lora_resolvers.errors import (
-    InvalidAdapterError,
     StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
@@ -45,7 +43,8 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import ListObjectsV2OutputTypeDef
 
 _CHUNK = 1 << 20
-#: Listing pages (1,000 entries each) read at most to find one adapter's files.
+#: Entries of a listing page (S3's most), and pages read at most to find one adapter's files.
+_LOOKUP_PAGE_ENTRIES = 1000
 _MAX_LOOKUP_PAGES = 10
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
@@ -126,6 +125,7 @@ class S3Store(BucketStore):
             Prefix=folder + os.path.commonprefix(self.file_names),  # noqa: RUF071 - a key prefix
             StartAfter=folder + first[:-1],
             Delimiter="/",
+            PaginationConfig={"PageSize": _LOOKUP_PAGE_ENTRIES},
         )
         listed = {}
         with store_errors(f"listing {self.location(folder)}"):
@@ -136,11 +136,7 @@ class S3Store(BucketStore):
                 if not page.get("IsTruncated") or _listed_past(page, folder + last):
                     break
                 if number == _MAX_LOOKUP_PAGES:
-                    raise InvalidAdapterError(
-                        f"adapter {name!r}: {number} listing pages did not reach all of "
-                        f"{', '.join(self.file_names)}: too many other entries of its folder sort "
-                        "among them; move those elsewhere"
-                    )
+                    raise self.crowded_folder(name, f"{number} listing pages")
         return listed
 
     def read_object(self, key: str, max_bytes: int) -> StoredObject | None:
@@ -175,23 +171,15 @@ class S3Store(BucketStore):
                 raise
         return True
 
-    def list_names(self, folder: str = "") -> Iterator[str]:
-        """Names of the folders directly in ``folder`` (``""``: under the prefix): the candidate
-        adapters (`locate` tells which hold one). One paginated ``ListObjectsV2`` with
-        ``Delimiter="/"``.
-
-        >>> list(store.list_names("team-a"))  # doctest: +SKIP
-        ['team-a/chat', 'team-a/sql']
-        """
-        top = folder_key(self.prefix, "")
-        listed = folder_key(self.prefix, folder)
+    def list_subfolders(self, key: str) -> Iterator[str]:
+        """One paginated ``ListObjectsV2`` with ``Delimiter="/"``."""
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=listed, Delimiter="/"
+            Bucket=self.bucket, Prefix=key, Delimiter="/"
         )
-        with store_errors(f"listing s3://{self.bucket}/{listed}"):
+        with store_errors(f"listing s3://{self.bucket}/{key}"):
             for page in pages:
                 for subfolder in page.get("CommonPrefixes", []):
-                    yield subfolder.get("Prefix", "")[len(top) :].rstrip("/")
+                    yield subfolder.get("Prefix", "")
 
     def download(
         self, adapter: RemoteAdapter, file: RemoteFile, destination: Path
