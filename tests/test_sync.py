@@ -106,6 +106,20 @@ def test_a_damaged_or_foreign_answer_record_is_asked_again(cache_dir: Path) -> N
     assert cache.node_answer("q", 60, lambda: "asked once more") == ("asked once more", True)
 
 
+def test_an_answer_the_cache_cannot_record_is_still_given_and_asked_again_next_time(
+    cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = NodeCache(cache_dir)
+    cache.node_answer("q", 60, lambda: "recorded")
+    (record,) = cache.layout.answers.iterdir()
+    record.unlink()
+    record.mkdir()  # where the record goes, something it cannot replace (as a full disk would)
+    with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers.cache"):
+        assert cache.node_answer("q", 60, lambda: "unrecorded") == ("unrecorded", True)
+    assert "cannot record an answer" in caplog.text
+    assert cache.node_answer("q", 60, lambda: "asked again") == ("asked again", True)
+
+
 def test_a_released_snapshot_can_be_evicted(cache_dir: Path, adapters_dir: Path) -> None:
     settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": str(cache_dir)}, argv=[])
     resolver = Resolver(FilesystemStore(adapters_dir, settings, NodeCache(cache_dir)))
@@ -502,6 +516,20 @@ def test_a_damaged_round_phase_is_ignored_and_rewritten(node: Node, damage: str)
     assert 0 <= float(phase) < 1
     sync.next_round_time(1000.0)
     assert json.loads(record.read_text())["answer"] == phase  # kept from then on
+
+
+def test_a_node_cache_that_cannot_hold_the_round_phase_leaves_the_sync_a_phase_of_its_own(
+    node: Node,
+) -> None:
+    clock = Clock()
+    sync = node.sync(interval=30, wall_clock=clock)
+    answers = sync.cache.layout.answers
+    shutil.rmtree(answers)
+    answers.write_text("not a folder: no answer can be recorded or read\n")
+    first = sync.next_round_time(1000.0)
+    assert 1000 < first <= 1030
+    assert sync.next_round_time(1000.0) == first  # the same phase, round after round
+    sync.run(Timeline(clock, waits=3))  # and the rounds go on
 
 
 class Timeline(threading.Event):

@@ -335,6 +335,8 @@ class AdapterSync:
     _reported: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: (name, path) the server holds that this sync leaves alone (each reported once).
     _left_alone: set[tuple[str, str]] = field(default_factory=set)
+    #: The round phase of this sync alone, for when the node cache cannot hold the node's.
+    _own_phase: float = field(default_factory=random.random)
 
     def run(self, stop: threading.Event) -> None:
         """Run a round at each of the node's round times until ``stop`` is set. A round that
@@ -355,9 +357,13 @@ class AdapterSync:
         """The node's first round time later than ``after`` (a `wall_clock` time): every sync on
         the node wakes at the same phase of the interval (so they share one store lookup), and
         nodes at different phases (so the fleet's lookups spread over the interval)."""
-        text, _ = self.cache.node_answer(
-            _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
-        )
+        try:
+            text, _ = self.cache.node_answer(
+                _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
+            )
+        except CacheError as error:
+            logger.warning("sync: %s; this sync keeps a round phase of its own meanwhile", error)
+            text = repr(self._own_phase)
         fraction = _phase(text)
         assert fraction is not None, "node_answer returns only phases _is_phase accepts"
         phase = fraction * self.interval

@@ -4,6 +4,7 @@ recorded for the others, so that a node asks at most once per time-to-live."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from vllm_lora_resolvers.cache.files import cache_write_error, lock_file, unlock_and_remove
 from vllm_lora_resolvers.cache.layout import Layout
 from vllm_lora_resolvers.cache.staging import Staging
+
+logger = logging.getLogger("vllm.lora_resolvers.cache")
 
 #: What asks the question when no fresh answer is recorded.
 Ask = Callable[[], str]
@@ -46,7 +49,9 @@ class NodeAnswers:
 
         Processes asking at once wait for the first one's answer (one lock per question), so a
         node asks at most once per ``max_age`` however many processes want to know. A recorded
-        answer ``accept`` rejects (a damaged record) is asked again and rewritten.
+        answer ``accept`` rejects (a damaged record) is asked again and rewritten. An answer the
+        cache cannot record (a full disk) is still returned: the node asks again next time.
+        Raises `CacheError` when the question's lock cannot be taken (no answer is asked then).
         """
         digest = hashlib.sha256(question.encode()).hexdigest()[:40]
         record = self._layout.answers / f"{digest}.json"
@@ -66,14 +71,24 @@ class NodeAnswers:
             ):
                 return recorded.answer, False
             answer = ask()
-            temporary = self._staging.scratch() / f"answer.{secrets.token_hex(8)}"
-            temporary.write_text(
-                NodeAnswer(question=question, answer=answer, at=time.time()).model_dump_json()
-            )
-            temporary.replace(record)
+            self._record(record, NodeAnswer(question=question, answer=answer, at=time.time()))
             return answer, True
         finally:
             unlock_and_remove(lock, descriptor)
+
+    def _record(self, record: Path, answer: NodeAnswer) -> None:
+        """Write ``answer`` to ``record`` at once for the node's other processes, or not at all
+        (with a warning) when the cache cannot."""
+        try:
+            temporary = self._staging.scratch() / f"answer.{secrets.token_hex(8)}"
+            temporary.write_text(answer.model_dump_json())
+            temporary.replace(record)
+        except OSError as error:
+            logger.warning(
+                "the node cache cannot record an answer for its other processes (%s); they ask "
+                "again",
+                error.strerror or error,
+            )
 
 
 def _read_answer(record: Path, question: str) -> NodeAnswer | None:
