@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import report
+from bench.common import interleaved_median_seconds, report
 from devtools.models import write_large_adapter, write_lora_adapter
 from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
@@ -90,17 +89,15 @@ def cold_resolve(work: Path, size_bytes: int) -> tuple[float, float, float]:
         cp()
         subprocess.run(["sync", *map(str, copy.iterdir()), str(copy)], check=True)
 
+    def remove_copies() -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(copy, ignore_errors=True)
+
     operations = (ours, cp, cp_durable)
-    samples: list[list[float]] = [[] for _ in operations]
-    for run in range(COLD_RUNS + 1):  # the first round warms the page cache for all
-        for operation, timings in zip(operations, samples, strict=True):
-            started = time.perf_counter()
-            operation()
-            if run:
-                timings.append(time.perf_counter() - started)
-            shutil.rmtree(cache, ignore_errors=True)
-            shutil.rmtree(copy, ignore_errors=True)
-    ours_s, cp_s, cp_durable_s = (statistics.median(timings) for timings in samples)
+    interleaved_median_seconds(operations, 1, before=remove_copies)  # warms the page cache
+    ours_s, cp_s, cp_durable_s = interleaved_median_seconds(
+        operations, COLD_RUNS, before=remove_copies
+    )
     return ours_s, cp_s, cp_durable_s
 
 
