@@ -357,18 +357,23 @@ class AdapterSync:
         """The node's first round time later than ``after`` (a `wall_clock` time): every sync on
         the node wakes at the same phase of the interval (so they share one store lookup), and
         nodes at different phases (so the fleet's lookups spread over the interval)."""
+        phase = self._round_phase() * self.interval
+        round_time = math.floor((after - phase) / self.interval + 1) * self.interval + phase
+        return round_time if round_time > after else round_time + self.interval
+
+    def _round_phase(self) -> float:
+        """The node's round phase, a fraction of the interval: the one its first sync drew, or
+        this sync's own when the node cache cannot hold one."""
         try:
             text, _ = self.cache.node_answer(
                 _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
             )
         except CacheError as error:
             logger.warning("sync: %s; this sync keeps a round phase of its own meanwhile", error)
-            text = repr(self._own_phase)
+            return self._own_phase
         fraction = _phase(text)
         assert fraction is not None, "node_answer returns only phases _is_phase accepts"
-        phase = fraction * self.interval
-        round_time = math.floor((after - phase) / self.interval + 1) * self.interval + phase
-        return round_time if round_time > after else round_time + self.interval
+        return fraction
 
     def run_round(self) -> RoundResult:
         """Bring every managed adapter to its store's version once; release drained leases."""
