@@ -26,7 +26,12 @@ from vllm_lora_resolvers.backends.filesystem import FilesystemStore
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.edge import VllmResolver
-from vllm_lora_resolvers.errors import InvalidAdapterError, ResolverError, VersionChangedError
+from vllm_lora_resolvers.errors import (
+    InvalidAdapterError,
+    ResolverError,
+    StoreUnavailableError,
+    VersionChangedError,
+)
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.resolver import Resolver
 
@@ -135,6 +140,46 @@ def test_folders_swapped_atomically_never_give_one_versions_config_with_the_othe
         ]
     assert paths
     assert all(_pair(path) in versions for path in paths)
+
+
+class SwappedAfterEachLookup(FilesystemStore):
+    """Swaps the adapter's folder with ``twin`` right after each of its first ``swaps`` lookups,
+    and back before the next one: every copy finds the files changed, every lookup the version
+    it looked up before."""
+
+    swaps = 2
+    twin = Path()
+    swapped = False
+
+    def locate(self, name: str) -> RemoteAdapter | None:
+        if self.swapped:
+            _exchange(self.root / name, self.twin)
+            self.swapped = False
+        found = super().locate(name)
+        if self.swaps > 0:
+            self.swaps -= 1
+            _exchange(self.root / name, self.twin)
+            self.swapped = True
+        return found
+
+
+def test_a_folder_swapped_away_under_each_copy_and_back_is_looked_up_again_never_refused(
+    adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """The same version found again after its files changed under the copy is the same files
+    back: the resolution fails as the store changed (a retry serves it), and the version is not
+    refused as one the store serves otherwise than it declares."""
+    one = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL, seed=1)
+    other = write_lora_adapter(adapters_dir / "other", base_model=BASE_MODEL, seed=2)
+    store = SwappedAfterEachLookup(
+        adapters_dir, make_settings(VLLM_LORA_RESOLVER_NEGATIVE_TTL="0"), NodeCache(cache_dir)
+    )
+    store.twin = other
+    resolver = Resolver(store)
+    with pytest.raises(StoreUnavailableError, match="changed"):
+        resolver.resolve(BASE_MODEL, "sql")
+    resolved = resolver.resolve(BASE_MODEL, "sql")
+    assert resolved is not None and _pair(resolved.path) == _pair(one)
 
 
 class RewrittenInPlaceAfterLookup(FilesystemStore):

@@ -8,6 +8,7 @@ every message here is written for the client: what is wrong and what to do, and 
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 #: A store location in a message (``s3://bucket/key``, ``https://hub/org/repo/...``).
 _LOCATION = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>]+", re.IGNORECASE)
@@ -57,7 +58,21 @@ class CacheFullError(CacheError):
 
 
 class VersionChangedError(StoreUnavailableError):
-    """The adapter changed in the store while it was being fetched: look it up again."""
+    """The adapter changed in the store while it was being fetched: look it up again.
+
+    The store answered otherwise than it declared the version (another size or ETag): one that
+    declares the same version again and again answers otherwise does not serve it as it says,
+    and the version is refused (``contradicts_declaration``)."""
+
+    contradicts_declaration: ClassVar[bool] = True
+
+
+class FilesChangedError(VersionChangedError):
+    """A local file was seen to change (replaced, rewritten, gone) while it was copied. Its
+    version is the files' identity, so the same version found again is the very same files back
+    (a folder swapped back, say), never a store answering otherwise than it declared."""
+
+    contradicts_declaration: ClassVar[bool] = False
 
 
 def for_clients(error: ResolverError) -> ResolverError:

@@ -252,7 +252,9 @@ class Resolver:
         A store that serves another size or ETag than it declared for a version may have just
         changed it (``key`` is added to ``not_as_declared``); if it declares that same version
         again and again serves otherwise, it does not serve it as it says: the version is refused
-        (`InvalidAdapterError`, which the pipeline remembers), not downloaded on every request."""
+        (`InvalidAdapterError`, which the pipeline remembers), not downloaded on every request.
+        Local files seen to change (`FilesChangedError`) are only looked up again: the same
+        version back is the same files back."""
         snapshot = self.cache.lease(key)
         if snapshot is not None:
             return snapshot, "hit", 0
@@ -261,9 +263,10 @@ class Resolver:
         try:
             snapshot, fetched_bytes = self._fetch(remote, key, policy)
         except VersionChangedError as error:
-            if key in not_as_declared:
-                raise self._not_as_declared(remote, error) from None
-            not_as_declared.add(key)
+            if error.contradicts_declaration:
+                if key in not_as_declared:
+                    raise self._not_as_declared(remote, error) from None
+                not_as_declared.add(key)
             raise _LookAgainError(str(error)) from None
         return snapshot, "fetched", fetched_bytes
 

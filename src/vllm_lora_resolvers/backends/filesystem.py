@@ -23,11 +23,11 @@ from vllm_lora_resolvers.backends.base import Store
 from vllm_lora_resolvers.cache import STATE_DIR, NodeCache
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.errors import (
+    FilesChangedError,
     InvalidAdapterError,
     StoreRefusedError,
     StoreUnavailableError,
     TransientStoreError,
-    VersionChangedError,
 )
 from vllm_lora_resolvers.remote import RemoteAdapter, RemoteFile
 from vllm_lora_resolvers.retry import RetryPolicy
@@ -169,16 +169,14 @@ class FilesystemStore(Store):
                 # never more than looked up: a file growing meanwhile is a new version
                 copy_into(destination, reader, file.size)
                 if _identity(os.fstat(reader)) != file.etag:
-                    raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
+                    raise FilesChangedError(f"{file.path} of {adapter.name!r} changed")
             for other in adapter.files:
                 try:
                     status = os.stat(other.path, dir_fd=directory)
                 except FileNotFoundError:
-                    raise VersionChangedError(
-                        f"{other.path} of {adapter.name!r} vanished"
-                    ) from None
+                    raise FilesChangedError(f"{other.path} of {adapter.name!r} vanished") from None
                 if _identity(status) != other.etag:
-                    raise VersionChangedError(f"{other.path} of {adapter.name!r} changed")
+                    raise FilesChangedError(f"{other.path} of {adapter.name!r} changed")
         return {}
 
     def read_head(self, adapter: RemoteAdapter, file: RemoteFile, length: int) -> bytes | None:
@@ -193,7 +191,7 @@ class FilesystemStore(Store):
         try:
             directory = os.open(adapter.location, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
-            raise VersionChangedError(f"adapter {adapter.name!r} vanished") from None
+            raise FilesChangedError(f"adapter {adapter.name!r} vanished") from None
         except OSError as error:
             raise _read_error(f"cannot read adapter folder {adapter.name!r}", error) from None
         try:
@@ -210,12 +208,12 @@ class FilesystemStore(Store):
                 file.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
             )
         except FileNotFoundError:
-            raise VersionChangedError(f"{file.path} of {adapter.name!r} vanished") from None
+            raise FilesChangedError(f"{file.path} of {adapter.name!r} vanished") from None
         except OSError as error:
             raise _read_error(f"cannot read {file.path} of {adapter.name!r}", error) from None
         try:
             if _identity(os.fstat(reader)) != file.etag:
-                raise VersionChangedError(f"{file.path} of {adapter.name!r} changed")
+                raise FilesChangedError(f"{file.path} of {adapter.name!r} changed")
             yield reader
         finally:
             os.close(reader)
