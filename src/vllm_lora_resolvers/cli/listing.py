@@ -25,6 +25,7 @@ from vllm_lora_resolvers.cli.output import (
     console,
     human_bytes,
     line,
+    max_rank_option,
     plural,
     print_table,
     short_version,
@@ -57,7 +58,7 @@ class ListedAdapter:
 @click.command("ls")
 @click.argument("uri")
 @click.option("--base-model", help="The server's --model; default: each adapter's own.")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+@max_rank_option
 def list_adapters(uri: str, base_model: str | None, max_rank: int | None) -> None:
     """The adapters in a store, with version, size, and whether each is valid and why not.
 

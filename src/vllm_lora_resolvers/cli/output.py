@@ -1,4 +1,5 @@
-"""What every command shares: consoles, sizes and times for people, status lines, exit codes.
+"""What every command shares: consoles, sizes and times for people, status lines, exit codes,
+the options several commands take.
 
 Text that comes from a store, a config, a cache or the environment is printed only through
 `printable` (`line`, `table`, `print_finding` and `CannotCheckError` apply it): a name or a message
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich import box
@@ -31,6 +32,20 @@ from vllm_lora_resolvers.errors import CacheError, StoreUnavailableError
 #: Width of output that is not a terminal: wide enough that URIs and messages stay on one line.
 _PIPE_WIDTH = 240
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+#: The largest LoRA rank a command accepts (the server's ``--max-lora-rank``).
+max_rank_option = click.option(
+    "--max-rank", type=click.IntRange(min=1), help="Default: the configured limit."
+)
+
+
+def seconds_option(
+    name: str, *, minimum: float, default: float, help: str
+) -> Callable[[_Command], _Command]:
+    """An option of a number of seconds, at least ``minimum``, its default shown."""
+    return click.option(
+        name, type=click.FloatRange(min=minimum), default=default, show_default=True, help=help
+    )
 
 
 def printable(text: str) -> str:

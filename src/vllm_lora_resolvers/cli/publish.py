@@ -52,7 +52,7 @@ from vllm_lora_resolvers.backends.published import (
 )
 from vllm_lora_resolvers.cache import NodeCache
 from vllm_lora_resolvers.cli.lint import LintPolicy
-from vllm_lora_resolvers.cli.output import cannot_check, console, line, printable
+from vllm_lora_resolvers.cli.output import cannot_check, console, line, max_rank_option, printable
 from vllm_lora_resolvers.cli.stores import (
     open_store,
     scratch_cache,
@@ -116,7 +116,7 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--rollback", is_flag=True, help="Move URI back to its previous version.")
 @click.option("--to", "to_version", metavar="VERSION", help="With --rollback: this version.")
 @click.option("--base-model", help="The server's --model; default: the adapter's own base model.")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+@max_rank_option
 @click.option(
     "--allow-unconditional-store",
     is_flag=True,

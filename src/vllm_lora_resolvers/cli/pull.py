@@ -38,6 +38,7 @@ from vllm_lora_resolvers.cli.output import (
     console,
     human_bytes,
     line,
+    max_rank_option,
     short_version,
 )
 from vllm_lora_resolvers.config import Settings
@@ -100,7 +101,7 @@ class Reporter(Protocol):
     "--from-file", type=click.File("r"), help="Read names from F, one a line ('-': stdin)."
 )
 @click.option("--base-model", required=True, help="The server's --model: adapters are checked.")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+@max_rank_option
 def pull(
     names: tuple[str, ...], from_file: IO[str] | None, base_model: str, max_rank: int | None
 ) -> None:

@@ -16,7 +16,12 @@ from types import FrameType
 import click
 from prometheus_client import start_http_server
 
-from vllm_lora_resolvers.cli.output import CannotCheckError, cannot_check
+from vllm_lora_resolvers.cli.output import (
+    CannotCheckError,
+    cannot_check,
+    max_rank_option,
+    seconds_option,
+)
 from vllm_lora_resolvers.config import Settings
 from vllm_lora_resolvers.configured import configured_resolvers, node_cache
 from vllm_lora_resolvers.sync import AdapterSync, VllmServerApi
@@ -27,11 +32,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 @click.command()
 @click.option("--server", required=True, help="The vLLM server, e.g. http://127.0.0.1:8000.")
-@click.option(
+@seconds_option(
     "--interval",
-    type=click.FloatRange(min=1),
+    minimum=1,
     default=30.0,
-    show_default=True,
     help="Seconds between rounds; a change reaches the server within one, plus the fetch.",
 )
 @click.option("--once", is_flag=True, help="Run one round and exit with its result.")
@@ -42,11 +46,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     show_default=True,
     help="What to do with an adapter gone from its store.",
 )
-@click.option(
+@seconds_option(
     "--drain-seconds",
-    type=click.FloatRange(min=0),
+    minimum=0,
     default=600.0,
-    show_default=True,
     help="Longest a replaced version stays leased when the server is never seen idle.",
 )
 @click.option(
@@ -54,7 +57,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     envvar="VLLM_API_KEY",
     help="The server's --api-key [VLLM_API_KEY], sent to --server only: no redirect is followed.",
 )
-@click.option("--max-rank", type=click.IntRange(min=1), help="The server's --max-lora-rank.")
+@max_rank_option
 @click.option(
     "--metrics-port", type=click.IntRange(min=0, max=65535), default=0, help="Serve /metrics."
 )

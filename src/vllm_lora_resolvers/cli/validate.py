@@ -34,6 +34,7 @@ from vllm_lora_resolvers.cli.output import (
     cannot_check,
     console,
     line,
+    max_rank_option,
     plural,
     print_finding,
     printable,
@@ -61,7 +62,7 @@ _SIGNATURE_FIX = (
 @click.command()
 @click.argument("target", metavar="DIR|URI")
 @click.option("--base-model", help="The server's --model; default: the adapter's own base model.")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Default: the configured limit.")
+@max_rank_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result.")
 def validate(target: str, base_model: str | None, max_rank: int | None, as_json: bool) -> None:
     """Check an adapter as the resolvers will: name, config, base model, rank, features, weights.
