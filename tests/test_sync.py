@@ -519,17 +519,23 @@ def test_a_damaged_round_phase_is_ignored_and_rewritten(node: Node, damage: str)
 
 
 def test_a_node_cache_that_cannot_hold_the_round_phase_leaves_the_sync_a_phase_of_its_own(
-    node: Node,
+    node: Node, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock()
     sync = node.sync(interval=30, wall_clock=clock)
     answers = sync.cache.layout.answers
     shutil.rmtree(answers)
     answers.write_text("not a folder: no answer can be recorded or read\n")
-    first = sync.next_round_time(1000.0)
-    assert 1000 < first <= 1030
-    assert sync.next_round_time(1000.0) == first  # the same phase, round after round
-    sync.run(Timeline(clock, waits=3))  # and the rounds go on
+    with caplog.at_level(logging.INFO, logger="vllm.lora_resolvers.sync"):
+        first = sync.next_round_time(1000.0)
+        assert 1000 < first <= 1030
+        assert sync.next_round_time(1000.0) == first  # the same phase, round after round
+        sync.run(Timeline(clock, waits=3))  # and the rounds go on
+        assert caplog.text.count("keeps a round phase of its own") == 1  # said once
+        answers.unlink()
+        sync.next_round_time(1000.0)
+        assert caplog.text.count("holds the round phase again") == 1
+        assert len(list(answers.iterdir())) == 1  # the node's phase is recorded once more
 
 
 class Timeline(threading.Event):

@@ -337,6 +337,8 @@ class AdapterSync:
     _left_alone: set[tuple[str, str]] = field(default_factory=set)
     #: The round phase of this sync alone, for when the node cache cannot hold the node's.
     _own_phase: float = field(default_factory=random.random)
+    #: Whether the last round time came from `_own_phase` (said once, not every round).
+    _keeping_own_phase: bool = False
 
     def run(self, stop: threading.Event) -> None:
         """Run a round at each of the node's round times until ``stop`` is set. A round that
@@ -363,14 +365,22 @@ class AdapterSync:
 
     def _round_phase(self) -> float:
         """The node's round phase, a fraction of the interval: the one its first sync drew, or
-        this sync's own when the node cache cannot hold one."""
+        this sync's own when the node cache cannot hold one (logged once, and once when the cache
+        holds the node's again)."""
         try:
             text, _ = self.cache.node_answer(
                 _SCHEDULE_QUESTION, math.inf, lambda: repr(random.random()), _is_phase
             )
         except CacheError as error:
-            logger.warning("sync: %s; this sync keeps a round phase of its own meanwhile", error)
+            if not self._keeping_own_phase:
+                logger.warning(
+                    "sync: %s; this sync keeps a round phase of its own meanwhile", error
+                )
+            self._keeping_own_phase = True
             return self._own_phase
+        if self._keeping_own_phase:
+            logger.info("sync: the node cache holds the round phase again; it is the node's")
+            self._keeping_own_phase = False
         fraction = _phase(text)
         assert fraction is not None, "node_answer returns only phases _is_phase accepts"
         return fraction
