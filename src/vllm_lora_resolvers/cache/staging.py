@@ -65,7 +65,7 @@ class Staging:
                 raise cache_write_error(error) from None
             assert descriptor is not None
             try:
-                for leftover in self._layout.staging.glob(f"{key}.*"):
+                for leftover in _entries_named(self._layout.staging, f"{key}."):
                     remove_tree(leftover)
                 yield
             finally:
@@ -78,7 +78,8 @@ class Staging:
         """
         staging = self._layout.staging / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            (staging / ADAPTER_DIR).mkdir(parents=True)
+            staging.mkdir(parents=True)
+            (staging / ADAPTER_DIR).mkdir()
         except OSError as error:
             raise cache_write_error(error) from None
         return staging
@@ -110,14 +111,13 @@ class Staging:
         snapshots = self._layout.snapshots
         try:
             (staging / MANIFEST).write_text(manifest.model_dump_json())
-            (staging / LEASE).touch()
+            descriptor = os.open(staging / LEASE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fcntl.flock(descriptor, fcntl.LOCK_SH)  # the descriptor follows the rename
             adapter_dir = staging / ADAPTER_DIR
             for file in adapter_dir.iterdir():
                 file.chmod(_READ_ONLY_FILE)
             _fsync_tree(staging)
             adapter_dir.chmod(_READ_ONLY_DIR)
-            descriptor = os.open(staging / LEASE, os.O_RDONLY | os.O_CLOEXEC)
-            fcntl.flock(descriptor, fcntl.LOCK_SH)  # the descriptor follows the rename
             staging.rename(snapshots / key)
         except OSError as error:
             if descriptor is not None:
@@ -190,13 +190,25 @@ def _fsync_tree(root: Path) -> None:
     content: the folder comes back as staging debris, removed, and the adapter fetched again."""
     for directory, _, files in os.walk(root):
         for name in files:
-            descriptor = os.open(Path(directory) / name, os.O_RDONLY)
+            path = Path(directory) / name
+            if not path.stat().st_size:
+                continue
+            descriptor = os.open(path, os.O_RDONLY)
             try:
-                if os.fstat(descriptor).st_size:
-                    os.fsync(descriptor)
+                os.fsync(descriptor)
             finally:
                 os.close(descriptor)
         _fsync_directory(Path(directory))
+
+
+def _entries_named(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` whose names start with ``prefix`` (one listing, no pattern);
+    none if ``folder`` is gone."""
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(entry.path) for entry in entries if entry.name.startswith(prefix)]
+    except FileNotFoundError:
+        return []
 
 
 def _fsync_directory(directory: Path) -> None:
