@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,23 @@ def test_a_damaged_eviction_count_reads_as_zero_and_is_rewritten(
     _resolve_in_processes_that_exit(adapters_dir, cache_dir, "a")
     assert len(cache.prune(0)) == 1
     assert cache.evictions() == 1
+
+
+def test_a_cache_without_a_cap_makes_room_for_a_fetch_without_the_eviction_lock(
+    cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no cap and room on the disk there is nothing to evict: no lock is taken (a lock that
+    cannot be taken would be logged), so a small adapter's fetch pays for no lock file."""
+    cache, capped = NodeCache(cache_dir), NodeCache(cache_dir, max_bytes=1 << 30)
+    shutil.rmtree(cache.layout.locks)
+    cache.layout.locks.write_text("a file, where the eviction lock would go\n")
+    with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers.cache"):
+        assert cache.evict(incoming_bytes=1 << 20) == []
+        assert cache.evict() == []
+    assert "cannot evict" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="vllm.lora_resolvers.cache"):
+        assert capped.evict(incoming_bytes=1 << 20) == []
+    assert "cannot evict" in caplog.text  # with a cap, the lock is taken (and here it cannot be)
 
 
 class CacheWatchingStore(FilesystemStore):

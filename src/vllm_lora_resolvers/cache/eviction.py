@@ -45,9 +45,9 @@ class Eviction:
         cap while everything in it is in use. Skipped while another process is evicting.
         Returns what was evicted.
         """
-        if self._max_bytes is None and incoming_bytes == 0:
-            return []
         try:
+            if self._max_bytes is None and self._disk_has_room(incoming_bytes):
+                return []  # no cap, and room on the disk: nothing to lock, nothing to list
             with FileLock(self._layout.locks / "evict.lock", timeout=0):
                 return self._evict_locked(self._max_bytes, incoming_bytes)
         except Timeout:
@@ -78,9 +78,8 @@ class Eviction:
     def _evict_locked(
         self, max_bytes: int | None, incoming_bytes: int, *, disk_only: bool = False
     ) -> list[Snapshot]:
-        root = self._layout.root
         no_cap = max_bytes is None or disk_only
-        if no_cap and shutil.disk_usage(root).free >= incoming_bytes:
+        if no_cap and self._disk_has_room(incoming_bytes):
             return []  # nothing to make room for: no need to list the snapshots
         snapshots = self._snapshots.all()
         total = sum(s.manifest.total_bytes for s in snapshots)
@@ -89,7 +88,7 @@ class Eviction:
             over_cap = max_bytes is not None and total + incoming_bytes > max_bytes
             if over_cap and not disk_only:
                 return False
-            return incoming_bytes == 0 or shutil.disk_usage(root).free >= incoming_bytes
+            return self._disk_has_room(incoming_bytes)
 
         evicted = []
         for snapshot in sorted(snapshots, key=self.last_used):
@@ -101,6 +100,10 @@ class Eviction:
         if evicted:
             self._count_evictions(len(evicted))
         return evicted
+
+    def _disk_has_room(self, incoming_bytes: int) -> bool:
+        """Whether the cache's disk has ``incoming_bytes`` free (asked only if more than 0)."""
+        return incoming_bytes == 0 or shutil.disk_usage(self._layout.root).free >= incoming_bytes
 
     def _count_evictions(self, count: int) -> None:
         """Add ``count`` to the node's eviction count (under the eviction lock; a count that
