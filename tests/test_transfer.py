@@ -404,10 +404,3 @@ def test_every_byte_written_is_started_on_its_way_to_the_disk_as_it_lands(
     source.write_bytes(LONG)
     _fetch_copy(source, len(LONG), tmp_path / "copy")
     assert _tiling(started, len(LONG)) and len(started) > 1
-
-    # What is shorter than a step is left to the fsync that follows: no call that buys nothing.
-    started.clear()
-    monkeypatch.setattr(transfer, "_WRITEBACK_STEP", len(LONG) + 1)
-    _fetch_in_parts(tmp_path / "short parts", fetch_range, _config(len(DATA) // 4, 4))
-    _fetch_copy(source, len(LONG), tmp_path / "short copy")
-    assert started == []

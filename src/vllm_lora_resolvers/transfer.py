@@ -255,8 +255,6 @@ def download_in_parts(
         def fetch_part(index: int) -> None:
             start, end = parts[index]
             written_back = start
-            # A part shorter than a step leaves its bytes to the fsync that follows it.
-            long_part = end - start >= _WRITEBACK_STEP
 
             def write(chunk: bytes) -> None:
                 nonlocal written_back
@@ -268,7 +266,7 @@ def download_in_parts(
                 with progress:
                     reached[index] = position
                     progress.notify()
-                if position - written_back >= _WRITEBACK_STEP or (position == end and long_part):
+                if position - written_back >= _WRITEBACK_STEP or position == end:
                     _start_writeback(descriptor, written_back, position)
                     written_back = position
 
@@ -316,8 +314,7 @@ def copy_into(destination: Path, reader: int, size: int) -> None:
     it has grown; fewer if it ends sooner): 1 MiB read, then, for `fetch_file`, hashed, then
     written, so the copy is never read again (at 2 MiB the copy took several times longer here).
 
-    Every 8 MiB written is started on its way to the disk at once (`_start_writeback`); a file
-    shorter than that is left to the fsync that follows.
+    Every 8 MiB written is started on its way to the disk at once (`_start_writeback`).
     """
     digests = _digests_for(destination)
     writer = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -332,7 +329,7 @@ def copy_into(destination: Path, reader: int, size: int) -> None:
             while view:
                 view = view[os.write(writer, view) :]
             copied += len(chunk)
-            if copied - started >= _WRITEBACK_STEP or (copied == size and size >= _WRITEBACK_STEP):
+            if copied - started >= _WRITEBACK_STEP or copied == size:
                 _start_writeback(writer, started, copied)
                 started = copied
     finally:
