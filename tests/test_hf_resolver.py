@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import prometheus_client
 import pytest
 from conftest import BASE_MODEL, REPO, files_of, snapshot_dirs
 from hf_fixtures import REPO_ID, Hub, hub_fixture  # noqa: F401 - the fixture
+from huggingface_hub.utils._http import default_client_factory
 
 from devtools.models import write_lora_adapter
 from devtools.relay import Fault
@@ -45,6 +48,25 @@ def resolutions(outcome: str) -> float:
 
 
 # -- finding adapters -------------------------------------------------------------------------
+
+
+def test_the_hub_client_is_built_with_the_store_not_by_the_first_adapter_s_request(
+    hub: Hub, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+
+    def counted_client() -> httpx2.Client:
+        built.append("client")
+        return default_client_factory()
+
+    huggingface_hub.close_session()
+    monkeypatch.setattr(huggingface_hub.utils._http, "_GLOBAL_CLIENT_FACTORY", counted_client)
+    resolver = hub.resolver(cache_dir)
+    assert built == ["client"]
+    hub.server.push(REPO_ID, {"first": adapter(tmp_path, "first")})
+    assert resolver.resolve(BASE_MODEL, f"{REPO_ID}/first") is not None
+    assert built == ["client"]  # the request found it built
+    huggingface_hub.close_session()  # the next test builds its own, with the default factory
 
 
 def test_resolves_an_adapter_at_the_repo_root(hub: Hub, tmp_path: Path, cache_dir: Path) -> None:

@@ -116,6 +116,9 @@ class HfHubStore(Store):
         endpoint = os.environ.get("HF_ENDPOINT", "").strip() or constants.ENDPOINT
         self.endpoint = endpoint.rstrip("/")
         self.api = HfApi(endpoint=self.endpoint, library_name=_LIBRARY)
+        # huggingface_hub's shared client (its TLS set-up: ~40 ms here) is built now, at start-up,
+        # rather than by the first request for an adapter.
+        get_session()
         #: The endpoint as locations and messages show it (no credentials).
         self.public_endpoint = public_endpoint(self.endpoint)
         # The cache key's source: two Hubs (or mirrors) never share a snapshot.
