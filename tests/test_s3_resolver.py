@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +39,46 @@ def test_cache_hit_costs_one_listing_and_no_download(
     assert resolver.resolve(BASE_MODEL, "sql") == first
     assert [method for method, _ in bucket.requests()] == ["GET"]
     assert "list-type=2" in bucket.requests()[0][1]
+
+
+_READS_OF_BOTOCORE_MODELS = """
+import json, sys
+from pathlib import Path
+from vllm_lora_resolvers.backends.s3 import S3Store
+from vllm_lora_resolvers.cache import NodeCache
+from vllm_lora_resolvers.config import Settings
+from vllm_lora_resolvers.resolver import Resolver
+
+uri, cache, base_model = sys.argv[1:4]
+settings = Settings.from_environ({"VLLM_LORA_RESOLVER_CACHE_DIR": cache}, argv=[])
+resolver = Resolver(S3Store(uri, settings, NodeCache(Path(cache))))
+reads = []
+
+def botocore_reads(event, args):
+    if event in ("open", "os.listdir", "os.scandir") and "botocore" in str(args[0] if args else ""):
+        reads.append(event)
+
+sys.addaudithook(botocore_reads)
+assert resolver.resolve(base_model, "sql") is not None
+print(json.dumps(reads))
+"""
+
+
+def test_the_first_resolve_of_a_process_reads_none_of_botocore_s_model_files(
+    bucket: Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    """What botocore loads lazily for the lookup (its paginator models: a listing of hundreds
+    of folders) is loaded with the store, at start-up, not by the first adapter's request."""
+    bucket.upload("sql", write_lora_adapter(tmp_path / "sql", base_model=BASE_MODEL))
+    process = subprocess.run(
+        [sys.executable, "-c", _READS_OF_BOTOCORE_MODELS, bucket.uri, str(cache_dir), BASE_MODEL],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(process.stdout.splitlines()[-1]) == []
 
 
 def put_empty_objects(bucket: Bucket, keys: list[str]) -> None:

@@ -104,6 +104,8 @@ class S3Store(BucketStore):
         session = Session()
         self.client = make_s3_client(transfer.transfer_timeout, session)
         self.lookup_client = make_s3_client(transfer.lookup_timeout, session)
+        # Made now, at start-up: botocore reads its paginator models (~10 ms) on the first one.
+        self._listing = self.lookup_client.get_paginator("list_objects_v2")
         endpoint: str = self.client.meta.endpoint_url
         return f"s3://{self.bucket}", prefix, None if _AWS_ENDPOINT.match(endpoint) else endpoint
 
@@ -118,9 +120,7 @@ class S3Store(BucketStore):
         request, subfolders counting one entry each.
         """
         first, last = min(self.file_names), max(self.file_names)
-        pages = self.lookup_client.get_paginator(
-            "list_objects_v2"
-        ).paginate(
+        pages = self._listing.paginate(
             Bucket=self.bucket,
             Prefix=folder + os.path.commonprefix(self.file_names),  # noqa: RUF071 - a key prefix
             StartAfter=folder + first[:-1],
