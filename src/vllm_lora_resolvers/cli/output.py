@@ -35,7 +35,9 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 #: The largest LoRA rank a command accepts (the server's ``--max-lora-rank``).
 max_rank_option = click.option(
-    "--max-rank", type=click.IntRange(min=1), help="Default: the configured limit."
+    "--max-rank",
+    type=click.IntRange(min=1),
+    help="The server's --max-lora-rank; default: the configured limit.",
 )
 
 
