@@ -460,6 +460,27 @@ def test_a_version_the_server_refuses_at_the_switch_is_not_switched_to_again(
     assert node.served_key("sql") not in (None, old)
 
 
+def test_syncs_of_a_node_share_store_answers_only_with_syncs_that_check_alike(
+    node: Node, adapters_dir: Path
+) -> None:
+    # The server's limit is rank 16. A sync told 64 finds rank 32 current (the server then
+    # refuses it at the switch); a sync told 16 must not take that answer for its own.
+    old, told_64 = serve_then_update(node, adapters_dir, rank=32, max_rank=64, answer_max_age=3600)
+    assert told_64.run_round() is RoundResult.NOT_APPLIED
+    node.server.received.clear()
+    refused = counted("vllm_lora_sync_refused_versions_total")
+    told_16 = node.sync(max_rank=16, answer_max_age=3600)
+    assert told_16.run_round() is RoundResult.NOT_APPLIED
+    assert node.server.routes_called() == ["GET /v1/models"]  # refused by its own checks
+    assert counted("vllm_lora_sync_refused_versions_total") == refused + 1
+    assert node.served_key("sql") == old
+    again_16 = node.sync(max_rank=16, answer_max_age=3600)  # shares the answer of its like
+    lookups = counted("vllm_lora_sync_store_lookups_total")
+    assert lookups > 0
+    assert again_16.run_round() is RoundResult.NOT_APPLIED
+    assert counted("vllm_lora_sync_store_lookups_total") == lookups
+
+
 def test_a_switch_that_fails_after_the_unload_keeps_the_replaced_version_leased(
     node: Node, adapters_dir: Path
 ) -> None:

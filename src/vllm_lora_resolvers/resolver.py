@@ -109,6 +109,21 @@ class Resolver:
         #: (snapshot key, base model, name): checked for this server, and ``name`` pointed at it.
         self._checked: set[tuple[str, str, str]] = set()
 
+    @property
+    def checks(self) -> str:
+        """What this resolver checks adapters against, besides the base model asked for: its
+        limits of rank and size, the base model's aliases and the signers it trusts. Two resolvers
+        of a store answer alike about an adapter only when theirs are the same."""
+        settings = self.settings
+        return "\0".join(
+            (
+                f"rank<={settings.max_rank}",
+                f"bytes<={settings.max_adapter_bytes}",
+                f"aliases={','.join(settings.base_model_aliases)}",
+                f"trust={'' if self.trust is None else self.trust.fingerprint}",
+            )
+        )
+
     def answer_at_once(
         self, base_model_name: str, lora_name: str
     ) -> tuple[bool, ResolvedAdapter | None]:

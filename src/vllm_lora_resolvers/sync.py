@@ -482,13 +482,15 @@ class AdapterSync:
         return self._switch(name, path, served, answer.detail, seen_at)
 
     def _ask_store(self, resolver: Resolver, base_model: str, name: str) -> StoreAnswer:
-        """The store's answer for ``name``, asked at most once per half interval on this node."""
+        """The store's answer for ``name``, asked at most once per half interval by the syncs of
+        this node that check adapters alike (`Resolver.checks`: a version one server's rank limit
+        refuses may be another's current one)."""
 
         def ask() -> str:
             LOOKUPS.inc()
             return self._look_up(resolver, base_model, name).encode()
 
-        question = f"current\0{resolver.source}\0{base_model}\0{name}"
+        question = f"current\0{resolver.source}\0{base_model}\0{name}\0{resolver.checks}"
         try:
             max_age = self.interval / 2 if self.answer_max_age is None else self.answer_max_age
             text, _ = self.cache.node_answer(question, max_age, ask, _is_store_answer)
