@@ -104,6 +104,38 @@ def test_a_config_swapped_for_a_link_to_a_private_file_never_leaks_it(
     assert served + len(messages) == 300
 
 
+class LookupRacedByALink(FilesystemStore):
+    """Its lookup ends as a writer swapping a link in between the ``lstat`` and the ``stat`` of
+    a file makes it end: with the identity of the file the link leads to, outside the folder."""
+
+    @staticmethod
+    def _stat_file(name: str, folder: str, file_name: str) -> os.stat_result | None:
+        return os.stat(f"{folder}/{file_name}")
+
+
+def test_a_file_looked_up_through_a_link_swapped_in_is_never_read_when_it_lies_elsewhere(
+    adapters_dir: Path, cache_dir: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    private = tmp_path / "private.json"
+    private.write_bytes(b'{"peft_type": "' + MARKER + b'"}')
+    (folder / CONFIG_FILE).unlink()
+    (folder / CONFIG_FILE).symlink_to(private)
+    store = LookupRacedByALink(adapters_dir, make_settings(), NodeCache(cache_dir))
+    remote = store.locate("sql")
+    assert remote is not None
+    config = remote.file(CONFIG_FILE)
+    assert config is not None and config.size == private.stat().st_size  # the race's outcome
+    copy = tmp_path / "copy"
+    outside = "adapter_config.json is a link to a file outside the adapter folder"
+    with pytest.raises(InvalidAdapterError, match=outside) as refused:
+        store.download(remote, config, copy)
+    assert not copy.exists()
+    with pytest.raises(InvalidAdapterError, match=outside):
+        store.read_head(remote, config, 64)
+    assert str(private) not in str(refused.value)
+
+
 def _exchange(first: Path, second: Path) -> None:
     """Swap two folders atomically (renameat2 with RENAME_EXCHANGE)."""
     libc = ctypes.CDLL(None, use_errno=True)

@@ -202,7 +202,13 @@ class FilesystemStore(Store):
     @staticmethod
     @contextmanager
     def _file(adapter: RemoteAdapter, file: RemoteFile, directory: int) -> Iterator[int]:
-        """``file`` opened in ``directory`` without blocking, if it is the very file looked up."""
+        """``file`` opened in ``directory`` without blocking, if it is the very file looked up
+        and lies in the adapter's folder.
+
+        A link to a file elsewhere swapped in between the lookup's ``lstat`` and its ``stat``
+        gives the looked-up identity of that file; the path the kernel holds for what was opened
+        (`_opened_path`) is where the links led when it was opened, so nothing of such a file is
+        read (nor named in an error)."""
         try:
             reader = os.open(
                 file.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
@@ -214,9 +220,26 @@ class FilesystemStore(Store):
         try:
             if _identity(os.fstat(reader)) != file.etag:
                 raise FilesChangedError(f"{file.path} of {adapter.name!r} changed")
+            if not _opened_path(reader).startswith(adapter.location.rstrip("/") + "/"):
+                raise InvalidAdapterError(
+                    f"adapter {adapter.name!r}: {file.path} is a link to a file outside the "
+                    "adapter folder; replace it with the file itself"
+                )
             yield reader
         finally:
             os.close(reader)
+
+
+def _opened_path(descriptor: int) -> str:
+    """The path of the file open as ``descriptor``, as the kernel holds it (Linux's
+    ``/proc/self/fd``): where every link on the way led at the moment it was opened."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError as error:
+        raise StoreRefusedError(
+            f"cannot tell where an adapter file leads ({error.strerror} for /proc/self/fd): "
+            "the filesystem store needs Linux's /proc mounted"
+        ) from None
 
 
 def _identity(status: os.stat_result) -> str:
