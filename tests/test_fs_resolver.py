@@ -145,6 +145,18 @@ def test_file_linking_outside_the_adapter_folder_is_refused(
     assert snapshot_dirs(cache_dir) == []
 
 
+def test_file_linking_to_a_file_inside_the_adapter_folder_is_served(
+    fs_resolver: Resolver, adapters_dir: Path
+) -> None:
+    folder = write_lora_adapter(adapters_dir / "sql", base_model=BASE_MODEL)
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").rename(folder / "weights-v1.safetensors")
+    (folder / "adapter_model.safetensors").symlink_to("weights-v1.safetensors")
+    resolved = fs_resolver.resolve(BASE_MODEL, "sql")
+    assert resolved is not None
+    assert (resolved.path / "adapter_model.safetensors").read_bytes() == weights
+
+
 def test_rank_limit_comes_from_the_environment(
     adapters_dir: Path, cache_dir: Path, make_settings: Callable[..., Settings]
 ) -> None:
