@@ -90,11 +90,10 @@ def one_round(work: Path, round_index: int) -> tuple[float, float, float]:
             started = time.perf_counter()
             prefix = f"adapters/{kind}-{index}/"
             listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, Delimiter="/")
+            keys = [item["Key"] for item in listed["Contents"]]
             bodies = {
-                item["Key"].removeprefix(prefix): client.get_object(Bucket=BUCKET, Key=item["Key"])[
-                    "Body"
-                ].read()
-                for item in listed["Contents"]
+                key.removeprefix(prefix): client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+                for key in keys
             }
             if kind == "durable":
                 write_durably(copies / str(index), bodies)

@@ -72,7 +72,7 @@ class FilesystemStore(Store):
                     return None  # gone, or another store's (a pod of another store linked it)
                 version = snapshot.manifest.version
                 return RemoteAdapter(name, version, folder, (), cached_snapshot=cached)
-            if not folder.startswith(self._root + os.sep):
+            if not _inside(folder, self._root):
                 raise InvalidAdapterError(
                     f"adapter {name!r} is a link to a folder outside {self.root}; refusing it"
                 )
@@ -139,11 +139,8 @@ class FilesystemStore(Store):
             status = os.lstat(path)
             if stat.S_ISLNK(status.st_mode):
                 target = os.path.realpath(path)
-                if not target.startswith(folder + os.sep):
-                    raise InvalidAdapterError(
-                        f"adapter {name!r}: {file_name} is a link to a file outside the adapter "
-                        "folder; replace it with the file itself"
-                    )
+                if not _inside(target, folder):
+                    raise _link_outside(name, file_name)
                 status = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
@@ -220,14 +217,24 @@ class FilesystemStore(Store):
         try:
             if _identity(os.fstat(reader)) != file.etag:
                 raise FilesChangedError(f"{file.path} of {adapter.name!r} changed")
-            if not _opened_path(reader).startswith(adapter.location.rstrip("/") + "/"):
-                raise InvalidAdapterError(
-                    f"adapter {adapter.name!r}: {file.path} is a link to a file outside the "
-                    "adapter folder; replace it with the file itself"
-                )
+            if not _inside(_opened_path(reader), adapter.location):
+                raise _link_outside(adapter.name, file.path)
             yield reader
         finally:
             os.close(reader)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (both real paths, as strings)."""
+    return path.startswith(folder + os.sep)
+
+
+def _link_outside(name: str, file_name: str) -> InvalidAdapterError:
+    """The refusal of an adapter file that is a link to a file outside the adapter's folder."""
+    return InvalidAdapterError(
+        f"adapter {name!r}: {file_name} is a link to a file outside the adapter folder; replace "
+        "it with the file itself"
+    )
 
 
 def _opened_path(descriptor: int) -> str:
